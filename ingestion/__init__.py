@@ -1,0 +1,1 @@
+"""Turning heterogeneous MRI datasets into catalog rows: layout adapters, harmonization, PHI handling, preprocessing."""

@@ -1,0 +1,1 @@
+"""Encoders, self-supervised objectives, task heads and task specs for BrainIAC."""

@@ -1,0 +1,1 @@
+"""The ``brainiac`` command line."""

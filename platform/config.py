@@ -1,0 +1,383 @@
+"""Typed run configuration: nested dataclasses loaded from YAML, environment defaults and dotted CLI overrides.
+
+One :class:`Config` object travels from the command line to the job (torchtitan's ``JobConfig`` style). Precedence, lowest
+first: dataclass defaults < environment (``BRAINIAC_CATALOG``, ``BRAINIAC_STORAGE_OPTIONS``, ``MLFLOW_TRACKING_URI``,
+``RAY_ADDRESS``) < YAML file (a shipped config by name, e.g. ``tiny``, or a path) < ``--set section.key=value`` overrides
+< explicit CLI flags such as ``--catalog``.
+
+Every value is checked on load: an unknown key, a wrong type or a value out of range raises :class:`ConfigError` naming the
+dotted key, so a typo never silently falls back to a default. Range limits live in field metadata (``ge``, ``gt``, ``le``,
+``lt``) next to the field they guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from brainiac.platform.errors import ConfigError
+
+__all__ = [
+    "CatalogConfig",
+    "ClusterConfig",
+    "Config",
+    "TrackingConfig",
+    "apply_overrides",
+    "available_configs",
+    "config_to_dict",
+    "from_dict",
+    "load_config",
+]
+
+DEFAULT_DATA_DIR = "brainiac-data"
+"""Where the embedded defaults keep their state, relative to the working directory."""
+
+SECRET_KEYS = ("SECRET", "TOKEN", "PASSWORD", "SESSION")
+"""Substrings of option names whose values are redacted whenever a config is printed or logged."""
+
+
+def _range(
+    *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
+) -> dict:
+    return {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
+
+
+def _env_json(name: str) -> dict[str, str]:
+    raw = os.environ.get(name)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"environment variable {name} is not valid JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"environment variable {name} must be a JSON object of storage options")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+@dataclass
+class CatalogConfig:
+    """Where the Delta Lake catalog lives and how to reach it."""
+
+    uri: str = field(default_factory=lambda: os.environ.get("BRAINIAC_CATALOG") or f"{DEFAULT_DATA_DIR}/catalog")
+    """Local directory or ``s3://bucket/prefix`` holding the catalog's Delta tables. Env: ``BRAINIAC_CATALOG``."""
+
+    storage_options: dict[str, str] = field(default_factory=lambda: _env_json("BRAINIAC_STORAGE_OPTIONS"))
+    """Object-store options in deltalake's vocabulary (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ...). Empty means: take
+    ``AWS_*`` from the environment. Env: ``BRAINIAC_STORAGE_OPTIONS`` (a JSON object)."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking and registry."""
+
+    uri: str = field(
+        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DATA_DIR}/mlflow.db"
+    )
+    """MLflow tracking URI: an ``http://`` server or a ``sqlite:///`` file. Env: ``MLFLOW_TRACKING_URI``."""
+
+    experiment: str = "brainiac"
+    """Experiment that runs are logged under."""
+
+
+@dataclass
+class ClusterConfig:
+    """How a job reaches Ray."""
+
+    address: str = field(default_factory=lambda: os.environ.get("RAY_ADDRESS") or "local")
+    """``local`` starts Ray in-process (never joins a stray cluster); ``auto`` or ``host:port`` or ``ray://`` connects.
+    Env: ``RAY_ADDRESS``."""
+
+    num_cpus: int | None = field(default=None, metadata=_range(ge=1))
+    """Logical CPUs of a local Ray. More than the physical cores keeps Train, Tune and Data from starving each other."""
+
+    object_store_memory_mb: int | None = field(default=None, metadata=_range(ge=64))
+    """Object-store size of a local Ray in MiB; ``None`` lets Ray choose."""
+
+    include_dashboard: bool = False
+    """Start the dashboard with a local Ray (it binds 127.0.0.1)."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    """Level of Ray's own driver-side logging."""
+
+
+@dataclass
+class Config:
+    """The whole configuration of a ``brainiac`` job. Later capabilities add their own sections here."""
+
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    seed: int = field(default=0, metadata=_range(ge=0))
+    """Seed for every random draw a job makes, so that a run can be repeated exactly."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with errors that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``. Only lossless conversions are made."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' is a section and expects a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin in (list, Sequence, tuple):
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp) or (str, Any)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, str | Path):
+            return Path(value)
+        raise ConfigError(f"config key '{key}' expects a path, got {value!r}")
+    raise TypeError(f"config key '{key}' has a type the loader does not support: {tp!r}")
+
+
+def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
+    if value is None or not meta:
+        return
+    values = value if isinstance(value, list | tuple) else [value]
+    for v in values:
+        if "ge" in meta and v < meta["ge"]:
+            raise ConfigError(f"config key '{key}' must be >= {meta['ge']}, got {v!r}")
+        if "gt" in meta and v <= meta["gt"]:
+            raise ConfigError(f"config key '{key}' must be > {meta['gt']}, got {v!r}")
+        if "le" in meta and v > meta["le"]:
+            raise ConfigError(f"config key '{key}' must be <= {meta['le']}, got {v!r}")
+        if "lt" in meta and v >= meta["lt"]:
+            raise ConfigError(f"config key '{key}' must be < {meta['lt']}, got {v!r}")
+
+
+def _unknown_key_error(key: str, name: str, known: Sequence[str]) -> ConfigError:
+    hint = difflib.get_close_matches(name, known, n=1)
+    suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown config key '{key}'{suggestion}")
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, checking every key, type and range.
+
+    Args:
+        cls: the dataclass to build.
+        data: plain data, typically parsed YAML.
+        prefix: dotted path of ``cls`` inside the root config, used in error messages.
+
+    Raises:
+        ConfigError: for an unknown key, a value of the wrong type or a value out of range; the message names the key.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            raise _unknown_key_error(key, str(name), list(fields))
+        kwargs[name] = _coerce(value, hints[name], key)
+        _check_range(kwargs[name], fields[name].metadata, key)
+    obj = cls(**kwargs)
+    for name, f in fields.items():  # defaults (including env-derived ones) are checked too
+        if name not in kwargs:
+            _check_range(getattr(obj, name), f.metadata, f"{prefix}.{name}" if prefix else name)
+    return obj
+
+
+def config_to_dict(obj: Any, *, redact: bool = True) -> Any:
+    """Plain-data view of a config for YAML output and MLflow params. Secret-looking values are redacted."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: config_to_dict(getattr(obj, f.name), redact=redact) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {
+            str(k): (
+                "***" if redact and any(s in str(k).upper() for s in SECRET_KEYS) else config_to_dict(v, redact=redact)
+            )
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list | tuple):
+        return [config_to_dict(v, redact=redact) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Files and overrides.
+
+CONFIG_PACKAGE = "brainiac.jobs.configs"
+
+
+def available_configs() -> list[str]:
+    """Names of the configs shipped inside the package (``jobs/configs/*.yaml``)."""
+    return sorted(p.name[:-5] for p in resources.files(CONFIG_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str | Path) -> tuple[dict[str, Any], str]:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text, origin = path.read_text(), str(path)
+    else:
+        ref = resources.files(CONFIG_PACKAGE) / f"{source}.yaml"
+        if not ref.is_file():
+            raise ConfigError(
+                f"unknown config '{source}'; shipped configs: {', '.join(available_configs())}, or give a .yaml path"
+            )
+        text, origin = ref.read_text(), f"{source} (shipped)"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {origin} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {origin} must be a mapping of sections at the top level")
+    return data, origin
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _load_with_bases(source: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    data, origin = _read_yaml(source)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if str(base) in seen:
+        raise ConfigError(f"config {origin} has a circular 'base' chain: {' -> '.join((*seen, str(base)))}")
+    if (
+        isinstance(source, Path | str)
+        and Path(str(base)).suffix in (".yaml", ".yml")
+        and not Path(str(base)).is_absolute()
+    ):
+        base = Path(source).parent / str(base)
+    return _deep_merge(_load_with_bases(base, (*seen, str(base))), data)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to plain config data; values are parsed as YAML scalars or lists."""
+    out = _deep_merge({}, data)
+    for text in overrides:
+        parts, value = _parse_override(text)
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(source: str | Path | None = None, overrides: Sequence[str] = (), cls: type[T] = Config) -> T:  # type: ignore[assignment]
+    """Load a config: shipped name or YAML path (``None`` = defaults), then ``overrides``, then validate everything.
+
+    Example:
+        >>> cfg = load_config("tiny", ["cluster.num_cpus=4"])
+        >>> cfg.cluster.num_cpus
+        4
+
+    Raises:
+        ConfigError: the file is missing or malformed, or a key is unknown, mistyped or out of range.
+    """
+    data = _load_with_bases(source) if source is not None else {}
+    data = apply_overrides(data, overrides)
+    # Plain "str" values given where the root expects a section read as a section error, not a crash.
+    return from_dict(cls, data)

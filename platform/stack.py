@@ -1,0 +1,307 @@
+"""A real local stack on 127.0.0.1, started and stopped by PID: a Ray head with its job server, an MLflow server with a
+sqlite backend, and a moto S3 server.
+
+Each service is one foreground process started in its own session (``start_new_session``) with its output in a log file;
+its PID, port and log path go into ``<state_dir>/<name>.json``. ``down`` terminates the recorded process and every
+descendant it had (Ray's head spawns gcs_server, raylet, dashboard and workers), waits, then kills what is left, so nothing
+stays behind. ``infra/local/stack.sh``, the ``brainiac stack`` command and the pytest fixtures all go through this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from brainiac.platform.cluster import configure_ray_environment
+from brainiac.platform.errors import UserError
+
+__all__ = ["SERVICES", "ServiceStatus", "default_state_dir", "down", "start_service", "status", "stop_service", "up"]
+
+HOST = "127.0.0.1"
+DEFAULT_PORTS = {"ray": 6380, "ray-dashboard": 8265, "mlflow": 5000, "s3": 5555}
+"""Default ports; override with ``BRAINIAC_<NAME>_PORT`` (``BRAINIAC_RAY_PORT``, ``BRAINIAC_MLFLOW_PORT``, ...)."""
+
+
+def default_state_dir() -> Path:
+    """``$BRAINIAC_STACK_DIR``, else ``./.brainiac/stack`` under the working directory."""
+    return Path(os.environ.get("BRAINIAC_STACK_DIR") or Path.cwd() / ".brainiac" / "stack").resolve()
+
+
+def _port(name: str) -> int:
+    env = os.environ.get(f"BRAINIAC_{name.upper().replace('-', '_')}_PORT")
+    return int(env) if env else DEFAULT_PORTS[name]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for tests that must not collide with a running stack)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    """An executable of the current environment (the venv's ``bin``), falling back to PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def _http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status < 500
+    except urllib.error.HTTPError as exc:
+        return exc.code < 500
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class Service:
+    """How to run and probe one service of the local stack."""
+
+    name: str
+    argv: Callable[[Path, dict[str, int]], list[str]]
+    ports: tuple[str, ...]
+    health_url: Callable[[dict[str, int]], str]
+    env: Callable[[Path], dict[str, str]] = lambda state: {}
+    startup_timeout_s: float = 60.0
+
+    def url(self, ports: dict[str, int]) -> str:
+        """Where a client points: the dashboard / job server for Ray, the HTTP endpoint otherwise."""
+        return f"http://{HOST}:{ports[self.ports[-1]]}"
+
+
+def _ray_argv(state: Path, ports: dict[str, int]) -> list[str]:
+    return [
+        _bin("ray"), "start", "--head", "--block",
+        f"--node-ip-address={HOST}", f"--port={ports['ray']}",
+        "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={ports['ray-dashboard']}",
+        f"--ray-client-server-port={ports['ray'] + 1}",
+        "--disable-usage-stats",
+        "--temp-dir=" + str(Path(tempfile.gettempdir()) / f"brainiac-ray-{ports['ray']}"),
+        f"--num-cpus={os.environ.get('BRAINIAC_RAY_NUM_CPUS', '4')}",
+    ]  # fmt: skip
+
+
+def _mlflow_argv(state: Path, ports: dict[str, int]) -> list[str]:
+    return [
+        _bin("mlflow"), "server", "--host", HOST, "--port", str(ports["mlflow"]), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
+        "--artifacts-destination", str(state / "mlartifacts"),
+    ]  # fmt: skip
+
+
+def _s3_argv(state: Path, ports: dict[str, int]) -> list[str]:
+    return [_bin("moto_server"), "-H", HOST, "-p", str(ports["s3"])]
+
+
+SERVICES: dict[str, Service] = {
+    "ray": Service(
+        "ray",
+        _ray_argv,
+        ("ray", "ray-dashboard"),
+        lambda p: f"http://{HOST}:{p['ray-dashboard']}/api/version",
+        env=lambda state: {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")},
+        startup_timeout_s=90.0,
+    ),
+    "mlflow": Service(
+        "mlflow",
+        _mlflow_argv,
+        ("mlflow",),
+        lambda p: f"http://{HOST}:{p['mlflow']}/health",
+        env=lambda state: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    ),
+    "s3": Service("s3", _s3_argv, ("s3",), lambda p: f"http://{HOST}:{p['s3']}/moto-api/"),
+}
+
+
+@dataclass
+class ServiceStatus:
+    """State of one service as recorded in its state file and probed now."""
+
+    name: str
+    pid: int | None
+    url: str | None
+    running: bool
+    healthy: bool
+    log: str | None
+
+    def line(self) -> str:
+        state = "healthy" if self.healthy else ("running, not answering" if self.running else "stopped")
+        where = f"  {self.url}" if self.url else ""
+        pid = f"  pid {self.pid}" if self.pid else ""
+        return f"{self.name:<7}{state:<24}{where}{pid}"
+
+
+def _state_file(state_dir: Path, name: str) -> Path:
+    return state_dir / f"{name}.json"
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _read_state(state_dir: Path, name: str) -> dict | None:
+    path = _state_file(state_dir, name)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def service_status(name: str, state_dir: Path | None = None) -> ServiceStatus:
+    state_dir = Path(state_dir or default_state_dir())
+    svc = SERVICES[name]
+    rec = _read_state(state_dir, name)
+    if not rec:
+        return ServiceStatus(name, None, None, False, False, None)
+    running = _alive(rec["pid"])
+    healthy = running and _http_ok(svc.health_url(rec["ports"]))
+    return ServiceStatus(name, rec["pid"], rec["url"], running, healthy, rec.get("log"))
+
+
+def start_service(name: str, state_dir: Path | None = None, ports: dict[str, int] | None = None) -> ServiceStatus:
+    """Start one service (no-op if it already runs healthy) and wait until its health probe answers.
+
+    Raises:
+        UserError: unknown service, a port already taken by something else, or a service that did not come up (the
+            message points to its log).
+    """
+    if name not in SERVICES:
+        raise UserError(f"unknown service '{name}'; services: {', '.join(SERVICES)}")
+    state_dir = Path(state_dir or default_state_dir())
+    state_dir.mkdir(parents=True, exist_ok=True)
+    current = service_status(name, state_dir)
+    if current.healthy:
+        return current
+    if current.running and current.pid:
+        stop_service(name, state_dir)
+    svc = SERVICES[name]
+    ports = {p: (ports or {}).get(p) or _port(p) for p in svc.ports}
+    for p, number in ports.items():
+        with socket.socket() as s:
+            if s.connect_ex((HOST, number)) == 0:
+                raise UserError(
+                    f"port {number} on {HOST} ({name} {p}) is already in use; set BRAINIAC_{p.upper().replace('-', '_')}_PORT"
+                )
+    log_path = state_dir / f"{name}.log"
+    env = {**os.environ, **svc.env(state_dir)}
+    # Ray jobs run their entrypoint with the head's PATH: put this environment's bin first so `python` is ours.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if name == "ray":
+        configure_ray_environment()
+        env.update({k: os.environ[k] for k in ("RAY_USAGE_STATS_ENABLED", "RAY_DEDUP_LOGS")})
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            svc.argv(state_dir, ports), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, cwd=state_dir, start_new_session=True,
+        )  # fmt: skip
+    url = svc.url(ports)
+    record = {"pid": proc.pid, "ports": ports, "url": url, "log": str(log_path), "started_at": time.time()}
+    _state_file(state_dir, name).write_text(json.dumps(record, indent=2))
+    deadline = time.monotonic() + svc.startup_timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"{name} exited with status {proc.returncode} while starting; see {log_path}")
+        if _http_ok(svc.health_url(ports)):
+            return service_status(name, state_dir)
+        time.sleep(0.5)
+    stop_service(name, state_dir)
+    raise UserError(f"{name} did not answer within {svc.startup_timeout_s:.0f} s; see {log_path}")
+
+
+def stop_service(name: str, state_dir: Path | None = None, timeout_s: float = 20.0) -> bool:
+    """Stop a service and every process it spawned. Returns True if something was running."""
+    import psutil
+
+    state_dir = Path(state_dir or default_state_dir())
+    rec = _read_state(state_dir, name)
+    if not rec:
+        return False
+    pid = rec["pid"]
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    # Processes that left the tree but stayed in the service's session (daemonized helpers) go too.
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.pid != os.getpid() and os.getsid(p.pid) == pid and p not in procs:
+                procs.append(p)
+        except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+            continue
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    _state_file(state_dir, name).unlink(missing_ok=True)
+    return bool(procs)
+
+
+def up(names: Iterable[str] = tuple(SERVICES), state_dir: Path | None = None) -> list[ServiceStatus]:
+    """Start the named services (all by default) and return their status."""
+    return [start_service(n, state_dir) for n in names]
+
+
+def down(names: Iterable[str] = tuple(SERVICES), state_dir: Path | None = None) -> list[str]:
+    """Stop the named services (all by default); returns the names that were running."""
+    return [n for n in names if stop_service(n, state_dir)]
+
+
+def status(names: Iterable[str] = tuple(SERVICES), state_dir: Path | None = None) -> list[ServiceStatus]:
+    return [service_status(n, state_dir) for n in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m brainiac.platform.stack up|down|status [service...]`` (used by ``infra/local/stack.sh``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in ("up", "down", "status"):
+        print("usage: python -m brainiac.platform.stack up|down|status [ray|mlflow|s3 ...]", file=sys.stderr)
+        return 2
+    action, names = args[0], args[1:] or list(SERVICES)
+    try:
+        if action == "up":
+            for st in up(names):
+                print(st.line())
+        elif action == "down":
+            stopped = down(names)
+            print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        else:
+            sts = status(names)
+            for st in sts:
+                print(st.line())
+            return 0 if all(s.healthy for s in sts) else 1
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
