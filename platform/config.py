@@ -32,6 +32,7 @@ __all__ = [
     "CatalogConfig",
     "ClusterConfig",
     "Config",
+    "SynthConfig",
     "TrackingConfig",
     "apply_overrides",
     "available_configs",
@@ -113,12 +114,27 @@ class ClusterConfig:
 
 
 @dataclass
+class SynthConfig:
+    """The synthetic multi-site cohort (``brainiac synth``); the generator is ``brainiac.ingestion.synthetic``."""
+
+    subjects: int = field(default=40, metadata=_range(ge=1, le=100_000))
+    """Subjects in total, spread over the cohorts."""
+
+    preset: Literal["tiny", "small", "full"] = "tiny"
+    """Voxel size and volume sizes: ``tiny`` (~3 mm, tests), ``small`` (2 mm, quickstart), ``full`` (1 mm, realistic)."""
+
+    cohorts: list[str] = field(default_factory=lambda: ["bids", "brats", "adni", "dicom", "stroke"])
+    """Which cohorts to write, each in its own real layout."""
+
+
+@dataclass
 class Config:
     """The whole configuration of a ``brainiac`` job. Later capabilities add their own sections here."""
 
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
     seed: int = field(default=0, metadata=_range(ge=0))
     """Seed for every random draw a job makes, so that a run can be repeated exactly."""
 
@@ -149,14 +165,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # Optional[X]: X's own message is the most precise
+            return _coerce(value, candidates[0], key)
+        for arg in candidates:
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                continue
         raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -320,20 +336,24 @@ def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _identity(source: str | Path) -> str:
+    path = Path(source)
+    return str(path.resolve()) if path.suffix in (".yaml", ".yml") or path.exists() else str(source)
+
+
 def _load_with_bases(source: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a config and, recursively, the configs named by its ``base:`` key (a shipped name or a relative path)."""
+    seen = (*seen, _identity(source))
     data, origin = _read_yaml(source)
     base = data.pop("base", None)
     if base is None:
         return data
-    if str(base) in seen:
-        raise ConfigError(f"config {origin} has a circular 'base' chain: {' -> '.join((*seen, str(base)))}")
-    if (
-        isinstance(source, Path | str)
-        and Path(str(base)).suffix in (".yaml", ".yml")
-        and not Path(str(base)).is_absolute()
-    ):
-        base = Path(source).parent / str(base)
-    return _deep_merge(_load_with_bases(base, (*seen, str(base))), data)
+    base_source: str | Path = str(base)
+    if Path(str(base)).suffix in (".yaml", ".yml") and not Path(str(base)).is_absolute():
+        base_source = Path(str(source)).parent / str(base)
+    if _identity(base_source) in seen:
+        raise ConfigError(f"config {origin} has a circular 'base' chain through {base}")
+    return _deep_merge(_load_with_bases(base_source, seen), data)
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -31,7 +31,7 @@ from brainiac.platform.errors import UserError
 __all__ = ["SERVICES", "ServiceStatus", "default_state_dir", "down", "start_service", "status", "stop_service", "up"]
 
 HOST = "127.0.0.1"
-DEFAULT_PORTS = {"ray": 6380, "ray-dashboard": 8265, "mlflow": 5000, "s3": 5555}
+DEFAULT_PORTS = {"ray": 6380, "ray-agent": 52366, "ray-dashboard": 8265, "mlflow": 5000, "s3": 5555}
 """Default ports; override with ``BRAINIAC_<NAME>_PORT`` (``BRAINIAC_RAY_PORT``, ``BRAINIAC_MLFLOW_PORT``, ...)."""
 
 
@@ -75,7 +75,8 @@ class Service:
     name: str
     argv: Callable[[Path, dict[str, int]], list[str]]
     ports: tuple[str, ...]
-    health_url: Callable[[dict[str, int]], str]
+    health_urls: Callable[[dict[str, int]], tuple[str, ...]]
+    """Every URL must answer before the service counts as healthy."""
     env: Callable[[Path], dict[str, str]] = lambda state: {}
     startup_timeout_s: float = 60.0
 
@@ -90,6 +91,9 @@ def _ray_argv(state: Path, ports: dict[str, int]) -> list[str]:
         f"--node-ip-address={HOST}", f"--port={ports['ray']}",
         "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={ports['ray-dashboard']}",
         f"--ray-client-server-port={ports['ray'] + 1}",
+        # An explicit agent port: the default (52365) may be held by another Ray on this machine, and a head without
+        # its agent answers /api/version but refuses every job ("No available agent").
+        f"--dashboard-agent-listen-port={ports['ray-agent']}",
         "--disable-usage-stats",
         "--temp-dir=" + str(Path(tempfile.gettempdir()) / f"brainiac-ray-{ports['ray']}"),
         f"--num-cpus={os.environ.get('BRAINIAC_RAY_NUM_CPUS', '4')}",
@@ -112,8 +116,11 @@ SERVICES: dict[str, Service] = {
     "ray": Service(
         "ray",
         _ray_argv,
-        ("ray", "ray-dashboard"),
-        lambda p: f"http://{HOST}:{p['ray-dashboard']}/api/version",
+        ("ray", "ray-agent", "ray-dashboard"),
+        lambda p: (
+            f"http://{HOST}:{p['ray-dashboard']}/api/version",
+            f"http://{HOST}:{p['ray-agent']}/api/local_raylet_healthz",
+        ),
         env=lambda state: {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")},
         startup_timeout_s=90.0,
     ),
@@ -121,10 +128,10 @@ SERVICES: dict[str, Service] = {
         "mlflow",
         _mlflow_argv,
         ("mlflow",),
-        lambda p: f"http://{HOST}:{p['mlflow']}/health",
+        lambda p: (f"http://{HOST}:{p['mlflow']}/health",),
         env=lambda state: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     ),
-    "s3": Service("s3", _s3_argv, ("s3",), lambda p: f"http://{HOST}:{p['s3']}/moto-api/"),
+    "s3": Service("s3", _s3_argv, ("s3",), lambda p: (f"http://{HOST}:{p['s3']}/moto-api/",)),
 }
 
 
@@ -177,7 +184,7 @@ def service_status(name: str, state_dir: Path | None = None) -> ServiceStatus:
     if not rec:
         return ServiceStatus(name, None, None, False, False, None)
     running = _alive(rec["pid"])
-    healthy = running and _http_ok(svc.health_url(rec["ports"]))
+    healthy = running and all(_http_ok(u) for u in svc.health_urls(rec["ports"]))
     return ServiceStatus(name, rec["pid"], rec["url"], running, healthy, rec.get("log"))
 
 
@@ -224,7 +231,7 @@ def start_service(name: str, state_dir: Path | None = None, ports: dict[str, int
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise UserError(f"{name} exited with status {proc.returncode} while starting; see {log_path}")
-        if _http_ok(svc.health_url(ports)):
+        if all(_http_ok(u) for u in svc.health_urls(ports)):
             return service_status(name, state_dir)
         time.sleep(0.5)
     stop_service(name, state_dir)
@@ -264,18 +271,27 @@ def stop_service(name: str, state_dir: Path | None = None, timeout_s: float = 20
     return bool(procs)
 
 
+def check_names(names: Iterable[str]) -> list[str]:
+    """The service names, validated; an unknown one is a user error naming it."""
+    names = list(names)
+    for n in names:
+        if n not in SERVICES:
+            raise UserError(f"unknown service '{n}'; services: {', '.join(SERVICES)}")
+    return names
+
+
 def up(names: Iterable[str] = tuple(SERVICES), state_dir: Path | None = None) -> list[ServiceStatus]:
     """Start the named services (all by default) and return their status."""
-    return [start_service(n, state_dir) for n in names]
+    return [start_service(n, state_dir) for n in check_names(names)]
 
 
 def down(names: Iterable[str] = tuple(SERVICES), state_dir: Path | None = None) -> list[str]:
     """Stop the named services (all by default); returns the names that were running."""
-    return [n for n in names if stop_service(n, state_dir)]
+    return [n for n in check_names(names) if stop_service(n, state_dir)]
 
 
 def status(names: Iterable[str] = tuple(SERVICES), state_dir: Path | None = None) -> list[ServiceStatus]:
-    return [service_status(n, state_dir) for n in names]
+    return [service_status(n, state_dir) for n in check_names(names)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ StateDir = Annotated[
 @app.command()
 def up(services: Services = None, state_dir: StateDir = None) -> None:
     """Start the services (already running ones are left alone) and wait until each answers its health check."""
-    names = services or list(stack.SERVICES)
+    names = stack.check_names(services or list(stack.SERVICES))
     for name in names:
         typer.echo(f"starting {name} ...", err=True)
         typer.echo(stack.start_service(name, state_dir).line())

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up the environment and run the whole test suite (lint included). This is the README's test command and what
+# .ci/run executes. Fails if no test ran: pytest's exit code 5 (nothing collected) and an all-skipped run are failures.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+infra/local/setup.sh --dev
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}" RAY_USAGE_STATS_ENABLED=0 MPLBACKEND=Agg
+echo "[test] ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+mkdir -p test-results
+echo "[test] pytest"
+set +e
+.venv/bin/pytest --junitxml=test-results/junit.xml --durations=15 "$@"
+rc=$?
+set -e
+if [[ $rc -eq 5 ]]; then
+  echo "[test] FAIL: pytest collected no tests" >&2
+  exit 1
+fi
+if [[ $rc -ne 0 ]]; then
+  exit $rc
+fi
+.venv/bin/python - <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+
+root = ET.parse("test-results/junit.xml").getroot()
+suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+tests = sum(int(s.get("tests", 0)) for s in suites)
+skipped = sum(int(s.get("skipped", 0)) for s in suites)
+ran = tests - skipped
+print(f"[test] {ran} tests ran, {skipped} skipped")
+sys.exit(0 if ran > 0 else 1)
+PY

@@ -1,0 +1,1 @@
+"""Synthetic multi-site brain MRI cohort with known truth (issue 3)."""

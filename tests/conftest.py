@@ -1,0 +1,137 @@
+"""Session-wide fixtures: an isolated environment, one local Ray, real S3 and MLflow servers on loopback, and the tiny
+pipeline that later stages extend (cohort -> catalog -> volumes -> encoder), built once per test run."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pytest
+
+# Isolate every test run from the user's own config, keys and clusters before anything imports Ray or MLflow.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.pop("BRAINIAC_CATALOG", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("BRAINIAC_STORAGE_OPTIONS", None)
+
+from brainiac.platform import stack
+from brainiac.platform.config import ClusterConfig, Config, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_RAY = ClusterConfig(num_cpus=4, object_store_memory_mb=256, include_dashboard=False)
+"""More logical CPUs than the 2 cores, so that Train workers, Tune trials and Ray Data cannot starve each other."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private config dir (pseudonym key) and stack dir for the whole run; nothing lands in the user's home."""
+    home = tmp_path_factory.mktemp("brainiac-home")
+    old = {k: os.environ.get(k) for k in ("BRAINIAC_CONFIG_DIR", "BRAINIAC_STACK_DIR", "BRAINIAC_PSEUDONYM_KEY")}
+    os.environ["BRAINIAC_CONFIG_DIR"] = str(home / "config")
+    os.environ["BRAINIAC_STACK_DIR"] = str(home / "stack")
+    os.environ.pop("BRAINIAC_PSEUDONYM_KEY", None)
+    yield home
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[object]:
+    """One in-process local Ray for the whole run (``address="local"``: never joins a stray cluster)."""
+    import ray
+
+    from brainiac.platform.cluster import init_ray
+
+    runtime = init_ray(TINY_RAY)
+    yield runtime
+    ray.shutdown()
+
+
+@dataclass(frozen=True)
+class Server:
+    """A real service started on loopback for the test session."""
+
+    name: str
+    url: str
+    pid: int
+
+
+def _start(name: str, state_dir: Path) -> Iterator[Server]:
+    ports = {p: stack.free_port() for p in stack.SERVICES[name].ports}
+    st = stack.start_service(name, state_dir, ports=ports)
+    assert st.healthy and st.url and st.pid
+    try:
+        yield Server(name, st.url, st.pid)
+    finally:
+        stack.stop_service(name, state_dir)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """moto's S3 HTTP server on 127.0.0.1 (a real S3 API, not an in-process mock)."""
+    yield from _start("s3", tmp_path_factory.mktemp("s3-server"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """An ``mlflow server`` with a sqlite backend on 127.0.0.1."""
+    yield from _start("mlflow", tmp_path_factory.mktemp("mlflow-server"))
+
+
+@pytest.fixture(scope="session")
+def s3_options(s3_server: Server) -> dict[str, str]:
+    """Storage options (deltalake vocabulary) for the moto server; moto accepts any credentials."""
+    return {
+        "AWS_ENDPOINT_URL": s3_server.url,
+        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_CONDITIONAL_PUT": "etag",
+    }
+
+
+@pytest.fixture
+def s3_bucket(s3_options: dict[str, str]) -> str:
+    """A fresh, empty bucket on the moto server; returns its name."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client(
+        "s3",
+        endpoint_url=s3_options["AWS_ENDPOINT_URL"],
+        region_name=s3_options["AWS_REGION"],
+        aws_access_key_id=s3_options["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=s3_options["AWS_SECRET_ACCESS_KEY"],
+    ).create_bucket(Bucket=name)
+    return name
+
+
+class TinyPipeline:
+    """Lazily built tiny pipeline rooted at ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @cached_property
+    def config(self) -> Config:
+        """The tiny config, with catalog and MLflow inside the pipeline directory."""
+        return load_config(
+            "tiny",
+            [f"catalog.uri={self.root / 'catalog'}", f"tracking.uri=sqlite:///{self.root / 'mlflow.db'}"],
+        )
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny pipeline shared by every test that needs data: stages are built lazily, once per session."""
+    return TinyPipeline(tmp_path_factory.mktemp("pipeline"))

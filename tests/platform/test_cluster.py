@@ -1,0 +1,43 @@
+"""Cluster helper: a private local Ray by default, environment defaults, and reuse within a process."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from brainiac.platform.cluster import RAY_ENV_DEFAULTS, init_ray
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_local_ray_runs_tasks_with_the_configured_cpus(ray_session):
+    import ray
+
+    assert ray_session.address == "local"
+    assert ray_session.cpus == 4  # more logical CPUs than the 2 cores (see TINY_RAY)
+
+    @ray.remote(num_cpus=0.5)
+    def square(x: int) -> int:
+        return x * x
+
+    assert ray.get([square.remote(i) for i in range(6)]) == [0, 1, 4, 9, 16, 25]
+    again = init_ray()  # a second call reuses the runtime instead of starting another
+    assert not again.started_here and again.cpus == 4
+    for key in RAY_ENV_DEFAULTS:
+        assert key in os.environ
+    assert os.environ["RAY_AUTH_MODE"] in {"disabled", "token"}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_ray_workers_do_not_shadow_stdlib_platform(ray_session):
+    import ray
+
+    @ray.remote(num_cpus=0.5)
+    def which_platform() -> str:
+        import platform
+
+        return platform.system()
+
+    assert ray.get(which_platform.remote()) in {"Linux", "Darwin", "Windows"}

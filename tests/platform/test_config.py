@@ -1,0 +1,108 @@
+"""Typed config: shipped YAML, env defaults, dotted overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from brainiac.platform.config import (
+    Config,
+    available_configs,
+    config_to_dict,
+    from_dict,
+    load_config,
+)
+from brainiac.platform.errors import ConfigError
+
+
+def test_shipped_configs_load_and_tiny_extends_default():
+    assert {"default", "tiny"} <= set(available_configs())
+    tiny = load_config("tiny")
+    assert isinstance(tiny, Config)
+    assert tiny.cluster.num_cpus == 4 and tiny.cluster.object_store_memory_mb == 256
+    assert tiny.tracking.experiment == "brainiac-tiny"
+    assert tiny.cluster.log_level == "WARNING"  # inherited from default via `base:`
+
+
+def test_overrides_are_typed_and_win_over_yaml():
+    cfg = load_config("tiny", ["cluster.num_cpus=8", "synth.cohorts=[bids, dicom]", "seed=7", "synth.preset=small"])
+    assert cfg.cluster.num_cpus == 8
+    assert cfg.synth.cohorts == ["bids", "dicom"]
+    assert cfg.seed == 7 and cfg.synth.preset == "small"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("cluster.num_cpu=3", r"unknown config key 'cluster.num_cpu'; did you mean 'num_cpus'"),
+        ("clusterr.num_cpus=3", r"unknown config key 'clusterr'"),
+        ("cluster.num_cpus=many", r"'cluster.num_cpus' expects an integer"),
+        ("cluster.num_cpus=0", r"'cluster.num_cpus' must be >= 1"),
+        ("cluster.include_dashboard=maybe", r"'cluster.include_dashboard' expects true or false"),
+        ("synth.preset=huge", r"'synth.preset' must be one of 'tiny', 'small', 'full'"),
+        ("cluster=3", r"'cluster' is a section"),
+        ("noequals", r"must look like section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
+
+
+def test_environment_defaults_and_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("BRAINIAC_CATALOG", "s3://lake/catalog")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("BRAINIAC_STORAGE_OPTIONS", '{"AWS_REGION": "eu-west-1", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}')
+    cfg = load_config()
+    assert cfg.catalog.uri == "s3://lake/catalog"
+    assert cfg.tracking.uri == "http://127.0.0.1:5000"
+    assert cfg.catalog.storage_options["AWS_REGION"] == "eu-west-1"
+    # YAML beats the environment, and --set beats YAML.
+    path = tmp_path / "mine.yaml"
+    path.write_text("catalog:\n  uri: /data/catalog\n")
+    assert load_config(path).catalog.uri == "/data/catalog"
+    assert load_config(path, ["catalog.uri=/other"]).catalog.uri == "/other"
+    # Secrets never leave through the printable view.
+    assert config_to_dict(cfg)["catalog"]["storage_options"]["AWS_SECRET_ACCESS_KEY"] == "***"
+
+
+def test_bad_environment_json_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("BRAINIAC_STORAGE_OPTIONS", "{not json")
+    with pytest.raises(ConfigError, match="BRAINIAC_STORAGE_OPTIONS is not valid JSON"):
+        load_config()
+
+
+def test_config_files_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config 'nope'"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(loop)
+
+
+@dataclass
+class Opt:
+    lr: float = field(default=1e-3, metadata={"gt": 0.0, "le": 1.0})
+    sizes: list[int] = field(default_factory=lambda: [1])
+
+
+@dataclass
+class Root:
+    opt: Opt = field(default_factory=Opt)
+
+
+def test_from_dict_floats_ranges_and_nested_lists():
+    assert from_dict(Root, {"opt": {"lr": "1e-4"}}).opt.lr == pytest.approx(1e-4)  # YAML 1.1 reads 1e-4 as a string
+    assert from_dict(Root, {"opt": {"lr": 1}}).opt.lr == 1.0
+    with pytest.raises(ConfigError, match=r"'opt.lr' must be > 0.0"):
+        from_dict(Root, {"opt": {"lr": 0}})
+    with pytest.raises(ConfigError, match=r"'opt.sizes\[1\]' expects an integer"):
+        from_dict(Root, {"opt": {"sizes": [1, "x"]}})
