@@ -28,6 +28,20 @@ TINY_RAY = ClusterConfig(num_cpus=4, object_store_memory_mb=256, include_dashboa
 """More logical CPUs than the 2 cores, so that Train workers, Tune trials and Ray Data cannot starve each other."""
 
 
+RAY_FIXTURES = {"ray_session"}
+"""Fixtures that run Ray; a test using one must carry an explicit ``@pytest.mark.timeout`` so a hang fails fast."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = [
+        item.nodeid
+        for item in items
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("timeout") is None
+    ]
+    if missing:
+        raise pytest.UsageError(f"Ray tests without @pytest.mark.timeout: {', '.join(missing)}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A private config dir (pseudonym key) and stack dir for the whole run; nothing lands in the user's home."""

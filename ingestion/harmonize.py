@@ -1,0 +1,207 @@
+"""Canonical vocabulary for catalog columns: sequence, sex, diagnosis, manufacturer, field strength and age in years.
+
+Real datasets spell the same fact many ways (``PTGENDER=Female``, ``sex=F``, DICOM ``PatientSex=F``; ``SIEMENS`` vs
+``Siemens Healthineers``; ADNI ``DX=CN`` vs OASIS ``control``; ages as ``045Y``, ``age_at_scan=45.2`` or months). Every
+adapter maps raw values through these functions, so a query for ``sequence = 'T1ce'`` or ``manufacturer = 'GE'`` means the
+same thing for all 34 datasets. Unknown values map to ``other`` (or ``None`` for sex/age), never to a guess.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+__all__ = [
+    "AGE_CAP_YEARS",
+    "DIAGNOSES",
+    "MANUFACTURERS",
+    "SEQUENCES",
+    "canonical_diagnosis",
+    "canonical_field_strength",
+    "canonical_manufacturer",
+    "canonical_sex",
+    "infer_sequence",
+    "parse_age_years",
+]
+
+Sequence = Literal["T1w", "T1ce", "T2w", "FLAIR", "DWI", "ADC", "SWI", "PD", "other"]
+SEQUENCES: tuple[str, ...] = ("T1w", "T1ce", "T2w", "FLAIR", "DWI", "ADC", "SWI", "PD", "other")
+DIAGNOSES: tuple[str, ...] = ("healthy", "MCI", "AD", "glioma", "stroke", "other")
+MANUFACTURERS: tuple[str, ...] = ("Siemens", "GE", "Philips", "Canon", "Hitachi", "other")
+AGE_CAP_YEARS = 90.0
+"""HIPAA Safe Harbor: ages over 89 are reported as 90."""
+
+# -- sequences ----------------------------------------------------------------------------------------------------------
+
+_BIDS_SUFFIX = {
+    "t1w": "T1w",
+    "t2w": "T2w",
+    "flair": "FLAIR",
+    "t2flair": "FLAIR",
+    "dwi": "DWI",
+    "adc": "ADC",
+    "swi": "SWI",
+    "pd": "PD",
+    "pdw": "PD",
+}
+_CONTRAST_ENTITY = re.compile(r"(gad|gd|gadolinium|contrast|post|ce|t1ce|t1gd)", re.I)
+
+# Order matters: the most specific patterns first (t1ce before t1, flair before t2).
+_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    (
+        "T1ce",
+        re.compile(
+            r"(t1[-_ ]?(ce|gd|c|post|contrast|gad)\b|t1[-_ ]?(ce|gd|post)|\bpost[-_ ]?(gad|contrast)|\+c\b|mprage[-_ ]?post)",
+            re.I,
+        ),
+    ),
+    ("FLAIR", re.compile(r"flair", re.I)),
+    ("ADC", re.compile(r"\badc\b|apparent[-_ ]diffusion", re.I)),
+    ("DWI", re.compile(r"\bdwi\b|diffusion|\bdti\b|trace", re.I)),
+    ("SWI", re.compile(r"\bswi\b|susceptib", re.I)),
+    ("PD", re.compile(r"\bpdw?\b|proton[-_ ]density", re.I)),
+    ("T2w", re.compile(r"\bt2(?![-_ ]?\*)(w|[-_ ]?weighted|\b|[-_])|\btse\b", re.I)),
+    ("T1w", re.compile(r"\bt1(w|[-_ ]?weighted|\b|[-_])|mprage|spgr|bravo|\btfl\b", re.I)),
+)
+
+
+def _match_patterns(text: str) -> str | None:
+    normalized = re.sub(r"[._-]+", " ", text)  # "_" is a word character; make separators real word boundaries
+    for name, pattern in _PATTERNS:
+        if pattern.search(normalized):
+            return name
+    return None
+
+
+def infer_sequence(
+    bids_suffix: str | None = None,
+    bids_ce: str | None = None,
+    description: str | None = None,
+    filename: str | None = None,
+) -> tuple[str, str]:
+    """Canonical sequence and the rule that decided it, tried in order: BIDS suffix → sidecar/DICOM description →
+    file-name pattern.
+
+    Args:
+        bids_suffix: BIDS suffix such as ``T1w`` or ``FLAIR``.
+        bids_ce: the BIDS ``ce-`` entity (a contrast agent); with ``T1w`` it means ``T1ce``.
+        description: sidecar ``SeriesDescription``/``ProtocolName`` or DICOM SeriesDescription.
+        filename: the file name (or its stem).
+
+    Returns:
+        ``(sequence, rule)`` with rule one of ``bids_suffix``, ``description``, ``filename``, ``unknown``.
+    """
+    if bids_suffix:
+        seq = _BIDS_SUFFIX.get(bids_suffix.lower())
+        if seq is not None:
+            if seq == "T1w" and bids_ce and _CONTRAST_ENTITY.search(bids_ce):
+                return "T1ce", "bids_suffix"
+            return seq, "bids_suffix"
+    if description:
+        seq = _match_patterns(description)
+        if seq is not None:
+            return seq, "description"
+    if filename:
+        stem = re.sub(r"\.(nii(\.gz)?|dcm|mgz|nrrd)$", "", filename.rsplit("/", 1)[-1], flags=re.I)
+        seq = _match_patterns(stem)
+        if seq is not None:
+            return seq, "filename"
+    return "other", "unknown"
+
+
+# -- demographics -------------------------------------------------------------------------------------------------------
+
+_SEX = {"f": "F", "female": "F", "woman": "F", "w": "F", "2": "F", "m": "M", "male": "M", "man": "M", "1": "M"}
+
+
+def canonical_sex(value: object) -> str | None:
+    """``F``, ``M`` or ``None`` (unknown, other or missing). Numeric codes follow the common 1 = male, 2 = female."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip().lower()
+    if text.endswith(".0"):
+        text = text[:-2]
+    return _SEX.get(text)
+
+
+_DIAGNOSIS = (
+    ("MCI", re.compile(r"\b(e|l)?mci\b|mild[-_ ]cognitive", re.I)),
+    ("AD", re.compile(r"\bad\b|alzheimer|dementia", re.I)),
+    ("healthy", re.compile(r"\b(cn|nc|hc|control|controls|healthy|normal|cognitively[-_ ]normal)\b", re.I)),
+    ("glioma", re.compile(r"glioma|\bgbm\b|\blgg\b|\bhgg\b|astrocytoma|oligodendroglioma|glioblastoma", re.I)),
+    ("stroke", re.compile(r"stroke|infarct|ischemi", re.I)),
+)
+
+
+def canonical_diagnosis(value: object) -> str | None:
+    """One of :data:`DIAGNOSES`, or ``None`` when missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip():
+        return None
+    text = str(value).strip()
+    for name, pattern in _DIAGNOSIS:
+        if pattern.search(text):
+            return name
+    return "other"
+
+
+# -- scanner ------------------------------------------------------------------------------------------------------------
+
+_VENDORS = (
+    ("Siemens", re.compile(r"siemens", re.I)),
+    ("GE", re.compile(r"\bge\b|general[-_ ]electric|ge[-_ ]medical|gehc", re.I)),
+    ("Philips", re.compile(r"philips", re.I)),
+    ("Canon", re.compile(r"canon|toshiba", re.I)),
+    ("Hitachi", re.compile(r"hitachi|fujifilm", re.I)),
+)
+
+
+def canonical_manufacturer(value: object) -> str | None:
+    """One of :data:`MANUFACTURERS`, or ``None`` when missing."""
+    if value is None or not str(value).strip():
+        return None
+    for name, pattern in _VENDORS:
+        if pattern.search(str(value)):
+            return name
+    return "other"
+
+
+def canonical_field_strength(value: object) -> float | None:
+    """Field strength in tesla. Accepts ``3``, ``"3T"``, ``"1.5 T"`` and values in gauss (``15000`` → 1.5)."""
+    if value is None:
+        return None
+    match = re.search(r"[-+]?\d*\.?\d+", str(value))
+    if not match:
+        return None
+    tesla = float(match.group())
+    if tesla > 100:  # recorded in gauss (some GE and old Philips headers)
+        tesla /= 10_000
+    if not 0.05 <= tesla <= 12:
+        return None
+    return round(tesla, 2)
+
+
+def parse_age_years(value: object, unit: Literal["years", "months", "weeks", "days"] = "years") -> float | None:
+    """Age in **years**, capped at :data:`AGE_CAP_YEARS`.
+
+    Accepts numbers in ``unit`` and DICOM age strings (``045Y``, ``006M``, ``012W``, ``030D``) whose own unit wins.
+    Returns ``None`` for missing, negative or unparseable values.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    if not text:
+        return None
+    dicom = re.fullmatch(r"(\d{1,3})\s*([YMWD])", text, re.I)
+    if dicom:
+        number, unit_char = float(dicom.group(1)), dicom.group(2).upper()
+        unit = {"Y": "years", "M": "months", "W": "weeks", "D": "days"}[unit_char]  # type: ignore[assignment]
+    else:
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+    if not math.isfinite(number) or number < 0:
+        return None
+    years = number / {"years": 1.0, "months": 12.0, "weeks": 52.1775, "days": 365.25}[unit]
+    return round(min(years, AGE_CAP_YEARS), 3)
