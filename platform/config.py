@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
+from brainiac.models.config import AugmentConfig, BackboneConfig, ProjectionConfig, SSLConfig
 from brainiac.platform.errors import ConfigError
 
 __all__ = [
@@ -77,6 +78,12 @@ class CatalogConfig:
     storage_options: dict[str, str] = field(default_factory=lambda: _env_json("BRAINIAC_STORAGE_OPTIONS"))
     """Object-store options in deltalake's vocabulary (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ...). Empty means: take
     ``AWS_*`` from the environment. Env: ``BRAINIAC_STORAGE_OPTIONS`` (a JSON object)."""
+
+    allowed_access: list[Literal["open", "registered", "restricted"]] = field(
+        default_factory=lambda: ["open", "registered"]
+    )
+    """Access levels (from the dataset cards) this job may read. Reading a scan of another level is an error, so
+    DUA-restricted data never flows into a job that was not configured for it."""
 
 
 @dataclass
@@ -135,6 +142,10 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = field(default=0, metadata=_range(ge=0))
     """Seed for every random draw a job makes, so that a run can be repeated exactly."""
 

@@ -28,7 +28,7 @@ TINY_RAY = ClusterConfig(num_cpus=4, object_store_memory_mb=256, include_dashboa
 """More logical CPUs than the 2 cores, so that Train workers, Tune trials and Ray Data cannot starve each other."""
 
 
-RAY_FIXTURES = {"ray_session"}
+RAY_FIXTURES = {"ray_session", "pipeline"}
 """Fixtures that run Ray; a test using one must carry an explicit ``@pytest.mark.timeout`` so a hang fails fast."""
 
 
@@ -56,6 +56,15 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def pseudonym_key() -> Iterator[str]:
+    """A fixed pseudonym key for the session's pipeline (tests of key handling use their own)."""
+    key = "test-pseudonym-key-0123456789abcdef"
+    os.environ["BRAINIAC_PSEUDONYM_KEY"] = key
+    yield key
+    os.environ.pop("BRAINIAC_PSEUDONYM_KEY", None)
 
 
 @pytest.fixture(scope="session")
@@ -131,7 +140,10 @@ def s3_bucket(s3_options: dict[str, str]) -> str:
 
 
 class TinyPipeline:
-    """Lazily built tiny pipeline rooted at ``root``."""
+    """Lazily built tiny pipeline rooted at ``root``: ``cohort`` → ``catalog`` → (later) volumes → encoder."""
+
+    subjects = 20
+    seed = 7
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -144,8 +156,33 @@ class TinyPipeline:
             [f"catalog.uri={self.root / 'catalog'}", f"tracking.uri=sqlite:///{self.root / 'mlflow.db'}"],
         )
 
+    @cached_property
+    def cohort(self):
+        """The tiny synthetic cohort: all five cohorts in their real layouts, truth in ``_truth/``."""
+        from brainiac.ingestion.synthetic import generate_cohort
+
+        return generate_cohort(self.root / "cohort", subjects=self.subjects, seed=self.seed, preset="tiny")
+
+    @cached_property
+    def truth(self):
+        """The generator's per-scan truth table (images only)."""
+        import pandas as pd
+
+        truth = pd.read_csv(self.cohort.truth, dtype={"path": str})
+        return truth[truth["kind"] == "image"].reset_index(drop=True)
+
+    @cached_property
+    def catalog(self):
+        """The cohort ingested into the catalog (needs the session Ray, which the fixture starts)."""
+        from brainiac.ingestion.ingest import ingest
+        from brainiac.platform.catalog import Catalog
+
+        sources = [str(self.cohort.out_dir / folder) for folder in self.cohort.cohorts.values()]
+        self.ingest_summary = ingest(self.config, sources, progress=False)
+        return Catalog.open(self.config.catalog.uri)
+
 
 @pytest.fixture(scope="session")
-def pipeline(tmp_path_factory: pytest.TempPathFactory):
+def pipeline(tmp_path_factory: pytest.TempPathFactory, ray_session, pseudonym_key):
     """The tiny pipeline shared by every test that needs data: stages are built lazily, once per session."""
     return TinyPipeline(tmp_path_factory.mktemp("pipeline"))

@@ -23,6 +23,8 @@ def test_shipped_configs_load_and_tiny_extends_default():
     assert tiny.cluster.num_cpus == 4 and tiny.cluster.object_store_memory_mb == 256
     assert tiny.tracking.experiment == "brainiac-tiny"
     assert tiny.cluster.log_level == "WARNING"  # inherited from default via `base:`
+    assert (tiny.model.img_size, tiny.model.hidden_size, tiny.model.num_layers) == (32, 48, 2)
+    assert load_config("default").model.hidden_size == 768  # production: ViT-B
 
 
 def test_overrides_are_typed_and_win_over_yaml():

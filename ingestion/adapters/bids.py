@@ -1,0 +1,206 @@
+"""BIDS layout: entity parsing (sub, ses, acq, ce, rec, run, suffix), sidecar inheritance, participants.tsv.
+
+We parse names ourselves instead of indexing with pybids: its database is the slow part at scale (REFERENCE.md).
+Sidecar inheritance follows the BIDS inheritance principle: a JSON applies to an image when its entities are a subset
+of the image's and its suffix matches; deeper files override shallower ones.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from brainiac.ingestion.adapters.base import Problem, SourceScan
+from brainiac.ingestion.adapters.common import is_nifti, list_files, read_table, strip_nifti_suffix
+from brainiac.platform.storage import StorageLocation
+
+__all__ = ["BidsAdapter", "parse_entities"]
+
+ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "part", "chunk")
+_ENTITY = re.compile(r"^([a-zA-Z]+)-([a-zA-Z0-9]+)$")
+ANAT_SUFFIXES = {"T1w", "T2w", "FLAIR", "T2starw", "PDw", "PD", "T1map", "T2map", "angio", "dwi", "swi", "UNIT1"}
+
+# participants.tsv columns seen across real datasets, tried in order when the card does not name one.
+AGE_COLUMNS = ("age", "age_at_scan", "age_years", "age_at_first_scan_years", "Age", "AGE", "age_at_baseline")
+SEX_COLUMNS = ("sex", "gender", "Sex", "Gender", "SEX")
+DIAGNOSIS_COLUMNS = ("diagnosis", "group", "dx", "DX", "Group", "condition")
+
+
+def parse_entities(name: str) -> tuple[dict[str, str], str] | None:
+    """``sub-01_ses-1_ce-gad_T1w.nii.gz`` → ``({"sub": "01", "ses": "1", "ce": "gad"}, "T1w")``; None if not BIDS."""
+    stem = strip_nifti_suffix(name)
+    if stem.endswith(".json"):
+        stem = stem[: -len(".json")]
+    parts = stem.split("_")
+    if len(parts) < 2:
+        return None
+    entities: dict[str, str] = {}
+    for part in parts[:-1]:
+        m = _ENTITY.match(part)
+        if not m:
+            return None
+        entities[m.group(1)] = m.group(2)
+    return entities, parts[-1]
+
+
+def _first(row: dict[str, Any], names: tuple[str, ...], override: str | None) -> Any:
+    for name in (override,) if override else names:
+        if name and name in row and row[name] not in (None, ""):
+            return row[name]
+    return None
+
+
+class BidsAdapter:
+    """Raw BIDS datasets (OpenNeuro, OASIS-3, ATLAS, ISLES, CamCAN ...)."""
+
+    layout = "bids"
+
+    def detect(self, root: StorageLocation) -> bool:
+        fs = root.fsspec()
+        if fs.exists(root.join("dataset_description.json").path):
+            return True
+        try:
+            return any(posixpath.basename(p.rstrip("/")).startswith("sub-") for p in fs.ls(root.path, detail=False))
+        except FileNotFoundError:
+            return False
+
+    def _participants(self, root: StorageLocation, files: list[str], card: Any) -> dict[str, dict[str, Any]]:
+        if "participants.tsv" not in files:
+            return {}
+        df = read_table(root, "participants.tsv", sep="\t")
+        cols = getattr(card, "columns", {}) or {}
+        out = {}
+        for row in df.to_dict("records"):
+            pid = str(row.get(cols.get("subject", "participant_id")) or "")
+            pid = pid[4:] if pid.startswith("sub-") else pid
+            if not pid:
+                continue
+            out[pid] = {
+                "age": _first(row, AGE_COLUMNS, cols.get("age")),
+                "sex": _first(row, SEX_COLUMNS, cols.get("sex")),
+                "diagnosis": _first(row, DIAGNOSIS_COLUMNS, cols.get("diagnosis")),
+                "site": _first(row, ("site", "Site", "center"), cols.get("site")),
+                "_row": row,
+            }
+        return out
+
+    def _sidecars(
+        self, root: StorageLocation, files: list[str], dataset: str
+    ) -> tuple[list[tuple[str, dict[str, str], str, dict[str, Any]]], list[Problem]]:
+        out, problems = [], []
+        for rel in files:
+            if not rel.endswith(".json") or rel in ("dataset_description.json", "participants.json"):
+                continue
+            parsed = parse_entities(posixpath.basename(rel))
+            if parsed is None:
+                continue
+            loc = root.join(rel)
+            try:
+                data = json.loads(loc.read_text())
+                if not isinstance(data, dict):
+                    raise ValueError("top level is not an object")
+            except (ValueError, UnicodeDecodeError) as exc:
+                problems.append(Problem(dataset, loc.uri, "bad_sidecar", f"{rel}: {exc}"))
+                continue
+            out.append((posixpath.dirname(rel), parsed[0], parsed[1], data))
+        return out, problems
+
+    def _derivative_masks(
+        self, root: StorageLocation, label_suffixes: set[str]
+    ) -> dict[tuple[str, str | None], dict[str, str]]:
+        """Label maps under ``derivatives/`` keyed by (sub, ses): ``{kind: relative path}`` with kind from ``desc-``."""
+        deriv = root.join("derivatives")
+        out: dict[tuple[str, str | None], dict[str, str]] = {}
+        if not deriv.exists():
+            return out
+        for rel in list_files(deriv, skip_dirs={".git"}):
+            parsed = parse_entities(posixpath.basename(rel)) if is_nifti(rel) else None
+            if parsed is None or "sub" not in parsed[0] or parsed[1] not in label_suffixes:
+                continue
+            kind = parsed[0].get("desc") or parsed[1]
+            out.setdefault((parsed[0]["sub"], parsed[0].get("ses")), {})[kind] = f"derivatives/{rel}"
+        return out
+
+    def discover(self, root: StorageLocation, dataset: str, card: Any | None = None) -> Iterator[SourceScan | Problem]:
+        files = list_files(root)
+        masks = self._derivative_masks(
+            root, set((getattr(card, "label_maps", {}) or {}).keys()) | {"mask", "dseg", "roi"}
+        )
+        participants = self._participants(root, files, card)
+        sidecars, problems = self._sidecars(root, files, dataset)
+        yield from problems
+        label_suffixes = set((getattr(card, "label_maps", {}) or {}).keys())
+        for rel in files:
+            if not is_nifti(rel):
+                continue
+            parsed = parse_entities(posixpath.basename(rel))
+            if parsed is None or "sub" not in parsed[0]:
+                continue
+            entities, suffix = parsed
+            if suffix in label_suffixes or suffix in ("mask", "dseg", "label", "roi"):
+                continue  # label maps are attached to scans, not catalogued as scans
+            directory = posixpath.dirname(rel)
+            meta: dict[str, Any] = {}
+            # Inheritance: shallow → deep, each applying sidecar must be an ancestor folder with a subset of entities.
+            applicable = [
+                s for s in sidecars
+                if s[2] == suffix and (directory == s[0] or directory.startswith(s[0] + "/") or s[0] == "")
+                and all(entities.get(k) == v for k, v in s[1].items())
+            ]  # fmt: skip
+            for _, _, _, data in sorted(applicable, key=lambda s: (s[0].count("/") + (s[0] != ""), len(s[1]))):
+                meta.update(data)
+            person = participants.get(entities["sub"], {})
+            yield SourceScan(
+                dataset=dataset,
+                layout=self.layout,
+                source_uri=root.join(rel).uri,
+                relative_path=rel,
+                subject=entities["sub"],
+                session=entities.get("ses"),
+                run=entities.get("run"),
+                sequence_hints={
+                    "bids_suffix": suffix,
+                    **({"bids_ce": entities["ce"]} if "ce" in entities else {}),
+                    **(
+                        {"description": str(meta.get("SeriesDescription") or meta.get("ProtocolName"))}
+                        if meta.get("SeriesDescription") or meta.get("ProtocolName")
+                        else {}
+                    ),
+                    "filename": posixpath.basename(rel),
+                },
+                meta={
+                    "age": person.get("age"),
+                    "sex": person.get("sex"),
+                    "diagnosis": person.get("diagnosis"),
+                    "site": person.get("site"),
+                    "field_strength": meta.get("MagneticFieldStrength"),
+                    "manufacturer": meta.get("Manufacturer"),
+                    "scanner_model": meta.get("ManufacturersModelName"),
+                    "tr_ms": _seconds_to_ms(meta.get("RepetitionTime")),
+                    "te_ms": _seconds_to_ms(meta.get("EchoTime")),
+                    "sidecar": {k: v for k, v in meta.items() if k in _SIDECAR_KEEP},
+                    "participant": person.get("_row", {}),
+                },
+                labels={
+                    f"{k}_relative_path": v for k, v in masks.get((entities["sub"], entities.get("ses")), {}).items()
+                },
+                format="nifti",
+            )
+
+
+_SIDECAR_KEEP = {
+    "MagneticFieldStrength", "Manufacturer", "ManufacturersModelName", "RepetitionTime", "EchoTime", "InversionTime",
+    "FlipAngle", "SliceThickness", "MRAcquisitionType", "ScanningSequence", "SequenceVariant", "PulseSequenceType",
+}  # fmt: skip
+"""Sidecar keys copied into the catalog's header JSON (acquisition facts only; free text stays out)."""
+
+
+def _seconds_to_ms(value: Any) -> float | None:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(seconds * 1000.0, 4) if seconds < 50 else seconds  # BIDS says seconds; some writers put ms

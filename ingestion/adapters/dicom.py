@@ -1,0 +1,307 @@
+"""DICOM layout: every file under a dataset root is read header-only, and files are grouped into series by
+SeriesInstanceUID — never by folder or file name, because PACS exports put several series in one folder, split one
+series over folders, and name files by hash or counter.
+
+Each series becomes one :class:`~brainiac.ingestion.adapters.base.SourceScan` (``format="dicom"``) whose ``files`` are
+sorted by position along the slice normal; :func:`brainiac.ingestion.dicom_convert.convert_series` later turns it into
+a NIfTI volume in the raw area. Series that cannot be faithful volumes are reported here already, from headers alone
+(missing or irregular slices, no or truncated pixel data, 4-D or multi-plane series), and unparseable files are
+reported one by one, so a bad file never hides the good series beside it.
+
+PHI (ARCHITECTURE §3, PS3.15 Basic Profile as an allow-list):
+
+- ``SourceScan.subject`` carries the raw PatientID **in memory only**; the caller replaces it with
+  :meth:`brainiac.platform.pseudonym.Pseudonymizer.subject_id` before anything is written or logged.
+- ``session`` is a keyed pseudonym of the StudyInstanceUID (``study-<hex>``), never the UID or a date; ``run`` is the
+  SeriesNumber (a small counter within the study); ``meta["series"]`` is a keyed pseudonym of the SeriesInstanceUID.
+- ``meta`` holds only allow-listed acquisition values and the age in years derived by
+  :func:`brainiac.ingestion.phi.safe_dicom_header` (from PatientAge, or from birth and study dates, which are dropped).
+- ``sequence_hints["description"]`` is the free-text SeriesDescription (ProtocolName when absent). It is an input to
+  :func:`brainiac.ingestion.harmonize.infer_sequence` only and must not be stored: free text can hold anything.
+- ``source_uri``/``relative_path`` are the user's own paths, kept as given (a PACS export's folder names may contain
+  identifiers; they are the user's, see issue 4). ``source_uri`` is the series folder (the files' common parent) and
+  ends with ``relative_path`` (``""`` for a series in the root itself). When several series share one folder,
+  ``#series-<hex>`` (the series pseudonym) is appended to both, so that each series has its own source key.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from brainiac.ingestion.adapters.base import Problem, SourceScan
+from brainiac.ingestion.dicom_convert import (
+    SeriesError,
+    SliceHeader,
+    describe_error,
+    parse_slice_header,
+    series_geometry,
+)
+from brainiac.ingestion.phi import pseudonymize_uid
+from brainiac.platform.storage import StorageLocation
+
+__all__ = ["DICOM_SUFFIXES", "NOT_DICOM_SUFFIXES", "DicomAdapter", "is_dicom_bytes"]
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima", ".dc3")
+"""File suffixes that claim to be DICOM: such a file that cannot be parsed is quarantined as ``dicom_unreadable``."""
+
+NOT_DICOM_SUFFIXES = (
+    ".nii", ".nii.gz", ".gz", ".mgz", ".nrrd", ".mha", ".mhd", ".json", ".csv", ".tsv", ".txt", ".md", ".yaml", ".yml",
+    ".xml", ".html", ".pdf", ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".zip", ".tar", ".py", ".log", ".ini", ".db",
+)  # fmt: skip
+"""Files with these suffixes are never read (clinical CSVs, READMEs, converted volumes next to a PACS export)."""
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+HEAD_BYTES = 64 * 1024
+"""Bytes read per file for the header; files whose header is longer are read whole."""
+DETECT_SAMPLE = 500
+"""Files listed at most by :meth:`DicomAdapter.detect`."""
+DETECT_SNIFF = 5
+"""Files without a DICOM suffix whose first 132 bytes :meth:`DicomAdapter.detect` reads, at most."""
+REMOTE_THREADS = 16
+LOCAL_THREADS = 2
+
+
+def is_dicom_bytes(head: bytes) -> bool:
+    """True for the DICOM Part 10 signature: a 128-byte preamble followed by ``DICM``."""
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def _suffix_is(name: str, suffixes: Iterable[str]) -> bool:
+    low = name.lower()
+    return any(low.endswith(s) for s in suffixes)
+
+
+def _hidden(path: str, root: str) -> bool:
+    rel = posixpath.relpath(path, root)
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+class DicomAdapter:
+    """Finds DICOM series anywhere under a dataset root (local or ``s3://``).
+
+    Args:
+        key: the pseudonym key used for the session (StudyInstanceUID) and series pseudonyms; default: the project
+            key (:func:`brainiac.platform.pseudonym.load_or_create_key`), loaded on first use.
+        threads: concurrent header reads; default 16 on S3, 2 locally.
+    """
+
+    layout = "dicom"
+
+    def __init__(self, key: bytes | None = None, threads: int | None = None) -> None:
+        self._key_value = key
+        self.threads = threads
+
+    @property
+    def key(self) -> bytes:
+        if self._key_value is None:
+            from brainiac.platform.pseudonym import load_or_create_key
+
+            self._key_value = load_or_create_key()
+        return self._key_value
+
+    # -- detect --------------------------------------------------------------------------------------------------------
+    def detect(self, root: StorageLocation) -> bool:
+        """True when ``root`` holds DICOM files and no NIfTI-style layout.
+
+        Looks at up to :data:`DETECT_SAMPLE` names: any NIfTI file or a BIDS ``dataset_description.json`` means another
+        layout; a DICOM suffix means DICOM; otherwise a few suffix-less files are sniffed for the ``DICM`` magic.
+        """
+        fs = root.fsspec()
+        if not fs.isdir(root.path) or fs.exists(posixpath.join(root.path, "dataset_description.json")):
+            return False
+        names: list[str] = []
+        for dirpath, _dirs, files in fs.walk(root.path):
+            for name in sorted(files):
+                path = posixpath.join(dirpath, name)
+                if _hidden(path, root.path):
+                    continue
+                names.append(path)
+            if len(names) >= DETECT_SAMPLE:
+                break
+        names = names[:DETECT_SAMPLE]
+        if any(_suffix_is(n, _NIFTI_SUFFIXES) for n in names):
+            return False
+        if any(_suffix_is(n, DICOM_SUFFIXES) for n in names):
+            return True
+        unknown = [n for n in names if not _suffix_is(n, NOT_DICOM_SUFFIXES)][:DETECT_SNIFF]
+        for path in unknown:
+            try:
+                if is_dicom_bytes(fs.cat_file(path, start=0, end=132)):
+                    return True
+            except OSError:
+                continue
+        return False
+
+    # -- discover ------------------------------------------------------------------------------------------------------
+    def discover(self, root: StorageLocation, dataset: str, card: Any | None = None) -> Iterator[SourceScan | Problem]:
+        """One :class:`SourceScan` per DICOM series under ``root`` and one :class:`Problem` per unusable file or series.
+
+        Reads each candidate file's header only (its first :data:`HEAD_BYTES`, pixel data is never decoded). A file
+        with a DICOM suffix that does not parse is ``dicom_unreadable``; other files count only if they carry the
+        ``DICM`` magic, so clinical spreadsheets and READMEs beside the images are ignored, and DICOMDIR index files
+        are skipped. Files repeating a SOPInstanceUID already seen in the series (a copied file) are dropped.
+
+        Args:
+            root: the dataset root.
+            dataset: dataset name for the records.
+            card: the dataset card (unused: DICOM headers carry what the catalog needs).
+
+        Yields:
+            File-level problems first, then series (or series-level problems) in a stable order.
+        """
+        del card
+        fs = root.fsspec()
+        to_uri: Callable[[str], str] = (lambda p: "s3://" + p) if root.is_remote else (lambda p: p)
+        listing = fs.find(root.path, detail=True)
+        candidates: list[tuple[str, int]] = []
+        for path in sorted(listing):
+            info = listing[path]
+            if info.get("type", "file") != "file" or _hidden(path, root.path):
+                continue
+            name = posixpath.basename(path)
+            if name.upper() == "DICOMDIR" or _suffix_is(name, NOT_DICOM_SUFFIXES):
+                continue
+            candidates.append((path, int(info.get("size") or 0)))
+
+        def read(item: tuple[str, int]) -> SliceHeader | Problem | None:
+            path, size = item
+            return self._read_header(fs, path, to_uri(path), size, dataset)
+
+        series: dict[str, list[SliceHeader]] = defaultdict(list)
+        headers: dict[str, dict[str, Any]] = {}
+        threads = self.threads or (REMOTE_THREADS if root.is_remote else LOCAL_THREADS)
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for result in pool.map(read, candidates):
+                if isinstance(result, Problem):
+                    yield result
+                elif result is not None and not result.is_directory and result.series_uid:
+                    # one allow-listed header per series is all discovery needs; dropping the rest keeps a
+                    # dataset of millions of slices in memory
+                    headers.setdefault(result.series_uid, result.header)
+                    result.header = {}
+                    series[result.series_uid].append(result)
+
+        folders = {uid: _series_folder([s.uri for s in slices]) for uid, slices in series.items()}
+        per_folder: dict[str, int] = defaultdict(int)
+        for folder in folders.values():
+            per_folder[folder] += 1
+        root_path = to_uri(root.path)
+        for uid in sorted(series, key=lambda u: (folders[u], series[u][0].series_number or 0, self._series_id(u))):
+            slices = _dedupe(series[uid])
+            folder = folders[uid]
+            source_uri, relative = folder, _relative(folder, root_path)
+            if per_folder[folder] > 1:
+                source_uri += f"#{self._series_id(uid)}"
+                relative += f"#{self._series_id(uid)}"
+            try:
+                geometry = series_geometry(slices)
+            except SeriesError as exc:
+                yield Problem(dataset, source_uri, exc.reason, exc.detail)
+                continue
+            ordered = [slices[i] for i in geometry.order]
+            yield self._scan(dataset, ordered, headers[uid], source_uri, relative, geometry.step_mm)
+
+    # -- helpers -------------------------------------------------------------------------------------------------------
+    def _series_id(self, uid: str) -> str:
+        return pseudonymize_uid(self.key, uid, "series")
+
+    def _read_header(self, fs: Any, path: str, uri: str, size: int, dataset: str) -> SliceHeader | Problem | None:
+        name = posixpath.basename(path)
+        claims_dicom = _suffix_is(name, DICOM_SUFFIXES)
+        try:
+            head = fs.cat_file(path, start=0, end=min(size, HEAD_BYTES)) if size else b""
+        except FileNotFoundError:
+            return Problem(dataset, uri, "missing_file", f"{name} vanished while listing")
+        except OSError as exc:
+            return Problem(dataset, uri, "dicom_unreadable", f"{name}: {describe_error(exc)}")
+        if not is_dicom_bytes(head) and not claims_dicom:
+            return None  # not DICOM (and does not claim to be): not ours to judge
+        if not head:
+            return Problem(dataset, uri, "empty_file", f"{name} has zero bytes")
+        for attempt in range(2):
+            try:
+                return parse_slice_header(head, uri, size)
+            except SeriesError as exc:
+                return Problem(dataset, uri, exc.reason, exc.detail)
+            except EOFError:
+                if attempt:
+                    break
+                try:
+                    head = fs.cat_file(path)
+                    size = len(head)
+                except OSError as exc:
+                    return Problem(dataset, uri, "dicom_unreadable", f"{name}: {describe_error(exc)}")
+        return Problem(dataset, uri, "dicom_unreadable", f"{name}: header could not be parsed")
+
+    def _scan(
+        self,
+        dataset: str,
+        slices: list[SliceHeader],
+        header: dict[str, Any],
+        source_uri: str,
+        relative: str,
+        step_mm: float,
+    ) -> SourceScan:
+        first = slices[0]
+        study = pseudonymize_uid(self.key, first.study_uid, "study") if first.study_uid else None
+        # PatientID; without one (an anonymized export), the top folder under the root, else the study
+        meta_series = self._series_id(first.series_uid or "")
+        subject = first.patient_id or relative.split("/", 1)[0].split("#", 1)[0] or study or meta_series
+        meta: dict[str, Any] = {
+            "manufacturer": header.get("Manufacturer"),
+            "scanner_model": header.get("ManufacturerModelName"),
+            "field_strength": header.get("MagneticFieldStrength"),
+            "tr_ms": header.get("RepetitionTime"),
+            "te_ms": header.get("EchoTime"),
+            "ti_ms": header.get("InversionTime"),
+            "sex": header.get("PatientSex"),
+            "age": header.get("age_years"),
+            "age_unit": "years",
+            "modality": header.get("Modality"),
+            "series": meta_series,
+            "n_slices": len(slices),
+            "slice_step_mm": round(step_mm, 6),
+        }
+        return SourceScan(
+            dataset=dataset,
+            layout=self.layout,
+            source_uri=source_uri,
+            relative_path=relative,
+            subject=subject,
+            session=study,
+            run=str(first.series_number) if first.series_number is not None else None,
+            sequence_hints={"description": first.description} if first.description else {},
+            meta={k: v for k, v in meta.items() if v is not None},
+            files=[s.uri for s in slices],
+            format="dicom",
+        )
+
+
+def _series_folder(uris: list[str]) -> str:
+    dirs = sorted({posixpath.dirname(u) for u in uris})
+    if len(dirs) == 1:
+        return dirs[0]
+    if dirs[0].startswith("s3://"):
+        return "s3://" + posixpath.commonpath([d[len("s3://") :] for d in dirs])
+    return posixpath.commonpath(dirs)
+
+
+def _relative(folder: str, root: str) -> str:
+    """``folder`` relative to ``root``; ``""`` for the root itself, so that ``source_uri`` always ends with it."""
+    return "" if folder == root else posixpath.relpath(folder, root)
+
+
+def _dedupe(slices: list[SliceHeader]) -> list[SliceHeader]:
+    seen: set[str] = set()
+    out = []
+    for s in sorted(slices, key=lambda s: s.uri):
+        if s.sop_uid and s.sop_uid in seen:
+            continue
+        if s.sop_uid:
+            seen.add(s.sop_uid)
+        out.append(s)
+    return out

@@ -1,0 +1,406 @@
+"""The ingest pipeline: discover sources with their layout adapter, harvest headers and content ids in parallel on Ray,
+build harmonized PHI-free rows, and MERGE them into the catalog idempotently.
+
+Idempotence (the catalog is the system of record, so re-running must be safe):
+- a scan whose ``(source_uri, scan_id)`` is already current is left alone; a run that changes nothing commits nothing,
+  so the table version does not move;
+- a file whose bytes changed at the same path becomes a new row and the old row is marked ``superseded`` in the same
+  MERGE commit (history stays reachable by time travel);
+- a source that disappeared is left as it is (still ``current``): ingest never deletes what it cannot see, since an
+  unmounted disk or a partial sync looks the same as a deletion.
+Concurrent ingests into one catalog recompute their diff and retry when they lose a commit race, so no row is written
+twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from brainiac.ingestion.adapters.base import Problem, SourceScan
+from brainiac.ingestion.adapters.bids import BidsAdapter
+from brainiac.ingestion.adapters.brats import BratsAdapter
+from brainiac.ingestion.adapters.common import read_table
+from brainiac.ingestion.adapters.manifest import ManifestAdapter
+from brainiac.ingestion.cards import DatasetCard, card_for, load_card, normalize_case_id
+from brainiac.ingestion.headers import HarvestError, harvest_nifti
+from brainiac.ingestion.rows import INGEST_VERSION, build_row, label_lookup
+from brainiac.platform.catalog import QUARANTINE_SCHEMA, SCANS_SCHEMA, Catalog, merge_with_retry, sql_in
+from brainiac.platform.config import Config
+from brainiac.platform.errors import UserError
+from brainiac.platform.pseudonym import Pseudonymizer, bind_catalog_key
+from brainiac.platform.storage import StorageLocation
+
+__all__ = ["IngestSummary", "adapters", "ingest", "write_quarantine", "write_scans"]
+
+log = logging.getLogger(__name__)
+
+DETECT_ORDER = ("dicom", "bids", "brats", "manifest")
+
+
+def adapters(key: bytes | None = None) -> dict[str, Any]:
+    """Every layout adapter by name (DICOM imported lazily: it pulls in pydicom). ``key`` pseudonymizes DICOM UIDs."""
+    from brainiac.ingestion.adapters.dicom import DicomAdapter
+
+    return {
+        "bids": BidsAdapter(),
+        "brats": BratsAdapter(),
+        "manifest": ManifestAdapter(),
+        "dicom": DicomAdapter(key=key),
+    }
+
+
+@dataclass
+class IngestSummary:
+    """What one ingest run did."""
+
+    catalog: str
+    scans_version: int | None
+    quarantine_version: int | None
+    discovered: int = 0
+    inserted: int = 0
+    superseded: int = 0
+    unchanged: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    """dataset → sequence → current rows after the run."""
+    datasets: dict[str, str] = field(default_factory=dict)
+    """dataset → layout used."""
+    duplicate_groups: int = 0
+    """Groups of copies (same image, other bytes) found involving this run's new scans."""
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# harvesting (runs in Ray tasks)
+
+
+def _harvest_one(scan: SourceScan, options: dict[str, str], raw_area_uri: str, out_name: str) -> dict[str, Any]:
+    if scan.format == "dicom":
+        from brainiac.ingestion.dicom_convert import convert_series
+
+        raw_area = StorageLocation.resolve(raw_area_uri, options or None)
+        root_uri = scan.source_uri.split("#", 1)[0]
+        if scan.relative_path:
+            root_uri = root_uri[: len(root_uri) - len(scan.relative_path.split("#", 1)[0])].rstrip("/") or root_uri
+        result = convert_series(scan, raw_area, out_name, source=StorageLocation.resolve(root_uri, options or None))
+        if isinstance(result, Problem):
+            return {"problem": asdict(result)}
+        facts = asdict(result)
+        facts["image_uri"] = facts.pop("nifti_uri")
+        facts.setdefault("qform_code", 1)
+        facts.setdefault("sform_code", 1)
+        return {"facts": facts}
+    try:
+        facts = harvest_nifti(StorageLocation.resolve(scan.source_uri, options or None))
+    except HarvestError as exc:
+        return {
+            "problem": {
+                "dataset": scan.dataset,
+                "source_uri": scan.source_uri,
+                "reason": exc.reason,
+                "detail": exc.detail,
+            }
+        }
+    return {"facts": asdict(facts)}
+
+
+def _harvest_chunk(
+    items: list[tuple[SourceScan, str]], options: dict[str, str], raw_area_uri: str
+) -> list[dict[str, Any]]:
+    return [_harvest_one(scan, options, raw_area_uri, name) for scan, name in items]
+
+
+def harvest_all(
+    scans: Sequence[SourceScan], names: Sequence[str], options: dict[str, str], raw_area_uri: str, *, progress: bool
+) -> list[dict[str, Any]]:
+    """Harvest every scan on Ray, in chunks, keeping input order."""
+    import ray
+
+    if not scans:
+        return []
+    remote = ray.remote(num_cpus=1)(_harvest_chunk)
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    size = max(1, min(64, len(scans) // (4 * cpus) or 1))
+    chunks = [list(zip(scans[i : i + size], names[i : i + size], strict=True)) for i in range(0, len(scans), size)]
+    refs = [remote.remote(chunk, options, raw_area_uri) for chunk in chunks]
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list[list[dict[str, Any]] | None] = [None] * len(refs)
+    bar = _progress(len(scans), "harvest", progress)
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        for ref in done:
+            results[index[ref]] = ray.get(ref)
+            bar.update(len(chunks[index[ref]]))
+    bar.close()
+    return [r for chunk in results for r in (chunk or [])]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="scan", disable=not enabled, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def write_scans(catalog: Catalog, rows: list[dict[str, Any]]) -> tuple[int, int, int]:
+    """MERGE rows into ``scans``: insert new (source, content) pairs and supersede older content at the same source.
+
+    Returns ``(inserted, superseded, unchanged)``. Commits nothing when nothing changed.
+    """
+
+    def attempt() -> tuple[int, int, int]:
+        dt_ = catalog.create_if_missing("scans")
+        sources = sorted({r["source_uri"] for r in rows})
+        datasets = sorted({r["dataset"] for r in rows})
+        current = catalog.select(
+            "scans",
+            f"{sql_in('dataset', datasets)} AND {sql_in('source_uri', sources)} AND status = 'current'",
+            ["scan_id", "source_uri", "status", "dataset"],
+        )
+        have = {(s, i) for s, i in zip(current["source_uri"].to_pylist(), current["scan_id"].to_pylist(), strict=True)}
+        new_rows = [r for r in rows if (r["source_uri"], r["scan_id"]) not in have]
+        new_keys = {(r["source_uri"], r["scan_id"]) for r in new_rows}
+        new_sources = {s for s, _ in new_keys}
+        stale = [
+            {"source_uri": s, "scan_id": i, "dataset": d}
+            for s, i, d in zip(current["source_uri"].to_pylist(), current["scan_id"].to_pylist(), current["dataset"].to_pylist(), strict=True)
+            if s in new_sources and (s, i) not in new_keys
+        ]  # fmt: skip
+        if not new_rows:
+            return 0, 0, len(rows)
+        superseding = [{**{k: None for k in SCANS_SCHEMA.names}, **s, "status": "superseded"} for s in stale]
+        source = pa.Table.from_pylist(new_rows + superseding, schema=SCANS_SCHEMA)
+        (
+            dt_.merge(
+                source,
+                predicate="t.dataset = s.dataset AND t.source_uri = s.source_uri AND t.scan_id = s.scan_id",
+                source_alias="s",
+                target_alias="t",
+            )
+            .when_matched_update(updates={"status": "s.status"}, predicate="s.status = 'superseded'")
+            .when_not_matched_insert_all(predicate="s.status = 'current'")
+            .execute()
+        )
+        return len(new_rows), len(stale), len(rows) - len(new_rows)
+
+    # Within one batch, the same content at the same source is one row.
+    seen, unique = set(), []
+    for r in rows:
+        if (r["source_uri"], r["scan_id"]) not in seen:
+            seen.add((r["source_uri"], r["scan_id"]))
+            unique.append(r)
+    rows = unique
+    return merge_with_retry(attempt, what="scans") if rows else (0, 0, 0)
+
+
+def write_quarantine(catalog: Catalog, problems: Iterable[Problem], now: dt.datetime) -> int:
+    """Record problems once per (source, reason); returns how many were new."""
+    rows = {(p.source_uri, p.reason): p for p in problems}
+    if not rows:
+        return 0
+
+    def attempt() -> int:
+        dt_ = catalog.create_if_missing("quarantine")
+        existing = catalog.select(
+            "quarantine", sql_in("source_uri", sorted({k[0] for k in rows})), ["source_uri", "reason"]
+        )
+        have = set(zip(existing["source_uri"].to_pylist(), existing["reason"].to_pylist(), strict=True))
+        new = [p for key, p in rows.items() if key not in have]
+        if not new:
+            return 0
+        table = pa.Table.from_pylist(
+            [
+                {"source_uri": p.source_uri, "dataset": p.dataset, "reason": p.reason, "detail": p.detail,
+                 "seen_at": now, "ingest_version": INGEST_VERSION}
+                for p in new
+            ],
+            schema=QUARANTINE_SCHEMA,
+        )  # fmt: skip
+        (
+            dt_.merge(
+                table,
+                predicate="t.source_uri = s.source_uri AND t.reason = s.reason",
+                source_alias="s",
+                target_alias="t",
+            )
+            .when_not_matched_insert_all()
+            .execute()
+        )
+        return len(new)
+
+    return merge_with_retry(attempt, what="quarantine")
+
+
+def link_duplicates(catalog: Catalog, new_ids: set[str], options: dict[str, str]) -> int:
+    """Search the whole catalog for copies of the scans just added and record them; returns the number of groups."""
+    from brainiac.ingestion.duplicates import find_duplicates, record_duplicates
+
+    cols = ["scan_id", "dataset", "subject_id", "sequence", "affine", "shape", "image_uri"]
+    current = catalog.scans().to_arrow(columns=cols).to_pylist()
+    groups = find_duplicates(current, options or None, involving=new_ids)
+    record_duplicates(catalog, current, groups)
+    return len(groups)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the job
+
+
+def _resolve_card(root: StorageLocation, dataset: str | None, card_path: str | None) -> tuple[str, DatasetCard | None]:
+    if card_path:
+        card = load_card(card_path)
+        return dataset or card.name, card
+    name = dataset or root.uri.rstrip("/").rsplit("/", 1)[-1]
+    return name, card_for(name)
+
+
+def _choose_layout(root: StorageLocation, requested: str, card: DatasetCard | None, registry: dict[str, Any]) -> str:
+    if requested != "auto":
+        if requested not in registry:
+            raise UserError(f"unknown layout '{requested}'; choose auto, {', '.join(registry)}")
+        return requested
+    if card is not None:
+        return card.layout
+    for name in DETECT_ORDER:
+        if registry[name].detect(root):
+            return name
+    raise UserError(f"could not recognise the layout of {root}; pass --layout bids|brats|manifest|dicom")
+
+
+def _label_tables(root: StorageLocation, card: DatasetCard | None, dataset: str) -> tuple[dict, list[Problem]]:
+    tables: dict[str, dict[str, dict[str, Any]]] = {}
+    problems: list[Problem] = []
+    if card is None:
+        return tables, problems
+    for lf in card.label_files:
+        try:
+            df = read_table(root, lf.path, sep=lf.sep)
+        except FileNotFoundError:
+            problems.append(Problem(dataset, root.join(lf.path).uri, "missing_file", "label file named on the card"))
+            continue
+        if lf.id_column not in df.columns:
+            raise UserError(
+                f"label file {lf.path} of {dataset} has no column '{lf.id_column}' (card field label_files.id_column)"
+            )
+        tables[lf.path] = {normalize_case_id(r[lf.id_column], card.case_id_pattern): r for r in df.to_dict("records")}
+    return tables, problems
+
+
+def ingest(
+    cfg: Config,
+    sources: Sequence[str],
+    *,
+    layout: str = "auto",
+    dataset: str | None = None,
+    card_path: str | None = None,
+    access: str | None = None,
+    progress: bool = True,
+) -> IngestSummary:
+    """Ingest ``sources`` (dataset roots, local or ``s3://``) into the catalog of ``cfg``.
+
+    Args:
+        cfg: the run config (catalog location and storage options, Ray settings).
+        sources: dataset root folders; each is one dataset.
+        layout: ``auto`` (card, then detection) or a layout name.
+        dataset: dataset name; default: the card's name or the folder name. Only with a single source.
+        card_path: a dataset card YAML to use instead of the shipped card.
+        access: access level for a dataset without a card (default ``restricted``: unknown terms are treated as strict).
+
+    Raises:
+        UserError: a source that does not exist, an unknown layout, a card that does not validate.
+    """
+    from brainiac.platform.cluster import init_ray
+
+    started = time.perf_counter()
+    if dataset and len(sources) > 1:
+        raise UserError("--dataset names one dataset; give one SOURCE per run, or let names come from cards/folders")
+    options = dict(cfg.catalog.storage_options)
+    catalog = Catalog.open(cfg.catalog.uri, options or None)
+    if not catalog.location.is_remote:
+        catalog.location.makedirs()
+    else:
+        catalog.location.makedirs()  # checks the bucket exists
+    pseudonymizer = Pseudonymizer.from_environment()
+    bind_catalog_key(catalog.location, pseudonymizer)
+    registry = adapters(pseudonymizer.key)
+    now = dt.datetime.now(dt.UTC)
+    summary = IngestSummary(catalog=catalog.uri, scans_version=None, quarantine_version=None)
+
+    plans: list[tuple[SourceScan, DatasetCard | None, str, dict]] = []
+    problems: list[Problem] = []
+    for source in sources:
+        root = StorageLocation.resolve(source, options or None)
+        if not root.exists():
+            raise UserError(f"source not found: {source}")
+        name, card = _resolve_card(root, dataset, card_path)
+        chosen = _choose_layout(root, layout, card, registry)
+        summary.datasets[name] = chosen
+        level = card.access if card is not None else (access or "restricted")
+        tables, label_problems = _label_tables(root, card, name)
+        problems += label_problems
+        for item in registry[chosen].discover(root, name, card):
+            if isinstance(item, Problem):
+                problems.append(item)
+            else:
+                plans.append((item, card, level, tables))
+    summary.discovered = len(plans)
+
+    raw_area = catalog.location.join("raw")
+    names = []
+    for scan, _, _, _ in plans:
+        digest = hmac.new(pseudonymizer.key, f"raw\x1f{scan.source_uri}".encode(), hashlib.sha256).hexdigest()[:24]
+        names.append(f"{scan.dataset}/{digest}.nii.gz")
+    if plans:
+        init_ray(cfg.cluster)
+    results = harvest_all([p[0] for p in plans], names, options, raw_area.uri, progress=progress)
+
+    rows = []
+    for (scan, card, level, tables), result in zip(plans, results, strict=True):
+        if "problem" in result:
+            problems.append(Problem(**result["problem"]))
+            continue
+        root_uri = scan.source_uri[: len(scan.source_uri) - len(scan.relative_path)].rstrip("/")
+        masks = {
+            k[: -len("_relative_path")]: f"{root_uri}/{v}"
+            for k, v in scan.labels.items()
+            if k.endswith("_relative_path")
+        }
+        rows.append(
+            build_row(
+                scan, result["facts"], card=card, access=level, pseudonymizer=pseudonymizer,
+                extra_labels=label_lookup(card, tables, scan.subject), mask_uris=masks, now=now,
+            )
+        )  # fmt: skip
+
+    summary.inserted, summary.superseded, summary.unchanged = write_scans(catalog, rows)
+    write_quarantine(catalog, problems, now)
+    if summary.inserted:
+        summary.duplicate_groups = link_duplicates(catalog, {r["scan_id"] for r in rows}, options)
+    summary.quarantined = dict(Counter(p.reason for p in problems))
+    summary.scans_version = catalog.version("scans")
+    summary.quarantine_version = catalog.version("quarantine")
+    if summary.datasets and summary.scans_version is not None:
+        current = catalog.scans(dataset=list(summary.datasets)).to_arrow(columns=["dataset", "sequence"])
+        counts: dict[str, Counter] = {}
+        for d, s in zip(current["dataset"].to_pylist(), current["sequence"].to_pylist(), strict=True):
+            counts.setdefault(d, Counter())[s] += 1
+        summary.counts = {d: dict(sorted(c.items())) for d, c in sorted(counts.items())}
+    summary.seconds = round(time.perf_counter() - started, 2)
+    return summary

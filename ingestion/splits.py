@@ -1,0 +1,155 @@
+"""Subject-level splits that never move: train/val/test as a keyed hash of the subject pseudonym and a seed.
+
+A subject's split is ``hash(seed, subject_id)`` mapped onto the configured fractions, so it does not depend on who else
+is in the catalog: a growing lake never reshuffles old subjects, and re-running gives the same table. Subjects linked
+in the ``duplicates`` table (the same person stored in two datasets) take the split of their group's first member, so
+no image reaches two splits. Few-shot (K per class) and fraction draws come from the train split, deterministic per
+seed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from brainiac.platform.catalog import SPLITS_SCHEMA, Catalog, merge_with_retry, sql_in
+
+__all__ = ["SPLITS_SCHEMA", "SplitConfig", "assign", "draw_fraction", "draw_shots", "subject_groups", "write_splits"]
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SplitConfig:
+    """How subjects are split."""
+
+    seed: int = field(default=0, metadata={"ge": 0})
+    """Seed of the assignment; one catalog can hold splits for several seeds side by side."""
+    fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    """Expected fractions of subjects in train, val and test (they must sum to 1)."""
+
+    def __post_init__(self) -> None:
+        from brainiac.platform.errors import ConfigError
+
+        if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
+            raise ConfigError(
+                f"config key 'splits.fractions' must be three non-negative numbers summing to 1, got {self.fractions}"
+            )
+
+
+def _unit(seed: int, key: str) -> float:
+    """A uniform number in [0, 1) from (seed, key), stable across machines and Python versions."""
+    digest = hashlib.sha256(f"{seed}\x1f{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def subject_groups(subjects: Iterable[str], links: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Map each subject to its group id: the smallest subject id connected to it through duplicate links."""
+    parent: dict[str, str] = {s: s for s in subjects}
+
+    def find(s: str) -> str:
+        parent.setdefault(s, s)
+        while parent[s] != s:
+            parent[s] = parent[parent[s]]
+            s = parent[s]
+        return s
+
+    for a, b in links:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {s: find(s) for s in list(parent)}
+
+
+def assign(subject_or_group: str, cfg: SplitConfig) -> str:
+    """The split of a subject (or duplicate group) under ``cfg``."""
+    u = _unit(cfg.seed, subject_or_group)
+    train, val, _ = cfg.fractions
+    return "train" if u < train else ("val" if u < train + val else "test")
+
+
+def _duplicate_links(catalog: Catalog) -> list[tuple[str, str]]:
+    dup = catalog.read("duplicates", columns=["group_id", "subject_id"])
+    members: dict[str, list[str]] = defaultdict(list)
+    for g, s in zip(dup["group_id"].to_pylist(), dup["subject_id"].to_pylist(), strict=True):
+        members[g].append(s)
+    return [(m[0], other) for m in members.values() for other in m[1:]]
+
+
+@dataclass
+class SplitSummary:
+    counts: dict[str, int]
+    new_subjects: int
+    conflicts: list[str]
+    """Subjects whose stored split disagrees with their duplicate group (kept as stored; old rows never move)."""
+
+
+def write_splits(catalog: Catalog, subjects: Sequence[str], cfg: SplitConfig) -> SplitSummary:
+    """Assign every subject not yet in ``splits`` for ``cfg.seed``; existing assignments are never changed."""
+    groups = subject_groups(subjects, _duplicate_links(catalog))
+    now = dt.datetime.now(dt.UTC)
+
+    def attempt() -> SplitSummary:
+        dt_ = catalog.create_if_missing("splits")
+        have = catalog.select("splits", f"seed = {int(cfg.seed)}", ["subject_id", "split"])
+        stored = dict(zip(have["subject_id"].to_pylist(), have["split"].to_pylist(), strict=True))
+        # A group follows a member that already has a split, so a new copy of an old subject joins its side.
+        group_split: dict[str, str] = {}
+        for s, g in sorted(groups.items()):
+            if s in stored:
+                group_split.setdefault(g, stored[s])
+        rows, conflicts = [], []
+        for s in sorted(set(subjects)):
+            g = groups.get(s, s)
+            want = group_split.setdefault(g, assign(g, cfg))
+            if s in stored:
+                if stored[s] != want:
+                    conflicts.append(s)
+                continue
+            rows.append({"subject_id": s, "seed": int(cfg.seed), "split": want, "group_id": g, "assigned_at": now})
+        if rows:
+            (
+                dt_.merge(pa.Table.from_pylist(rows, schema=SPLITS_SCHEMA), predicate="t.subject_id = s.subject_id AND t.seed = s.seed",
+                          source_alias="s", target_alias="t")
+                .when_not_matched_insert_all()
+                .execute()
+            )  # fmt: skip
+        final = {**stored, **{r["subject_id"]: r["split"] for r in rows}}
+        counts = {k: sum(1 for s in set(subjects) if final.get(s) == k) for k in SPLITS}
+        return SplitSummary(counts, len(rows), conflicts)
+
+    return merge_with_retry(attempt, what="splits")
+
+
+def read_splits(catalog: Catalog, seed: int, subjects: Sequence[str] | None = None) -> dict[str, str]:
+    """subject_id → split for ``seed`` (optionally only for ``subjects``)."""
+    where = f"seed = {int(seed)}" + (f" AND {sql_in('subject_id', list(subjects))}" if subjects is not None else "")
+    t = catalog.select("splits", where, ["subject_id", "split"])
+    return dict(zip(t["subject_id"].to_pylist(), t["split"].to_pylist(), strict=True))
+
+
+def draw_fraction(train_subjects: Sequence[str], fraction: float, seed: int) -> list[str]:
+    """A deterministic ``fraction`` of the train subjects (at least one), independent of their order."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    ranked = sorted(set(train_subjects), key=lambda s: _unit(seed, f"fraction\x1f{s}"))
+    return sorted(ranked[: max(1, round(fraction * len(ranked)))])
+
+
+def draw_shots(labels: Mapping[str, object], k: int, seed: int) -> list[str]:
+    """K subjects per class from ``labels`` (train subjects → class), deterministic per seed; a class with fewer than
+    K subjects gives all it has."""
+    if k < 1:
+        raise ValueError(f"shots per class must be >= 1, got {k}")
+    by_class: dict[object, list[str]] = defaultdict(list)
+    for s, c in labels.items():
+        by_class[c].append(s)
+    out = []
+    for c, members in sorted(by_class.items(), key=lambda kv: str(kv[0])):
+        out += sorted(members, key=lambda s: _unit(seed, f"shots\x1f{c}\x1f{s}"))[:k]
+    return sorted(out)

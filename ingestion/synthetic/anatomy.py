@@ -1,0 +1,264 @@
+"""Base anatomy: MNI152 2009 tissue maps on a working grid, region masks, smooth subject deformations and rigid poses.
+
+All anatomy lives in *template space*: MNI152 millimetres (RAS). nilearn ships the 1 mm 2009 templates offline
+(197x233x189, index (i, j, k) -> (i - 98, j - 134, k - 72) mm). The working grid keeps the template's box and takes block
+means of the 1 mm maps at the preset's voxel size, which is a partial-volume model of a coarser acquisition.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+__all__ = [
+    "HEAD_CENTER_MM",
+    "BaseAnatomy",
+    "Deformation",
+    "base_anatomy",
+    "deform_volume",
+    "random_deformation",
+    "random_rigid",
+    "rigid_matrix",
+]
+
+TEMPLATE_ORIGIN_MM = np.array([-98.0, -134.0, -72.0])
+"""MNI mm of voxel (0, 0, 0) of nilearn's 1 mm template."""
+HEAD_CENTER_MM = np.array([0.0, -17.0, 12.0])
+"""Centre of the head (brain plus skull shell) in MNI mm; acquisitions centre their field of view on it."""
+BRAIN_CENTER_MM = np.array([0.0, -17.0, 5.0])
+"""Centre of the brain in MNI mm (BraTS-style atlas grids centre on it)."""
+
+# Medial temporal lobe as ellipsoids in MNI mm: centre, semi-axes (x, y, z); the long axis rises posteriorly by
+# HIPPOCAMPUS_PITCH_DEG. Hippocampi, amygdalae, and entorhinal/parahippocampal cortex below them.
+HIPPOCAMPI = (((-26.0, -24.0, -12.0), (7.0, 18.0, 7.0)), ((27.0, -23.0, -12.0), (7.0, 18.0, 7.0)))
+MEDIAL_TEMPORAL = (
+    *HIPPOCAMPI,
+    ((-23.0, -5.0, -18.0), (8.0, 8.0, 7.0)),
+    ((24.0, -4.0, -18.0), (8.0, 8.0, 7.0)),
+    ((-25.0, -20.0, -26.0), (8.0, 16.0, 6.0)),
+    ((26.0, -19.0, -26.0), (8.0, 16.0, 6.0)),
+)
+HIPPOCAMPUS_PITCH_DEG = 25.0
+
+
+_NILEARN_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _templates_1mm() -> dict[str, np.ndarray]:
+    """nilearn's 1 mm MNI152 2009 maps, loaded once per process, exactly as ``nilearn.datasets.load_mni152_*`` return
+    them (GM and WM rescaled to a maximum of 1; brain mask = T1 / max > 0.2). The files are read straight from nilearn's
+    package data, which avoids importing ``nilearn.datasets`` (and scikit-learn, ~2.5 s)."""
+    import importlib.util
+    from pathlib import Path
+
+    import nibabel as nib
+
+    spec = importlib.util.find_spec("nilearn")
+    folder = Path(next(iter(spec.submodule_search_locations or []))) / "datasets" / "data" if spec else None
+    if folder is not None and all((folder / f).is_file() for f in _NILEARN_FILES.values()):
+        raw = {k: np.asarray(nib.load(folder / f).dataobj, dtype=np.float32) for k, f in _NILEARN_FILES.items()}
+    else:  # pragma: no cover - a nilearn that moved its data files
+        from nilearn import datasets
+
+        raw = {
+            "t1": np.asarray(datasets.load_mni152_template(resolution=1).dataobj, dtype=np.float32),
+            "gm": np.asarray(datasets.load_mni152_gm_template(resolution=1).dataobj, dtype=np.float32),
+            "wm": np.asarray(datasets.load_mni152_wm_template(resolution=1).dataobj, dtype=np.float32),
+        }
+    out = {k: v / np.float32(v.max()) for k, v in raw.items()}
+    out["mask"] = (out.pop("t1") > 0.2).astype(np.float32)
+    return out
+
+
+def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
+    if f == 1:
+        return a.astype(np.float32, copy=True)
+    pad = [(0, (-s) % f) for s in a.shape]
+    a = np.pad(a, pad, mode="edge")
+    s = a.shape
+    return a.reshape(s[0] // f, f, s[1] // f, f, s[2] // f, f).mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class BaseAnatomy:
+    """Template-space maps on the working grid (read-only arrays, shared by every subject of a preset).
+
+    Attributes:
+        spacing: working voxel size in mm (isotropic).
+        affine: working-grid voxel index -> MNI mm.
+        gm, wm, csf: tissue fractions inside the brain mask (CSF = mask - GM - WM, clipped at 0).
+        mask: brain-mask fraction; ``mask > 0.5`` is the brain.
+        dist_in / dist_out: mm from the brain-mask surface, inwards / outwards.
+        dist_vent: mm from the lateral/third ventricles (0 inside them).
+        hippocampus: 1 inside the medial temporal lobe ellipsoids (hippocampi, amygdalae, entorhinal and
+            parahippocampal cortex), soft at the edge; where MCI and ageing take grey matter.
+        coords: MNI mm of every working voxel, shape (3, *grid).
+    """
+
+    spacing: float
+    affine: np.ndarray
+    gm: np.ndarray
+    wm: np.ndarray
+    csf: np.ndarray
+    mask: np.ndarray
+    dist_in: np.ndarray
+    dist_out: np.ndarray
+    dist_vent: np.ndarray
+    hippocampus: np.ndarray
+    coords: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.gm.shape  # type: ignore[return-value]
+
+
+def _ellipsoid(coords: np.ndarray, center, semi, pitch_deg: float, soft_mm: float) -> np.ndarray:
+    c = np.asarray(center, dtype=np.float32).reshape(3, 1, 1, 1)
+    d = coords - c
+    t = math.radians(pitch_deg)
+    y = d[1] * math.cos(t) + d[2] * math.sin(t)
+    z = -d[1] * math.sin(t) + d[2] * math.cos(t)
+    r = np.sqrt((d[0] / semi[0]) ** 2 + (y / semi[1]) ** 2 + (z / semi[2]) ** 2)
+    scale = soft_mm / min(semi)
+    return np.clip((1.0 - r) / scale + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=3)
+def base_anatomy(spacing: float) -> BaseAnatomy:
+    """Template maps block-averaged to ``spacing`` mm (an integer number of mm), with distance maps and regions."""
+    f = round(spacing)
+    if abs(f - spacing) > 1e-6 or f < 1:
+        raise ValueError(f"working spacing must be a whole number of mm, got {spacing}")
+    t = _templates_1mm()
+    gm, wm, mask = (_block_mean(t[k], f) for k in ("gm", "wm", "mask"))
+    gm = np.minimum(gm, mask)
+    wm = np.minimum(wm, np.maximum(mask - gm, 0))
+    csf = np.clip(mask - gm - wm, 0.0, 1.0)
+    # Crop the template box to the head (brain plus 20 mm for the skull shell): fewer voxels to warp per subject.
+    inside0 = mask > 0.5
+    far = ndi.distance_transform_edt(~inside0, sampling=f) > 20.0
+    keep = np.argwhere(~far)
+    lo, hi = keep.min(axis=0), keep.max(axis=0) + 1
+    gm, wm, csf, mask = (a[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].copy() for a in (gm, wm, csf, mask))
+    affine = np.eye(4)
+    affine[:3, :3] *= f
+    affine[:3, 3] = TEMPLATE_ORIGIN_MM + (f - 1) / 2.0 + lo * f
+    shape = gm.shape
+    idx = np.indices(shape, dtype=np.float32)
+    coords = np.einsum("ij,j...->i...", affine[:3, :3].astype(np.float32), idx) + affine[:3, 3].astype(
+        np.float32
+    ).reshape(3, 1, 1, 1)
+    inside = mask > 0.5
+    dist_in = ndi.distance_transform_edt(inside, sampling=f).astype(np.float32)
+    dist_out = ndi.distance_transform_edt(~inside, sampling=f).astype(np.float32)
+    x, y, z = coords
+    vent = (csf > 0.45) & inside & (np.abs(x) < 30) & (y > -45) & (y < 30) & (z > -5) & (z < 35) & (dist_in > 12)
+    vent = ndi.binary_opening(vent, iterations=1) if f == 1 else vent
+    dist_vent = ndi.distance_transform_edt(~vent, sampling=f).astype(np.float32)
+    hippo = np.maximum.reduce(
+        [_ellipsoid(coords, c, s, HIPPOCAMPUS_PITCH_DEG, soft_mm=max(1.0, f / 2)) for c, s in MEDIAL_TEMPORAL]
+    )
+    arrays = {
+        "gm": gm,
+        "wm": wm,
+        "csf": csf,
+        "mask": mask,
+        "dist_in": dist_in,
+        "dist_out": dist_out,
+        "dist_vent": dist_vent,
+        "hippocampus": hippo,
+        "coords": coords,
+    }
+    for a in arrays.values():
+        a.setflags(write=False)
+    return BaseAnatomy(spacing=float(f), affine=affine, **arrays)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Subject shape: a smooth deformation plus a global head scale, and a rigid pose in the scanner.
+
+
+@dataclass(frozen=True)
+class Deformation:
+    """Where each subject-space point comes from in template space: ``q = c + (p - c) / scale + u(p)``.
+
+    ``u`` is a smooth random displacement (white noise on a 6 mm lattice, Gaussian-smoothed with sigma 12 mm) rescaled so
+    that its largest magnitude inside the brain equals ``max_mm`` (3 to 6 mm); ``scale`` is the subject's linear head
+    size relative to MNI152 (men ~3 % larger than women, sd 3 %).
+    """
+
+    field: np.ndarray  # (3, *working grid) displacement in mm
+    max_mm: float
+    scale: float
+
+
+def random_deformation(rng: np.random.Generator, anat: BaseAnatomy, max_mm: float, scale: float) -> Deformation:
+    """A smooth random displacement field on the working grid with max |u| = ``max_mm`` inside the brain."""
+    lattice_mm, sigma_mm = 6.0, 12.0
+    shape = anat.shape
+    extent = np.array(shape) * anat.spacing
+    coarse = tuple(math.ceil(e / lattice_mm) + 1 for e in extent)
+    noise = rng.standard_normal((3, *coarse)).astype(np.float32)
+    noise = np.stack([ndi.gaussian_filter(n, sigma_mm / lattice_mm, mode="reflect") for n in noise])
+    # Sample the lattice at the working-grid points (linear interpolation of an already smooth field).
+    idx = [np.arange(s, dtype=np.float32) * anat.spacing / lattice_mm for s in shape]
+    grid = np.meshgrid(*idx, indexing="ij", sparse=False)
+    u = np.stack([ndi.map_coordinates(n, grid, order=1, mode="nearest") for n in noise])
+    mag = np.sqrt((u**2).sum(axis=0))
+    peak = float(mag[anat.mask > 0.5].max()) or 1.0
+    u *= max_mm / peak
+    return Deformation(field=u.astype(np.float32), max_mm=float(max_mm), scale=float(scale))
+
+
+def deform_volume(
+    vol: np.ndarray, anat: BaseAnatomy, deformation: Deformation, *, order: int, coords: np.ndarray | None = None
+) -> np.ndarray:
+    """Warp a template-space volume into subject space (``order`` 1 for images, 0 for labels and masks)."""
+    if coords is None:
+        coords = deformation_coords(anat, deformation)
+    out = ndi.map_coordinates(vol, coords, order=order, mode="constant", cval=0.0, prefilter=False)
+    return out.astype(vol.dtype, copy=False)
+
+
+def deformation_coords(anat: BaseAnatomy, deformation: Deformation) -> np.ndarray:
+    """Working-grid index coordinates of the template point each subject-space voxel samples."""
+    c = HEAD_CENTER_MM.astype(np.float32).reshape(3, 1, 1, 1)
+    q = c + (anat.coords - c) / np.float32(deformation.scale) + deformation.field
+    inv = np.linalg.inv(anat.affine)
+    return (
+        np.einsum("ij,j...->i...", inv[:3, :3].astype(np.float32), q)
+        + inv[:3, 3].astype(np.float32).reshape(3, 1, 1, 1)
+    ).astype(np.float32)
+
+
+def rigid_matrix(rotation_deg: tuple[float, float, float], translation_mm: tuple[float, float, float]) -> np.ndarray:
+    """4x4 rigid transform: rotate about x, then y, then z (degrees) about the head centre, then translate (mm).
+
+    It maps subject (template-space) millimetres to scanner millimetres (RAS). The rotation is about
+    :data:`HEAD_CENTER_MM`, so the translation is the displacement of the head centre.
+    """
+    ax, ay, az = (math.radians(a) for a in rotation_deg)
+    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
+    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
+    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
+    r = rz @ ry @ rx
+    m = np.eye(4)
+    m[:3, :3] = r
+    m[:3, 3] = HEAD_CENTER_MM - r @ HEAD_CENTER_MM + np.asarray(translation_mm, dtype=float)
+    return m
+
+
+def random_rigid(rng: np.random.Generator, max_rotation_deg: float, max_translation_mm: float):
+    """Rotation angles uniform in +-``max_rotation_deg`` per axis and translation uniform in +-``max_translation_mm``."""
+    rot = tuple(float(v) for v in np.round(rng.uniform(-max_rotation_deg, max_rotation_deg, 3), 3))
+    tr = tuple(float(v) for v in np.round(rng.uniform(-max_translation_mm, max_translation_mm, 3), 3))
+    return rot, tr, rigid_matrix(rot, tr)

@@ -1,0 +1,433 @@
+"""The catalog: a directory or ``s3://`` prefix holding the platform's Delta tables, with schemas, SQL and safe MERGE.
+
+Tables (ARCHITECTURE §3): ``scans`` (one row per image, partitioned by dataset), ``quarantine`` (inputs that could not be
+ingested, with a reason code), ``duplicates`` (the same image stored as other bytes), and later ``volumes`` and
+``splits``. Writers go through :func:`merge_with_retry`, which retries a MERGE when another writer committed first, so
+two ingest jobs on one catalog end without duplicate rows. Tables are written without deletion vectors so that every
+reader (Ray's ``read_delta``, polars, older delta-rs) can read them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from brainiac.platform.errors import UserError
+from brainiac.platform.storage import StorageLocation
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from deltalake import DeltaTable
+
+__all__ = [
+    "SCHEMAS",
+    "SPLITS_SCHEMA",
+    "VOLUMES_SCHEMA",
+    "Catalog",
+    "ScanQuery",
+    "merge_with_retry",
+    "sql_in",
+    "sql_literal",
+]
+
+log = logging.getLogger(__name__)
+
+_TS = pa.timestamp("us", tz="UTC")
+
+SCANS_SCHEMA = pa.schema(
+    [
+        ("scan_id", pa.string()),  # sha256 of the file bytes, or of the sorted slice hashes of a DICOM series
+        ("dataset", pa.string()),
+        ("layout", pa.string()),
+        ("access", pa.string()),  # open | registered | restricted (from the dataset card)
+        ("site", pa.string()),
+        ("subject_id", pa.string()),  # keyed pseudonym, never the dataset's own id
+        ("session", pa.string()),
+        ("run", pa.string()),
+        ("sequence", pa.string()),  # canonical: T1w, T1ce, T2w, FLAIR, DWI, ADC, SWI, PD, other
+        (
+            "sequence_rule",
+            pa.string(),
+        ),  # which rule decided the sequence: bids_suffix | description | filename | unknown
+        ("source_uri", pa.string()),  # absolute path or s3:// URI as given
+        ("relative_path", pa.string()),  # relative to the dataset root
+        ("image_uri", pa.string()),  # the NIfTI to read (= source_uri, or the converted file in the raw area for DICOM)
+        ("format", pa.string()),  # nifti | dicom
+        ("bytes", pa.int64()),
+        ("shape", pa.list_(pa.int32())),
+        ("spacing_mm", pa.list_(pa.float64())),
+        ("axcodes", pa.string()),
+        ("affine", pa.list_(pa.float64())),  # 16 values, row-major, RAS+ world
+        ("qform_code", pa.int16()),
+        ("sform_code", pa.int16()),
+        ("dtype", pa.string()),
+        ("field_strength_t", pa.float64()),
+        ("manufacturer", pa.string()),
+        ("scanner_model", pa.string()),
+        ("tr_ms", pa.float64()),
+        ("te_ms", pa.float64()),
+        ("age_years", pa.float64()),  # years, capped at 90
+        ("sex", pa.string()),  # F | M | null
+        ("diagnosis", pa.string()),  # healthy | MCI | AD | glioma | stroke | other | null
+        ("labels", pa.string()),  # JSON: idh, survival_days, stroke_onset_days, mask_uri ...
+        ("header", pa.string()),  # JSON escape hatch, PHI removed
+        ("status", pa.string()),  # current | superseded
+        ("ingested_at", _TS),
+        ("ingest_version", pa.string()),
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("source_uri", pa.string()),
+        ("dataset", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("seen_at", _TS),
+        ("ingest_version", pa.string()),
+    ]
+)
+
+DUPLICATES_SCHEMA = pa.schema(
+    [
+        ("group_id", pa.string()),  # hash of the canonically reoriented voxels shared by the group
+        ("scan_id", pa.string()),
+        ("dataset", pa.string()),
+        ("subject_id", pa.string()),
+        ("method", pa.string()),
+        ("found_at", _TS),
+    ]
+)
+
+SPLITS_SCHEMA = pa.schema(
+    [
+        ("subject_id", pa.string()),
+        ("seed", pa.int64()),
+        ("split", pa.string()),  # train | val | test
+        ("group_id", pa.string()),  # duplicate group the subject belongs to (itself when alone)
+        ("assigned_at", _TS),
+    ]
+)
+
+VOLUMES_SCHEMA = pa.schema(
+    [
+        ("scan_id", pa.string()),
+        ("preprocess_version", pa.string()),
+        ("dataset", pa.string()),
+        ("subject_id", pa.string()),
+        ("sequence", pa.string()),
+        ("whole", pa.binary()),  # zstd-compressed float16, C order, whole-brain crop on the template grid
+        ("whole_shape", pa.list_(pa.int32())),
+        ("whole_spacing_mm", pa.list_(pa.float64())),
+        ("whole_affine", pa.list_(pa.float64())),
+        ("fixed", pa.binary()),  # zstd-compressed float16, fixed_size³ cube (96³ in production)
+        ("fixed_shape", pa.list_(pa.int32())),
+        ("fixed_affine", pa.list_(pa.float64())),
+        ("mask", pa.binary()),  # zstd-compressed uint8 brain mask on the whole grid
+        ("labels_whole", pa.binary()),  # zstd-compressed uint8 label map on the whole grid (null if none)
+        ("labels_fixed", pa.binary()),  # zstd-compressed uint8 label map on the fixed grid (null if none)
+        ("label_name", pa.string()),
+        ("dtype", pa.string()),
+        ("transform", pa.list_(pa.float64())),  # template mm -> scanner mm, row-major 4x4
+        ("registration_metric", pa.float64()),
+        ("brain_volume_ml", pa.float64()),
+        ("snr", pa.float64()),
+        ("clipped_fraction", pa.float64()),
+        ("qc_pass", pa.bool_()),
+        ("qc_reason", pa.string()),
+        ("seconds", pa.float64()),
+        ("preprocessed_at", _TS),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "scans": SCANS_SCHEMA,
+    "quarantine": QUARANTINE_SCHEMA,
+    "duplicates": DUPLICATES_SCHEMA,
+    "splits": SPLITS_SCHEMA,
+    "volumes": VOLUMES_SCHEMA,
+}
+PARTITIONS: dict[str, list[str]] = {"scans": ["dataset"], "volumes": ["preprocess_version"]}
+TABLE_CONFIGURATION = {"delta.enableDeletionVectors": "false"}
+
+
+def sql_literal(value: Any) -> str:
+    """A SQL literal for a Python value (strings quoted with '' escaping; None → NULL)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int | float):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def sql_in(column: str, values: Sequence[Any]) -> str:
+    """``column IN (...)`` (or FALSE for no values)."""
+    if not values:
+        return "FALSE"
+    return f'"{column}" IN ({", ".join(sql_literal(v) for v in values)})'
+
+
+def _plain_types(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
+    """DataFusion returns view types (Utf8View); give readers the catalog's plain types."""
+    fields = []
+    for f in table.schema:
+        if schema is not None and f.name in schema.names:
+            fields.append(schema.field(f.name))
+        elif pa.types.is_string_view(f.type):
+            fields.append(pa.field(f.name, pa.string()))
+        elif pa.types.is_binary_view(f.type):
+            fields.append(pa.field(f.name, pa.binary()))
+        else:
+            fields.append(f)
+    return table.cast(pa.schema(fields))
+
+
+def _to_pyarrow(reader: Any) -> pa.Table:
+    """deltalake's QueryBuilder yields an arro3 stream; read it into a pyarrow Table (zero-copy C stream)."""
+    return pa.RecordBatchReader.from_stream(reader).read_all()
+
+
+def _is_conflict(exc: Exception) -> bool:
+    from deltalake.exceptions import CommitFailedError
+
+    text = str(exc).lower()
+    return (
+        isinstance(exc, CommitFailedError)
+        or "conflict" in text
+        or "concurrent" in text
+        or "version already exists" in text
+    )
+
+
+def merge_with_retry(write: Callable[[], Any], *, what: str, attempts: int = 8, base_delay_s: float = 0.2) -> Any:
+    """Run ``write`` (which must re-read the table and recompute its changes each call) until it commits.
+
+    Delta's optimistic concurrency makes a writer fail when another committed first; re-running the whole read →
+    diff → MERGE then sees the winner's rows, so the loser adds nothing twice.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return write()
+        except Exception as exc:  # deltalake raises several types for a lost commit race
+            if not _is_conflict(exc) or attempt == attempts:
+                raise
+            delay = base_delay_s * (2 ** (attempt - 1)) * (0.5 + random.random())
+            log.info("%s: commit conflict (attempt %d/%d), retrying in %.2fs: %s", what, attempt, attempts, delay, exc)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """A catalog location and the tables under it.
+
+    Example:
+        >>> cat = Catalog.open("brainiac-data/catalog")
+        >>> cat.scans(sequence="T1w", age_between=(60, 90)).to_pandas()  # doctest: +SKIP
+        >>> cat.sql("SELECT dataset, count(*) AS n FROM scans GROUP BY dataset")  # doctest: +SKIP
+    """
+
+    location: StorageLocation
+
+    @classmethod
+    def open(cls, uri: str | StorageLocation, storage_options: Mapping[str, str] | None = None) -> Catalog:
+        loc = uri if isinstance(uri, StorageLocation) else StorageLocation.resolve(uri, storage_options)
+        return cls(loc)
+
+    @property
+    def uri(self) -> str:
+        return self.location.uri
+
+    def table_location(self, name: str) -> StorageLocation:
+        return self.location.join(name)
+
+    def table(self, name: str, version: int | None = None) -> DeltaTable | None:
+        """The Delta table ``name`` (at ``version``), or ``None`` if it does not exist yet."""
+        from deltalake import DeltaTable
+
+        loc = self.table_location(name)
+        if not DeltaTable.is_deltatable(loc.uri, storage_options=loc.delta_storage_options()):
+            return None
+        try:
+            return DeltaTable(loc.uri, version=version, storage_options=loc.delta_storage_options())
+        except Exception as exc:
+            if version is not None:
+                raise UserError(f"table '{name}' has no version {version} ({str(exc).splitlines()[0]})") from None
+            raise
+
+    def tables(self) -> list[str]:
+        """Names of the tables that exist in this catalog."""
+        return [name for name in (*SCHEMAS, "embeddings") if self.table(name) is not None]
+
+    def version(self, name: str) -> int | None:
+        dt = self.table(name)
+        return None if dt is None else dt.version()
+
+    def select(
+        self, name: str, where: str | None = None, columns: Sequence[str] | None = None, version: int | None = None
+    ) -> pa.Table:
+        """Rows of one table matching a SQL ``where`` clause, through DataFusion (partition and statistics pruning).
+
+        pyarrow's own dataset filter cannot compare delta-rs' string-view statistics, so filtered reads go here.
+        """
+        from deltalake import QueryBuilder
+
+        dt = self.table(name, version)
+        schema = SCHEMAS.get(name)
+        if dt is None:
+            empty = (schema or pa.schema([])).empty_table()
+            return empty.select(list(columns)) if columns else empty
+        cols = ", ".join(f'"{c}"' for c in columns) if columns else "*"
+        sql = f'SELECT {cols} FROM "{name}"' + (f" WHERE {where}" if where else "")
+        return _plain_types(_to_pyarrow(QueryBuilder().register(name, dt).execute(sql)), schema)
+
+    def read(self, name: str, version: int | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+        """A whole table as Arrow (empty with the right schema if the table does not exist)."""
+        dt = self.table(name, version)
+        if dt is None:
+            schema = SCHEMAS.get(name, pa.schema([]))
+            return schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
+        return dt.to_pyarrow_dataset().to_table(columns=list(columns) if columns else None)
+
+    def create_if_missing(self, name: str) -> DeltaTable:
+        """Create an empty table with its schema, partitioning and reader-friendly configuration."""
+        from deltalake import write_deltalake
+
+        dt = self.table(name)
+        if dt is not None:
+            return dt
+        loc = self.table_location(name)
+        try:
+            write_deltalake(
+                loc.uri,
+                SCHEMAS[name].empty_table(),
+                mode="ignore",
+                partition_by=PARTITIONS.get(name),
+                configuration=TABLE_CONFIGURATION,
+                storage_options=loc.delta_storage_options(),
+                name=name,
+            )
+        except Exception as exc:  # another writer created it between our check and our write
+            if not _is_conflict(exc):
+                raise
+        table = self.table(name)
+        assert table is not None
+        return table
+
+    # -- queries ---------------------------------------------------------------------------------------------------------
+    def sql(self, query: str, as_of: int | None = None) -> pa.Table:
+        """Run SQL (DataFusion dialect) over every table of the catalog; ``as_of`` time-travels each table to that
+        version (tables that did not exist yet are left out).
+
+        Raises:
+            UserError: bad SQL, an unknown table or column; the message is one line.
+        """
+        from deltalake import QueryBuilder
+
+        qb = QueryBuilder()
+        registered = 0
+        for name in self.tables():
+            try:
+                dt = self.table(name, as_of)
+            except UserError:
+                continue
+            if dt is not None:
+                qb.register(name, dt)
+                registered += 1
+        if registered == 0:
+            raise UserError(f"catalog {self.uri} has no tables yet; run `brainiac ingest` first")
+        try:
+            reader = qb.execute(query)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"SQL error: {first}") from None
+        try:
+            return _plain_types(_to_pyarrow(reader), None)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"SQL error: {first}") from None
+
+    def scans(
+        self,
+        *,
+        dataset: str | Sequence[str] | None = None,
+        sequence: str | Sequence[str] | None = None,
+        age_between: tuple[float, float] | None = None,
+        include_superseded: bool = False,
+        version: int | None = None,
+        allowed_access: Sequence[str] | None = None,
+    ) -> ScanQuery:
+        """A filtered view of ``scans`` (current rows only unless ``include_superseded``).
+
+        ``allowed_access`` (a job's ``catalog.allowed_access``) makes reading a row of any other access level an error
+        that names the datasets, instead of silently training on data the job may not use.
+        """
+        return ScanQuery(self, dataset, sequence, age_between, include_superseded, version, allowed_access)
+
+
+def _as_list(value: str | Sequence[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+@dataclass(frozen=True)
+class ScanQuery:
+    """Filters over the ``scans`` table, pushed down to partitions (dataset) and Parquet statistics."""
+
+    catalog: Catalog
+    dataset: str | Sequence[str] | None
+    sequence: str | Sequence[str] | None
+    age_between: tuple[float, float] | None
+    include_superseded: bool
+    version: int | None
+    allowed_access: Sequence[str] | None = None
+
+    def where(self) -> str:
+        """The SQL condition these filters amount to."""
+        parts = []
+        if (ds := _as_list(self.dataset)) is not None:
+            parts.append(sql_in("dataset", ds))
+        if (seq := _as_list(self.sequence)) is not None:
+            parts.append(sql_in("sequence", seq))
+        if self.age_between is not None:
+            lo, hi = self.age_between
+            parts.append(f"age_years BETWEEN {float(lo)!r} AND {float(hi)!r}")
+        if not self.include_superseded:
+            parts.append("status = 'current'")
+        return " AND ".join(parts) if parts else "TRUE"
+
+    def to_arrow(self, columns: Sequence[str] | None = None) -> pa.Table:
+        if self.allowed_access is not None:
+            denied = self.catalog.select(
+                "scans",
+                f"{self.where()} AND NOT {sql_in('access', list(self.allowed_access))}",
+                ["dataset", "access"],
+                self.version,
+            )
+            if denied.num_rows:
+                pairs = sorted(set(zip(denied["dataset"].to_pylist(), denied["access"].to_pylist(), strict=True)))
+                raise UserError(
+                    "this job may read access levels "
+                    f"{', '.join(self.allowed_access)} but the selection includes "
+                    + ", ".join(f"{d} ({a})" for d, a in pairs)
+                    + "; filter those datasets out or widen catalog.allowed_access"
+                )
+        return self.catalog.select("scans", self.where(), columns, self.version)
+
+    def to_pandas(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        return self.to_arrow(columns).to_pandas()
+
+    def to_ray(self, columns: Sequence[str] | None = None):
+        """A Ray Dataset of the matching rows (read through the same filters)."""
+        import ray.data
+
+        return ray.data.from_arrow(self.to_arrow(columns))

@@ -1,0 +1,142 @@
+"""Ingest edge cases: quarantine of bad inputs next to good ones, changed files, S3 sources and catalogs, concurrency."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brainiac.ingestion.ingest import ingest, write_scans
+from brainiac.platform.catalog import Catalog
+from brainiac.platform.config import load_config
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _config(uri: str, options: dict[str, str] | None = None):
+    cfg = load_config("tiny", [f"catalog.uri={uri}"])
+    if options:
+        cfg.catalog.storage_options = dict(options)
+    return cfg
+
+
+@pytest.fixture
+def mixed_bids(pipeline, tmp_path) -> tuple[Path, dict[str, str]]:
+    """A copy of the lifespan BIDS cohort with bad files added beside the good ones; returns (root, expected)."""
+    src = pipeline.cohort.out_dir / pipeline.cohort.cohorts["bids"]
+    root = tmp_path / "mixed-bids"
+    shutil.copytree(src, root)
+    anat = next(root.glob("sub-*/ses-*/anat"))
+    good = next(anat.glob("*_T1w.nii.gz"))
+    sub = good.name.split("_")[0]
+    ses = good.name.split("_")[1]
+    bad = {
+        f"{sub}_{ses}_run-2_T1w.nii.gz": "empty_file",
+        f"{sub}_{ses}_run-3_T1w.nii.gz": "truncated",
+        f"{sub}_{ses}_run-4_T1w.nii.gz": "not_nifti",
+        f"{sub}_{ses}_run-5_T1w.nii.gz": "not_3d",
+        f"{sub}_{ses}_run-6_T1w.json": "bad_sidecar",
+    }
+    (anat / f"{sub}_{ses}_run-2_T1w.nii.gz").write_bytes(b"")
+    (anat / f"{sub}_{ses}_run-3_T1w.nii.gz").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (anat / f"{sub}_{ses}_run-4_T1w.nii.gz").write_bytes(gzip.compress(b"<html>not an image</html>" * 30))
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.int16), np.eye(4)), anat / f"{sub}_{ses}_run-5_T1w.nii.gz")
+    (anat / f"{sub}_{ses}_run-6_T1w.json").write_text("{not json")
+    shutil.copy(good, anat / f"{sub}_{ses}_run-6_T1w.nii.gz")  # a good image whose sidecar is bad
+    return root, {str(anat / name): reason for name, reason in bad.items()}
+
+
+def test_mixed_folder_quarantines_exactly_the_bad_files(pipeline, mixed_bids, tmp_path):
+    root, expected = mixed_bids
+    cfg = _config(str(tmp_path / "catalog"))
+    summary = ingest(cfg, [str(root)], dataset="synth-lifespan-bids", progress=False)
+    cat = Catalog.open(cfg.catalog.uri)
+    q = cat.read("quarantine").to_pandas()
+    assert dict(zip(q["source_uri"], q["reason"], strict=True)) == expected
+    n_good = int((pipeline.truth["dataset"] == "synth-lifespan-bids").sum()) + 1  # + the image with the bad sidecar
+    assert summary.inserted == n_good and len(cat.scans().to_pandas()) == n_good
+    assert summary.quarantined == {r: list(expected.values()).count(r) for r in set(expected.values())}
+    # Running again records nothing twice.
+    before = cat.version("quarantine")
+    ingest(cfg, [str(root)], dataset="synth-lifespan-bids", progress=False)
+    assert cat.version("quarantine") == before
+
+
+def test_manifest_paths_outside_the_root_are_quarantined(pipeline, tmp_path):
+    src = pipeline.cohort.out_dir / pipeline.cohort.cohorts["adni"]
+    root = tmp_path / "adni"
+    shutil.copytree(src, root)
+    lines = (root / "manifest.csv").read_text().splitlines()
+    header, first = lines[0], lines[1]
+    fields = first.split(",")
+    evil = [*fields[:-1], "../../etc/passwd"]
+    missing = [*fields[:-1], "images/nope.nii"]
+    (root / "manifest.csv").write_text("\n".join([header, *lines[1:], ",".join(evil), ",".join(missing)]) + "\n")
+    cfg = _config(str(tmp_path / "catalog"))
+    summary = ingest(cfg, [str(root)], dataset="synth-adni", progress=False)
+    assert summary.quarantined == {"path_outside_root": 1, "missing_file": 1}
+    assert summary.inserted == len(lines) - 1
+
+
+def test_changed_file_supersedes_and_history_stays(pipeline, tmp_path):
+    src = pipeline.cohort.out_dir / pipeline.cohort.cohorts["brats"]
+    root = tmp_path / "synth-brats"
+    shutil.copytree(src, root)
+    cfg = _config(str(tmp_path / "catalog"))
+    ingest(cfg, [str(root)], progress=False)
+    cat = Catalog.open(cfg.catalog.uri)
+    v1 = cat.version("scans")
+    target = next(root.glob("*/*_t1.nii.gz"))
+    img = nib.load(target)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj) + 1, img.affine, img.header), target)
+    removed = next(root.glob("*/*_t2.nii.gz"))
+    removed.unlink()
+    summary = ingest(cfg, [str(root)], progress=False)
+    assert (summary.inserted, summary.superseded) == (1, 1)
+    rows = cat.scans(include_superseded=True).to_pandas()
+    mine = rows[rows["source_uri"] == str(target)]
+    assert sorted(mine["status"]) == ["current", "superseded"]
+    assert cat.version("scans") == v1 + 1  # one MERGE commit for insert + supersede
+    old = cat.scans(version=v1).to_pandas()
+    assert (old.loc[old["source_uri"] == str(target), "status"] == "current").all()  # time travel
+    # A file that disappeared is left in place (documented): ingest never deletes what it cannot see.
+    assert (rows.loc[rows["source_uri"] == str(removed), "status"] == "current").all()
+
+
+def test_ingest_from_s3_to_s3(pipeline, s3_bucket, s3_options):
+    src = pipeline.cohort.out_dir / pipeline.cohort.cohorts["bids"]
+    from brainiac.platform.storage import StorageLocation
+
+    dest = StorageLocation.resolve(f"s3://{s3_bucket}/raw/synth-lifespan-bids", s3_options)
+    dest.fsspec().put(str(src) + "/", dest.path + "/", recursive=True)
+    cfg = _config(f"s3://{s3_bucket}/catalog", s3_options)
+    summary = ingest(cfg, [dest.uri], progress=False)
+    expected = int((pipeline.truth["dataset"] == "synth-lifespan-bids").sum())
+    assert summary.inserted == expected and not summary.quarantined
+    cat = Catalog.open(cfg.catalog.uri, s3_options)
+    rows = cat.scans().to_pandas()
+    assert len(rows) == expected and rows["source_uri"].str.startswith(f"s3://{s3_bucket}/raw/").all()
+    local = pipeline.catalog.scans(dataset="synth-lifespan-bids").to_pandas()
+    assert set(rows["scan_id"]) == set(local["scan_id"])  # same bytes, same identity wherever they live
+    assert ingest(cfg, [dest.uri], progress=False).inserted == 0
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_writers_end_without_duplicates(pipeline, tmp_path, where, request):
+    rows = pipeline.catalog.scans().to_arrow().to_pylist()
+    if where == "s3":
+        bucket, options = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_options")
+        cat = Catalog.open(f"s3://{bucket}/concurrent", options)
+    else:
+        cat = Catalog.open(str(tmp_path / "concurrent"))
+    cat.create_if_missing("scans")
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda _: write_scans(cat, rows), range(3)))
+    assert sum(r[0] for r in results) == len(rows)  # exactly one writer inserted each row
+    table = cat.scans().to_pandas()
+    assert len(table) == len(rows) and not table.duplicated(["source_uri", "scan_id"]).any()

@@ -1,0 +1,75 @@
+"""Subject-level splits: stable as the lake grows, duplicates kept together, deterministic few-shot/fraction draws."""
+
+from __future__ import annotations
+
+import pytest
+
+from brainiac.ingestion.splits import (
+    SplitConfig,
+    assign,
+    draw_fraction,
+    draw_shots,
+    read_splits,
+    subject_groups,
+    write_splits,
+)
+from brainiac.platform.catalog import Catalog
+from brainiac.platform.errors import ConfigError
+
+
+def test_assignment_is_stable_and_near_the_fractions():
+    cfg = SplitConfig(seed=3)
+    subjects = [f"sub-{i:05d}" for i in range(4000)]
+    first = {s: assign(s, cfg) for s in subjects}
+    assert first == {s: assign(s, cfg) for s in reversed(subjects)}
+    share = {k: sum(v == k for v in first.values()) / len(subjects) for k in ("train", "val", "test")}
+    assert abs(share["train"] - 0.7) < 0.03 and abs(share["val"] - 0.15) < 0.03
+    assert first != {s: assign(s, SplitConfig(seed=4)) for s in subjects}  # the seed matters
+    with pytest.raises(ConfigError, match=r"splits\.fractions"):
+        SplitConfig(fractions=[0.5, 0.5, 0.5])
+
+
+def test_groups_follow_links():
+    groups = subject_groups(["a", "b", "c", "d"], [("c", "b"), ("d", "c")])
+    assert groups == {"a": "a", "b": "b", "c": "b", "d": "b"}
+
+
+def test_growing_lake_never_moves_old_subjects(tmp_path):
+    cat = Catalog.open(str(tmp_path / "cat"))
+    cfg = SplitConfig(seed=1)
+    old = [f"sub-{i:03d}" for i in range(50)]
+    write_splits(cat, old, cfg)
+    before = read_splits(cat, 1)
+    v = cat.version("splits")
+    assert write_splits(cat, old, cfg).new_subjects == 0 and cat.version("splits") == v  # no-op run
+    summary = write_splits(cat, old + [f"new-{i:03d}" for i in range(50)], cfg)
+    after = read_splits(cat, 1)
+    assert summary.new_subjects == 50 and all(after[s] == before[s] for s in old)
+
+
+def test_draws_are_deterministic_and_from_what_they_are_given():
+    train = [f"s{i}" for i in range(100)]
+    tenth = draw_fraction(train, 0.1, seed=0)
+    assert len(tenth) == 10 and tenth == draw_fraction(list(reversed(train)), 0.1, seed=0) and set(tenth) <= set(train)
+    assert tenth != draw_fraction(train, 0.1, seed=1)
+    labels = {s: i % 3 for i, s in enumerate(train)}
+    shots = draw_shots(labels, 5, seed=0)
+    assert len(shots) == 15 and all(sum(labels[s] == c for s in shots) == 5 for c in range(3))
+    assert draw_shots({"a": 0, "b": 1}, 5, seed=0) == ["a", "b"]
+
+
+@pytest.mark.timeout(600)
+def test_no_subject_or_duplicate_group_in_two_splits(pipeline):
+    cat = pipeline.catalog
+    subjects = sorted(set(cat.scans().to_pandas()["subject_id"]))
+    write_splits(cat, subjects, SplitConfig(seed=11))
+    table = cat.read("splits").to_pandas()
+    table = table[table["seed"] == 11]
+    assert set(table["subject_id"]) == set(subjects)
+    assert table.groupby("subject_id")["split"].nunique().max() == 1
+    dup = cat.read("duplicates").to_pandas()
+    assert len(dup) > 0
+    split_of = dict(zip(table["subject_id"], table["split"], strict=True))
+    for _, group in dup.groupby("group_id"):
+        assert len({split_of[s] for s in group["subject_id"]}) == 1
+        assert group["subject_id"].nunique() == 2  # a copy in another dataset is another pseudonym of one person
