@@ -53,9 +53,9 @@ _T1CE_COMPACT = re.compile(r"\bt1[-_ ]?(ce|gd|c|post|contrast|gad)\b", re.I)
 _CONTRAST_TOKEN = re.compile(r"\b(gd|gad|gado\w*|contrast|post|ce|c|cor[-_ ]?post|enh\w*)\b|\+\s*c\b|\+gd", re.I)
 _T1_TOKEN = re.compile(r"\bt1(w|[-_ ]?weighted)?\b|mprage|spgr|bravo|\btfl\b|\btfe\b|\bvibe\b", re.I)
 _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("FLAIR", re.compile(r"flair", re.I)),
+    ("FLAIR", re.compile(r"flair|dark[-_ ]?fluid|\btirm\b|\bfl[-_ ]?ir\b", re.I)),
     ("ADC", re.compile(r"\badc\b|apparent[-_ ]diffusion", re.I)),
-    ("DWI", re.compile(r"\bdwi\b|diffusion|\bdti\b|trace", re.I)),
+    ("DWI", re.compile(r"\bdwi\b|diffusion|\bdiff\b|\bdti\b|trace", re.I)),
     ("SWI", re.compile(r"\bswi\b|susceptib", re.I)),
     ("PD", re.compile(r"\bpdw?\b|proton[-_ ]density", re.I)),
     ("T2w", re.compile(r"\bt2(?![-_ ]?\*)(w|[-_ ]?weighted|\b|[-_])|\btse\b|\bfse\b", re.I)),
@@ -66,7 +66,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 def _match_patterns(text: str) -> str | None:
     normalized = re.sub(r"[._-]+", " ", text)  # "_" is a word character; make separators real word boundaries
     t1ce = _T1CE_COMPACT.search(normalized) or (_T1_TOKEN.search(normalized) and _CONTRAST_TOKEN.search(normalized))
-    if t1ce and not re.search(r"flair|\bt2\b", normalized, re.I):
+    if t1ce and not re.search(r"flair|dark[-_ ]?fluid|\btirm\b|\bt2\b", normalized, re.I):
         return "T1ce"
     for name, pattern in _PATTERNS:
         if pattern.search(normalized):

@@ -160,9 +160,12 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def write_scans(catalog: Catalog, rows: list[dict[str, Any]]) -> tuple[int, int, int]:
-    """MERGE rows into ``scans``: insert new (source, content) pairs and supersede older content at the same source.
+    """MERGE rows into ``scans``: insert new (source, content) pairs, supersede older content at the same source, and
+    refresh the derived columns of rows written by an older ``ingest_version`` (a fixed harmonization rule reaches old
+    rows without new bytes).
 
-    Returns ``(inserted, superseded, unchanged)``. Commits nothing when nothing changed.
+    Returns ``(inserted, superseded, unchanged)`` (refreshed rows count as unchanged). Commits nothing when nothing
+    changed.
     """
 
     def attempt() -> tuple[int, int, int]:
@@ -172,10 +175,21 @@ def write_scans(catalog: Catalog, rows: list[dict[str, Any]]) -> tuple[int, int,
         current = catalog.select(
             "scans",
             f"{sql_in('dataset', datasets)} AND {sql_in('source_uri', sources)} AND status = 'current'",
-            ["scan_id", "source_uri", "status", "dataset"],
+            ["scan_id", "source_uri", "status", "dataset", "ingest_version"],
         )
-        have = {(s, i) for s, i in zip(current["source_uri"].to_pylist(), current["scan_id"].to_pylist(), strict=True)}
-        new_rows = [r for r in rows if (r["source_uri"], r["scan_id"]) not in have]
+        versions = {
+            (s, i): v
+            for s, i, v in zip(
+                current["source_uri"].to_pylist(),
+                current["scan_id"].to_pylist(),
+                current["ingest_version"].to_pylist(),
+                strict=True,
+            )
+        }
+        new_rows = [r for r in rows if (r["source_uri"], r["scan_id"]) not in versions]
+        refresh = [
+            r for r in rows if versions.get((r["source_uri"], r["scan_id"]), r["ingest_version"]) != r["ingest_version"]
+        ]
         new_keys = {(r["source_uri"], r["scan_id"]) for r in new_rows}
         new_sources = {s for s, _ in new_keys}
         stale = [
@@ -183,10 +197,12 @@ def write_scans(catalog: Catalog, rows: list[dict[str, Any]]) -> tuple[int, int,
             for s, i, d in zip(current["source_uri"].to_pylist(), current["scan_id"].to_pylist(), current["dataset"].to_pylist(), strict=True)
             if s in new_sources and (s, i) not in new_keys
         ]  # fmt: skip
-        if not new_rows:
+        if not new_rows and not refresh:
             return 0, 0, len(rows)
         superseding = [{**{k: None for k in SCANS_SCHEMA.names}, **s, "status": "superseded"} for s in stale]
-        source = pa.Table.from_pylist(new_rows + superseding, schema=SCANS_SCHEMA)
+        refreshing = [{**r, "status": "refresh"} for r in refresh]
+        source = pa.Table.from_pylist(new_rows + superseding + refreshing, schema=SCANS_SCHEMA)
+        keep = {"scan_id", "dataset", "source_uri", "status", "ingested_at"}
         (
             dt_.merge(
                 source,
@@ -195,6 +211,9 @@ def write_scans(catalog: Catalog, rows: list[dict[str, Any]]) -> tuple[int, int,
                 target_alias="t",
             )
             .when_matched_update(updates={"status": "s.status"}, predicate="s.status = 'superseded'")
+            .when_matched_update(
+                updates={c: f"s.{c}" for c in SCANS_SCHEMA.names if c not in keep}, predicate="s.status = 'refresh'"
+            )
             .when_not_matched_insert_all(predicate="s.status = 'current'")
             .execute()
         )

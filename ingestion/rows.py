@@ -22,7 +22,7 @@ from brainiac.platform.pseudonym import Pseudonymizer
 
 __all__ = ["INGEST_VERSION", "LABEL_KEYS", "build_row", "parse_idh"]
 
-INGEST_VERSION = "1"
+INGEST_VERSION = "2"
 """Bumped when the row semantics change, so rows from older ingests can be found and rebuilt."""
 
 LABEL_KEYS = ("idh", "survival_days", "stroke_onset_days", "resection", "mgmt")

@@ -13,33 +13,16 @@ import datetime as dt
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 
+from brainiac.ingestion.splits_config import SplitConfig
 from brainiac.platform.catalog import SPLITS_SCHEMA, Catalog, merge_with_retry, sql_in
 
 __all__ = ["SPLITS_SCHEMA", "SplitConfig", "assign", "draw_fraction", "draw_shots", "subject_groups", "write_splits"]
 
 SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class SplitConfig:
-    """How subjects are split."""
-
-    seed: int = field(default=0, metadata={"ge": 0})
-    """Seed of the assignment; one catalog can hold splits for several seeds side by side."""
-    fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
-    """Expected fractions of subjects in train, val and test (they must sum to 1)."""
-
-    def __post_init__(self) -> None:
-        from brainiac.platform.errors import ConfigError
-
-        if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
-            raise ConfigError(
-                f"config key 'splits.fractions' must be three non-negative numbers summing to 1, got {self.fractions}"
-            )
 
 
 def _unit(seed: int, key: str) -> float:

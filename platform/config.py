@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import yaml
 
+from brainiac.ingestion.preprocess.config import PreprocessConfig
+from brainiac.ingestion.splits_config import SplitConfig
 from brainiac.models.config import AugmentConfig, BackboneConfig, ProjectionConfig, SSLConfig
 from brainiac.platform.errors import ConfigError
 
@@ -142,6 +144,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    splits: SplitConfig = field(default_factory=SplitConfig)
     model: BackboneConfig = field(default_factory=BackboneConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)

@@ -181,6 +181,14 @@ class TinyPipeline:
         self.ingest_summary = ingest(self.config, sources, progress=False)
         return Catalog.open(self.config.catalog.uri)
 
+    @cached_property
+    def volumes(self):
+        """The catalog preprocessed into ``volumes`` (tiny 3 mm grids, 32³ cubes) plus ``splits``; the summary."""
+        from brainiac.ingestion.prepare import preprocess
+
+        self.catalog  # noqa: B018 - build the previous stage
+        return preprocess(self.config, progress=False)
+
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, ray_session, pseudonym_key):

@@ -31,6 +31,7 @@ QUARANTINE_REASONS = {
     "dicom_unreadable": "a DICOM file could not be parsed",
     "nonfinite_voxels": "NaN or Inf voxels",
     "all_zero": "every voxel is zero",
+    "constant": "every voxel has the same value",
     "unknown_layout": "no adapter recognises the folder",
 }
 """Short reason codes of the quarantine table, with what each means."""

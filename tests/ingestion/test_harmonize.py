@@ -26,6 +26,13 @@ from brainiac.ingestion.harmonize import (
         ({"description": "SAG 3D T1 BRAVO +C"}, ("T1ce", "description")),
         ({"description": "SAG 3D T1 BRAVO"}, ("T1w", "description")),
         ({"description": "MPRAGE_POST"}, ("T1ce", "description")),
+        # The vendor protocol names the synthetic PACS export uses (Siemens, GE, Philips).
+        ({"description": "t2_tirm_tra_dark-fluid"}, ("FLAIR", "description")),
+        ({"description": "t1_mprage_sag_p2_post"}, ("T1ce", "description")),
+        ({"description": "t2_tse_tra"}, ("T2w", "description")),
+        ({"description": "ep2d_diff_tra_TRACEW"}, ("DWI", "description")),
+        ({"description": "FLAIR_LONGTR"}, ("FLAIR", "description")),
+        ({"description": "AX DWI 1000b"}, ("DWI", "description")),
         ({"description": "AX T2 FLAIR POST"}, ("FLAIR", "description")),
         ({"description": "Ax T2 FLAIR"}, ("FLAIR", "description")),
         ({"description": "AX T2 TSE"}, ("T2w", "description")),

@@ -140,3 +140,20 @@ def test_concurrent_writers_end_without_duplicates(pipeline, tmp_path, where, re
     assert sum(r[0] for r in results) == len(rows)  # exactly one writer inserted each row
     table = cat.scans().to_pandas()
     assert len(table) == len(rows) and not table.duplicated(["source_uri", "scan_id"]).any()
+
+
+def test_new_ingest_version_refreshes_derived_columns_in_place(pipeline, tmp_path, monkeypatch):
+    import brainiac.ingestion.rows as rows_module
+
+    src = pipeline.cohort.out_dir / pipeline.cohort.cohorts["adni"]
+    cfg = _config(str(tmp_path / "catalog"))
+    ingest(cfg, [str(src)], progress=False)
+    cat = Catalog.open(cfg.catalog.uri)
+    v = cat.version("scans")
+    monkeypatch.setattr(rows_module, "INGEST_VERSION", "test-next")
+    summary = ingest(cfg, [str(src)], progress=False)
+    assert (summary.inserted, summary.superseded) == (0, 0)
+    after = cat.scans(include_superseded=True).to_pandas()
+    assert (after["ingest_version"] == "test-next").all() and (after["status"] == "current").all()
+    assert cat.version("scans") == v + 1
+    assert ingest(cfg, [str(src)], progress=False).inserted == 0 and cat.version("scans") == v + 1

@@ -10,7 +10,7 @@ import typer
 
 from brainiac.platform.cli.main import app, main
 
-IMPLEMENTED = {"stack", "config", "synth", "ingest", "catalog"}
+IMPLEMENTED = {"stack", "config", "synth", "ingest", "catalog", "preprocess"}
 """Commands that exist today. A command the project does not have yet must not be registered (no placeholders)."""
 
 

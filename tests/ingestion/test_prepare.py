@@ -1,0 +1,67 @@
+"""The preprocess job on the tiny pipeline: every scan becomes a volume once, versions sit side by side, labels keep
+their values, splits are written, and a second run does nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from brainiac.ingestion.prepare import preprocess
+from brainiac.ingestion.volumes import read_volumes, row_arrays
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_every_scan_becomes_one_volume(pipeline):
+    summary = pipeline.volumes
+    scans = pipeline.catalog.scans().to_pandas()
+    expected = scans[scans["sequence"] != "other"]
+    assert summary.processed == len(expected) and not summary.quarantined
+    vols = read_volumes(pipeline.catalog, summary.preprocess_version, qc_pass_only=False).to_pandas()
+    assert set(vols["scan_id"]) == set(expected["scan_id"])
+    assert vols["qc_pass"].mean() >= 0.9, vols.loc[~vols["qc_pass"], "qc_reason"].tolist()
+    assert summary.decode_ms_per_volume is not None and summary.decode_ms_per_volume < 50
+
+
+def test_arrays_decode_with_the_tiny_shapes_and_z_scores(pipeline):
+    version = pipeline.volumes.preprocess_version
+    row = read_volumes(pipeline.catalog, version).slice(0, 1).to_pylist()[0]
+    arrays = row_arrays(row)
+    assert arrays["fixed"].shape == (32, 32, 32) and arrays["fixed"].dtype == np.float16
+    brain = arrays["whole"][arrays["mask"] > 0].astype(np.float32)
+    assert abs(brain.mean()) < 0.2 and 0.8 < brain.std() < 1.2
+
+
+def test_label_maps_keep_their_values(pipeline):
+    version = pipeline.volumes.preprocess_version
+    rows = read_volumes(pipeline.catalog, version, qc_pass_only=False).to_pandas()
+    brats = rows[rows["dataset"] == "synth-brats"]
+    assert len(brats) > 0 and (brats["label_name"] == "seg").all()
+    for row in brats.to_dict("records")[:4]:
+        arrays = row_arrays(row)
+        assert set(np.unique(arrays["labels_whole"])) <= {0, 1, 2, 4}
+        assert {1, 2, 4} & set(np.unique(arrays["labels_whole"]))
+
+
+def test_second_run_does_nothing_and_a_new_config_is_a_new_version(pipeline):
+    version, table_version = pipeline.volumes.preprocess_version, pipeline.catalog.version("volumes")
+    again = preprocess(pipeline.config, progress=False)
+    assert again.processed == 0 and again.already_done == pipeline.volumes.processed
+    assert pipeline.catalog.version("volumes") == table_version
+    other = dataclasses.replace(
+        pipeline.config, preprocess=dataclasses.replace(pipeline.config.preprocess, clip_percentiles=[1.0, 99.0])
+    )
+    new = preprocess(other, progress=False, limit=2)
+    assert new.preprocess_version != version and new.processed == 2
+    assert len(read_volumes(pipeline.catalog, version, qc_pass_only=False)) == pipeline.volumes.processed  # old kept
+
+
+def test_splits_cover_every_subject_once(pipeline):
+    pipeline.volumes  # noqa: B018
+    splits = pipeline.catalog.read("splits").to_pandas()
+    splits = splits[splits["seed"] == pipeline.config.splits.seed]
+    subjects = set(pipeline.catalog.scans().to_pandas()["subject_id"])
+    assert set(splits["subject_id"]) == subjects and not splits["subject_id"].duplicated().any()
+    assert set(splits["split"]) <= {"train", "val", "test"} and (splits["split"] == "train").any()
