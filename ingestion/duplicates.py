@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from brainiac.ingestion.graph import connected_components
 from brainiac.platform.catalog import DUPLICATES_SCHEMA, Catalog, merge_with_retry, sql_in
 from brainiac.platform.storage import StorageLocation
 
@@ -276,21 +277,12 @@ def find_duplicates(
                   for ex in (-1, 0, 1) for ey in (-1, 0, 1) for ez in (-1, 0, 1)),
             )  # fmt: skip
         scores[k] = score
-    parent: dict[int, int] = {}
-
-    def find(i: int) -> int:
-        parent.setdefault(i, i)
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for (i, j), score in zip(pairs, scores, strict=True):
-        if score >= threshold:
-            parent[find(i)] = find(j)
+    component = connected_components(
+        [], [(i, j) for (i, j), score in zip(pairs, scores, strict=True) if score >= threshold]
+    )
     groups: dict[int, list[str]] = {}
-    for i in list(parent):
-        groups.setdefault(find(i), []).append(rows[i]["scan_id"])
+    for i, root in component.items():
+        groups.setdefault(root, []).append(rows[i]["scan_id"])
     out = []
     for members in groups.values():
         if len(members) > 1:

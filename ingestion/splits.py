@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from brainiac.ingestion.graph import connected_components
 from brainiac.ingestion.splits_config import SplitConfig
 from brainiac.platform.catalog import SPLITS_SCHEMA, Catalog, merge_with_retry, sql_in
 
@@ -33,20 +34,7 @@ def _unit(seed: int, key: str) -> float:
 
 def subject_groups(subjects: Iterable[str], links: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Map each subject to its group id: the smallest subject id connected to it through duplicate links."""
-    parent: dict[str, str] = {s: s for s in subjects}
-
-    def find(s: str) -> str:
-        parent.setdefault(s, s)
-        while parent[s] != s:
-            parent[s] = parent[parent[s]]
-            s = parent[s]
-        return s
-
-    for a, b in links:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return {s: find(s) for s in list(parent)}
+    return connected_components(subjects, links)
 
 
 def assign(subject_or_group: str, cfg: SplitConfig) -> str:
