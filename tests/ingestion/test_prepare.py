@@ -65,3 +65,31 @@ def test_splits_cover_every_subject_once(pipeline):
     subjects = set(pipeline.catalog.scans().to_pandas()["subject_id"])
     assert set(splits["subject_id"]) == subjects and not splits["subject_id"].duplicated().any()
     assert set(splits["split"]) <= {"train", "val", "test"} and (splits["split"] == "train").any()
+
+
+def test_voxel_defects_are_quarantined_once_and_the_rest_is_processed(pipeline, tmp_path):
+    import shutil
+
+    import nibabel as nib
+
+    from brainiac.ingestion.ingest import ingest
+    from brainiac.platform.catalog import Catalog
+    from brainiac.platform.config import load_config
+
+    src = pipeline.cohort.out_dir / pipeline.cohort.cohorts["adni"]
+    root = tmp_path / "synth-adni"
+    shutil.copytree(src, root)
+    victim = sorted((root / "images").glob("*.nii"))[0]
+    img = nib.load(victim, mmap=False)  # we overwrite this very file below
+    data = np.array(img.dataobj, dtype=np.float32)
+    data[data.shape[0] // 2, :, :] = np.nan  # only decoding reveals this; ingest accepts the file
+    nib.save(nib.Nifti1Image(data, img.affine), victim)
+    cfg = load_config("tiny", [f"catalog.uri={tmp_path / 'catalog'}"])
+    assert not ingest(cfg, [str(root)], progress=False).quarantined
+    first = preprocess(cfg, progress=False)
+    assert first.quarantined == {"nonfinite_voxels": 1}
+    assert first.processed == first.selected - 1
+    q = Catalog.open(cfg.catalog.uri).read("quarantine").to_pandas()
+    assert q["source_uri"].tolist() == [str(victim)]
+    again = preprocess(cfg, progress=False)
+    assert again.processed == 0 and not again.quarantined  # not retried
