@@ -32,7 +32,7 @@ from brainiac.ingestion.adapters.brats import BratsAdapter
 from brainiac.ingestion.adapters.common import read_table
 from brainiac.ingestion.adapters.manifest import ManifestAdapter
 from brainiac.ingestion.cards import DatasetCard, card_for, load_card, normalize_case_id
-from brainiac.ingestion.headers import HarvestError, harvest_nifti
+from brainiac.ingestion.harvest import harvest_all
 from brainiac.ingestion.rows import INGEST_VERSION, build_row, label_lookup
 from brainiac.platform.catalog import QUARANTINE_SCHEMA, SCANS_SCHEMA, Catalog, merge_with_retry, sql_in
 from brainiac.platform.config import Config
@@ -81,78 +81,6 @@ class IngestSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# harvesting (runs in Ray tasks)
-
-
-def _harvest_one(scan: SourceScan, options: dict[str, str], raw_area_uri: str, out_name: str) -> dict[str, Any]:
-    if scan.format == "dicom":
-        from brainiac.ingestion.dicom_convert import convert_series
-
-        raw_area = StorageLocation.resolve(raw_area_uri, options or None)
-        root_uri = scan.source_uri.split("#", 1)[0]
-        if scan.relative_path:
-            root_uri = root_uri[: len(root_uri) - len(scan.relative_path.split("#", 1)[0])].rstrip("/") or root_uri
-        result = convert_series(scan, raw_area, out_name, source=StorageLocation.resolve(root_uri, options or None))
-        if isinstance(result, Problem):
-            return {"problem": asdict(result)}
-        facts = asdict(result)
-        facts["image_uri"] = facts.pop("nifti_uri")
-        facts.setdefault("qform_code", 1)
-        facts.setdefault("sform_code", 1)
-        return {"facts": facts}
-    try:
-        facts = harvest_nifti(StorageLocation.resolve(scan.source_uri, options or None))
-    except HarvestError as exc:
-        return {
-            "problem": {
-                "dataset": scan.dataset,
-                "source_uri": scan.source_uri,
-                "reason": exc.reason,
-                "detail": exc.detail,
-            }
-        }
-    return {"facts": asdict(facts)}
-
-
-def _harvest_chunk(
-    items: list[tuple[SourceScan, str]], options: dict[str, str], raw_area_uri: str
-) -> list[dict[str, Any]]:
-    return [_harvest_one(scan, options, raw_area_uri, name) for scan, name in items]
-
-
-def harvest_all(
-    scans: Sequence[SourceScan], names: Sequence[str], options: dict[str, str], raw_area_uri: str, *, progress: bool
-) -> list[dict[str, Any]]:
-    """Harvest every scan on Ray, in chunks, keeping input order."""
-    import ray
-
-    if not scans:
-        return []
-    remote = ray.remote(num_cpus=1)(_harvest_chunk)
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-    size = max(1, min(64, len(scans) // (4 * cpus) or 1))
-    chunks = [list(zip(scans[i : i + size], names[i : i + size], strict=True)) for i in range(0, len(scans), size)]
-    refs = [remote.remote(chunk, options, raw_area_uri) for chunk in chunks]
-    index = {ref: i for i, ref in enumerate(refs)}
-    results: list[list[dict[str, Any]] | None] = [None] * len(refs)
-    bar = _progress(len(scans), "harvest", progress)
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        for ref in done:
-            results[index[ref]] = ray.get(ref)
-            bar.update(len(chunks[index[ref]]))
-    bar.close()
-    return [r for chunk in results for r in (chunk or [])]
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="scan", disable=not enabled, leave=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
