@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from brainiac.platform.config import from_dict
-from brainiac.platform.errors import ConfigError, UserError
+from brainiac.platform.config import from_dict, read_yaml_mapping, shipped_yaml_names
+from brainiac.platform.errors import ConfigError
 
 __all__ = ["ACCESS_LEVELS", "DatasetCard", "LabelFile", "available_cards", "card_for", "load_card", "normalize_case_id"]
 
@@ -95,32 +92,17 @@ def normalize_case_id(raw: object, pattern: str) -> str:
 
 
 def available_cards() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files(CARDS_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+    return shipped_yaml_names(CARDS_PACKAGE)
 
 
 def load_card(source: str | Path) -> DatasetCard:
     """A shipped card by name, or a card YAML by path.
 
     Raises:
-        UserError / ConfigError: unknown card, bad YAML, or a field that is unknown, mistyped or out of range (the
-            message names the card and the field).
+        ConfigError: unknown card, bad YAML, or a field that is unknown, mistyped or out of range (the message names the
+            card and the field).
     """
-    path = Path(source)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise UserError(f"dataset card not found: {path}")
-        text, origin = path.read_text(), str(path)
-    else:
-        ref = resources.files(CARDS_PACKAGE) / f"{source}.yaml"
-        if not ref.is_file():
-            raise UserError(f"no dataset card named '{source}'; shipped cards: {', '.join(available_cards())}")
-        text, origin = ref.read_text(), str(source)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"dataset card {origin} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"dataset card {origin} must be a mapping")
+    data, origin = read_yaml_mapping(source, CARDS_PACKAGE, kind="dataset card")
     try:
         return from_dict(DatasetCard, data, prefix="card")
     except ConfigError as exc:

@@ -16,7 +16,6 @@ subject of a group on one side.
 from __future__ import annotations
 
 import datetime as dt
-import gzip
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from brainiac.ingestion.graph import connected_components
+from brainiac.ingestion.headers import load_nifti
 from brainiac.platform.catalog import DUPLICATES_SCHEMA, Catalog, merge_with_retry, sql_in
-from brainiac.platform.storage import StorageLocation
 
 __all__ = [
     "DuplicateGroup",
@@ -83,18 +82,9 @@ def candidate_pairs(
 
 
 def _load_canonical(uri: str, options: dict[str, str] | None) -> np.ndarray:
-    import io
-
     import nibabel as nib
 
-    loc = StorageLocation.resolve(uri, options or None)
-    with loc.fsspec().open(loc.path, "rb") as fh:
-        raw = fh.read()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    img = nib.Nifti1Image.from_file_map(
-        {"header": nib.FileHolder(fileobj=io.BytesIO(raw)), "image": nib.FileHolder(fileobj=io.BytesIO(raw))}
-    )
+    img = load_nifti(uri, options)
     return np.asarray(nib.as_closest_canonical(img).dataobj, dtype=np.float32)
 
 

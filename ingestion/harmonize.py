@@ -125,6 +125,11 @@ def canonical_sex(value: object) -> str | None:
     return _SEX.get(text)
 
 
+def _first_match(text: str, table: tuple[tuple[str, re.Pattern[str]], ...]) -> str:
+    """The name of the first pattern of ``table`` found in ``text``, else ``other`` (never a guess)."""
+    return next((name for name, pattern in table if pattern.search(text)), "other")
+
+
 _DIAGNOSIS = (
     ("MCI", re.compile(r"\b(e|l)?mci\b|mild[-_ ]cognitive", re.I)),
     ("AD", re.compile(r"\bad\b|alzheimer|dementia", re.I)),
@@ -138,11 +143,7 @@ def canonical_diagnosis(value: object) -> str | None:
     """One of :data:`DIAGNOSES`, or ``None`` when missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip():
         return None
-    text = str(value).strip()
-    for name, pattern in _DIAGNOSIS:
-        if pattern.search(text):
-            return name
-    return "other"
+    return _first_match(str(value).strip(), _DIAGNOSIS)
 
 
 # -- scanner ------------------------------------------------------------------------------------------------------------
@@ -160,10 +161,7 @@ def canonical_manufacturer(value: object) -> str | None:
     """One of :data:`MANUFACTURERS`, or ``None`` when missing."""
     if value is None or not str(value).strip():
         return None
-    for name, pattern in _VENDORS:
-        if pattern.search(str(value)):
-            return name
-    return "other"
+    return _first_match(str(value), _VENDORS)
 
 
 def canonical_field_strength(value: object) -> float | None:

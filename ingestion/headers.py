@@ -9,6 +9,7 @@ are left to preprocessing, which decodes anyway.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import math
@@ -20,7 +21,7 @@ import numpy as np
 
 from brainiac.platform.storage import StorageLocation
 
-__all__ = ["HarvestError", "NiftiFacts", "harvest_nifti", "parse_nifti_header"]
+__all__ = ["HarvestError", "NiftiFacts", "harvest_nifti", "load_nifti", "parse_nifti_header"]
 
 CHUNK = 1 << 20
 _HEADER_BYTES = 540 + 4  # NIfTI-2 header and the extension flag
@@ -135,3 +136,14 @@ def harvest_nifti(file: StorageLocation) -> NiftiFacts:
         sform_code=scode,
         dtype=str(np.dtype(hdr.get_data_dtype())),
     )
+
+
+def load_nifti(uri: str, options: dict[str, str] | None = None) -> nib.Nifti1Image:
+    """Decode a whole ``.nii``/``.nii.gz`` from a local path or ``s3://`` URI, in memory (no temporary file, no mmap
+    of a file that a later writer could truncate)."""
+    loc = StorageLocation.resolve(uri, options or None)
+    with loc.fsspec().open(loc.path, "rb") as fh:
+        raw = fh.read()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return nib.Nifti1Image.from_bytes(raw)

@@ -280,10 +280,7 @@ def ingest(
         raise UserError("--dataset names one dataset; give one SOURCE per run, or let names come from cards/folders")
     options = dict(cfg.catalog.storage_options)
     catalog = Catalog.open(cfg.catalog.uri, options or None)
-    if not catalog.location.is_remote:
-        catalog.location.makedirs()
-    else:
-        catalog.location.makedirs()  # checks the bucket exists
+    catalog.location.makedirs()  # a local directory, or a check that the S3 bucket exists
     pseudonymizer = Pseudonymizer.from_environment()
     bind_catalog_key(catalog.location, pseudonymizer)
     registry = adapters(pseudonymizer.key)

@@ -11,8 +11,6 @@ plus the subject-level ``splits``.
 from __future__ import annotations
 
 import datetime as dt
-import gzip
-import io
 import json
 import logging
 import time
@@ -24,12 +22,12 @@ import numpy as np
 import pyarrow as pa
 
 from brainiac.ingestion.adapters.base import Problem
+from brainiac.ingestion.headers import load_nifti
 from brainiac.ingestion.ingest import write_quarantine
 from brainiac.ingestion.splits import SplitConfig, write_splits
 from brainiac.ingestion.volumes import decode_array, encode_array
 from brainiac.platform.catalog import VOLUMES_SCHEMA, Catalog, merge_with_retry, sql_in, sql_literal
 from brainiac.platform.config import Config
-from brainiac.platform.storage import StorageLocation
 
 __all__ = ["PreprocessSummary", "preprocess"]
 
@@ -61,15 +59,7 @@ class PreprocessSummary:
 
 
 def _read_image(uri: str, options: dict[str, str] | None) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-
-    loc = StorageLocation.resolve(uri, options or None)
-    with loc.fsspec().open(loc.path, "rb") as fh:
-        raw = fh.read()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    holder = {"header": nib.FileHolder(fileobj=io.BytesIO(raw)), "image": nib.FileHolder(fileobj=io.BytesIO(raw))}
-    img = nib.Nifti1Image.from_file_map(holder)
+    img = load_nifti(uri, options)
     data = np.asanyarray(img.dataobj)
     return np.squeeze(data) if data.ndim == 4 and data.shape[-1] == 1 else data, img.affine
 
@@ -254,8 +244,8 @@ def preprocess(
 
 def _decode_ms(catalog: Catalog, version: str, n: int = 8) -> float | None:
     """Milliseconds to decode one stored 'fixed' volume (measured on up to ``n`` rows)."""
-    table = catalog.select("volumes", f"preprocess_version = {sql_literal(version)}", ["fixed", "fixed_shape", "dtype"])
-    rows = table.slice(0, n).to_pylist()
+    where = f"preprocess_version = {sql_literal(version)}"
+    rows = catalog.select("volumes", where, ["fixed", "fixed_shape", "dtype"], limit=n).to_pylist()
     if not rows:
         return None
     t = time.perf_counter()

@@ -190,6 +190,11 @@ def _plain_types(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
     return table.cast(pa.schema(fields))
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _to_pyarrow(reader: Any) -> pa.Table:
     """deltalake's QueryBuilder yields an arro3 stream; read it into a pyarrow Table (zero-copy C stream)."""
     return pa.RecordBatchReader.from_stream(reader).read_all()
@@ -252,15 +257,16 @@ class Catalog:
     def table(self, name: str, version: int | None = None) -> DeltaTable | None:
         """The Delta table ``name`` (at ``version``), or ``None`` if it does not exist yet."""
         from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
 
         loc = self.table_location(name)
-        if not DeltaTable.is_deltatable(loc.uri, storage_options=loc.delta_storage_options()):
-            return None
         try:
             return DeltaTable(loc.uri, version=version, storage_options=loc.delta_storage_options())
+        except TableNotFoundError:
+            return None
         except Exception as exc:
             if version is not None:
-                raise UserError(f"table '{name}' has no version {version} ({str(exc).splitlines()[0]})") from None
+                raise UserError(f"table '{name}' has no version {version} ({_first_line(exc)})") from None
             raise
 
     def tables(self) -> list[str]:
@@ -272,7 +278,12 @@ class Catalog:
         return None if dt is None else dt.version()
 
     def select(
-        self, name: str, where: str | None = None, columns: Sequence[str] | None = None, version: int | None = None
+        self,
+        name: str,
+        where: str | None = None,
+        columns: Sequence[str] | None = None,
+        version: int | None = None,
+        limit: int | None = None,
     ) -> pa.Table:
         """Rows of one table matching a SQL ``where`` clause, through DataFusion (partition and statistics pruning).
 
@@ -286,7 +297,11 @@ class Catalog:
             empty = (schema or pa.schema([])).empty_table()
             return empty.select(list(columns)) if columns else empty
         cols = ", ".join(f'"{c}"' for c in columns) if columns else "*"
-        sql = f'SELECT {cols} FROM "{name}"' + (f" WHERE {where}" if where else "")
+        sql = (
+            f'SELECT {cols} FROM "{name}"'
+            + (f" WHERE {where}" if where else "")
+            + (f" LIMIT {int(limit)}" if limit else "")
+        )
         return _plain_types(_to_pyarrow(QueryBuilder().register(name, dt).execute(sql)), schema)
 
     def read(self, name: str, version: int | None = None, columns: Sequence[str] | None = None) -> pa.Table:
@@ -334,10 +349,10 @@ class Catalog:
 
         qb = QueryBuilder()
         registered = 0
-        for name in self.tables():
+        for name in (*SCHEMAS, "embeddings"):
             try:
                 dt = self.table(name, as_of)
-            except UserError:
+            except UserError:  # the table did not exist yet at that version
                 continue
             if dt is not None:
                 qb.register(name, dt)
@@ -345,15 +360,9 @@ class Catalog:
         if registered == 0:
             raise UserError(f"catalog {self.uri} has no tables yet; run `brainiac ingest` first")
         try:
-            reader = qb.execute(query)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"SQL error: {first}") from None
-        try:
-            return _plain_types(_to_pyarrow(reader), None)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"SQL error: {first}") from None
+            return _plain_types(_to_pyarrow(qb.execute(query)), None)
+        except Exception as exc:  # DataFusion raises at planning or at execution time
+            raise UserError(f"SQL error: {_first_line(exc)}") from None
 
     def scans(
         self,
@@ -406,22 +415,28 @@ class ScanQuery:
         return " AND ".join(parts) if parts else "TRUE"
 
     def to_arrow(self, columns: Sequence[str] | None = None) -> pa.Table:
-        if self.allowed_access is not None:
-            denied = self.catalog.select(
-                "scans",
-                f"{self.where()} AND NOT {sql_in('access', list(self.allowed_access))}",
-                ["dataset", "access"],
-                self.version,
+        if self.allowed_access is None:
+            return self.catalog.select("scans", self.where(), columns, self.version)
+        # One read: fetch the access columns with the selection and check them before handing rows out.
+        wanted = list(columns) if columns else list(SCANS_SCHEMA.names)
+        table = self.catalog.select(
+            "scans", self.where(), list(dict.fromkeys([*wanted, "dataset", "access"])), self.version
+        )
+        allowed = set(self.allowed_access)
+        denied = sorted(
+            {
+                (d, a)
+                for d, a in zip(table["dataset"].to_pylist(), table["access"].to_pylist(), strict=True)
+                if a not in allowed
+            }
+        )
+        if denied:
+            raise UserError(
+                f"this job may read access levels {', '.join(self.allowed_access)} but the selection includes "
+                + ", ".join(f"{d} ({a})" for d, a in denied)
+                + "; filter those datasets out or widen catalog.allowed_access"
             )
-            if denied.num_rows:
-                pairs = sorted(set(zip(denied["dataset"].to_pylist(), denied["access"].to_pylist(), strict=True)))
-                raise UserError(
-                    "this job may read access levels "
-                    f"{', '.join(self.allowed_access)} but the selection includes "
-                    + ", ".join(f"{d} ({a})" for d, a in pairs)
-                    + "; filter those datasets out or widen catalog.allowed_access"
-                )
-        return self.catalog.select("scans", self.where(), columns, self.version)
+        return table.select(wanted)
 
     def to_pandas(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         return self.to_arrow(columns).to_pandas()

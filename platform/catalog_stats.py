@@ -12,10 +12,10 @@ import pandas as pd
 
 from brainiac.platform.catalog import Catalog
 
-__all__ = ["catalog_stats", "dataset_fingerprint", "plot_overview"]
+__all__ = ["catalog_stats", "dataset_fingerprint", "plot_overview", "scans_frame"]
 
 
-def _scans_frame(catalog: Catalog, version: int | None = None) -> pd.DataFrame:
+def scans_frame(catalog: Catalog, version: int | None = None) -> pd.DataFrame:
     cols = [
         "scan_id",
         "dataset",
@@ -52,15 +52,11 @@ def dataset_fingerprint(df: pd.DataFrame, catalog: Catalog, intensity_sample: in
 
 
 def _intensity(uris: list[str], catalog: Catalog) -> dict[str, float]:
-    import nibabel as nib
-
-    from brainiac.platform.storage import StorageLocation
+    from brainiac.ingestion.headers import load_nifti
 
     values = []
     for uri in uris:
-        loc = StorageLocation.resolve(uri, catalog.location.options or None)
-        with loc.fsspec().open(loc.path, "rb") as fh:
-            img = nib.Nifti1Image.from_bytes(_maybe_gunzip(fh.read()))
+        img = load_nifti(uri, dict(catalog.location.options) or None)
         data = np.asarray(img.dataobj, dtype=np.float32)
         fg = data[data > np.percentile(data, 50)]
         values.append(fg[:: max(1, fg.size // 20000)])
@@ -68,15 +64,11 @@ def _intensity(uris: list[str], catalog: Catalog) -> dict[str, float]:
     return {f"p{p}": float(np.percentile(allv, p)) for p in (0.5, 50, 99.5)}
 
 
-def _maybe_gunzip(raw: bytes) -> bytes:
-    import gzip
-
-    return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-
-
-def catalog_stats(catalog: Catalog, version: int | None = None, intensity_sample: int = 0) -> dict[str, Any]:
-    """Everything ``brainiac catalog stats`` prints, as plain data."""
-    df = _scans_frame(catalog, version)
+def catalog_stats(
+    catalog: Catalog, version: int | None = None, intensity_sample: int = 0, frame: pd.DataFrame | None = None
+) -> dict[str, Any]:
+    """Everything ``brainiac catalog stats`` prints, as plain data (``frame``: the scans already read, if any)."""
+    df = scans_frame(catalog, version) if frame is None else frame
     if df.empty:
         return {"scans": 0}
     by_ds_seq = df.groupby(["dataset", "sequence"]).size().unstack(fill_value=0)
@@ -100,14 +92,14 @@ def catalog_stats(catalog: Catalog, version: int | None = None, intensity_sample
     }
 
 
-def plot_overview(catalog: Catalog, path: Path, version: int | None = None) -> Path:
+def plot_overview(catalog: Catalog, path: Path, version: int | None = None, frame: pd.DataFrame | None = None) -> Path:
     """A 2×2 PNG: scans per dataset and sequence, age histogram by dataset, in-plane/slice spacing, volume shapes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    df = _scans_frame(catalog, version)
+    df = scans_frame(catalog, version) if frame is None else frame
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
     fig.suptitle(f"Catalog {catalog.uri} — {len(df)} scans, {df['subject_id'].nunique()} subjects", fontsize=12)
     counts = df.groupby(["dataset", "sequence"]).size().unstack(fill_value=0)

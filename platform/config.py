@@ -317,30 +317,42 @@ def config_to_dict(obj: Any, *, redact: bool = True) -> Any:
 CONFIG_PACKAGE = "brainiac.jobs.configs"
 
 
+def shipped_yaml_names(package: str) -> list[str]:
+    """Names (without ``.yaml``) of the YAML files shipped as package data in ``package``."""
+    return sorted(p.name[:-5] for p in resources.files(package).iterdir() if p.name.endswith(".yaml"))
+
+
 def available_configs() -> list[str]:
     """Names of the configs shipped inside the package (``jobs/configs/*.yaml``)."""
-    return sorted(p.name[:-5] for p in resources.files(CONFIG_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+    return shipped_yaml_names(CONFIG_PACKAGE)
 
 
-def _read_yaml(source: str | Path) -> tuple[dict[str, Any], str]:
+def read_yaml_mapping(
+    source: str | Path, package: str = CONFIG_PACKAGE, kind: str = "config"
+) -> tuple[dict[str, Any], str]:
+    """A YAML mapping from a path, or from a file shipped in ``package`` by name; returns ``(data, origin)``.
+
+    Raises:
+        ConfigError: the file or name does not exist, is not YAML, or is not a mapping (the message says which ``kind``).
+    """
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"{kind} file not found: {path}")
         text, origin = path.read_text(), str(path)
     else:
-        ref = resources.files(CONFIG_PACKAGE) / f"{source}.yaml"
+        ref = resources.files(package) / f"{source}.yaml"
         if not ref.is_file():
             raise ConfigError(
-                f"unknown config '{source}'; shipped configs: {', '.join(available_configs())}, or give a .yaml path"
+                f"unknown {kind} '{source}'; shipped: {', '.join(shipped_yaml_names(package))}, or give a .yaml path"
             )
         text, origin = ref.read_text(), f"{source} (shipped)"
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {origin} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{kind} {origin} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config {origin} must be a mapping of sections at the top level")
+        raise ConfigError(f"{kind} {origin} must be a mapping at the top level")
     return data, origin
 
 
@@ -359,7 +371,7 @@ def _identity(source: str | Path) -> str:
 def _load_with_bases(source: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a config and, recursively, the configs named by its ``base:`` key (a shipped name or a relative path)."""
     seen = (*seen, _identity(source))
-    data, origin = _read_yaml(source)
+    data, origin = read_yaml_mapping(source)
     base = data.pop("base", None)
     if base is None:
         return data

@@ -84,10 +84,11 @@ def stats(
 ) -> None:
     """Counts per dataset, sequence, site and access level; age and sex distributions; and the nnU-Net-style per-dataset
     fingerprint (median spacing and shape, optional intensity percentiles)."""
-    from brainiac.platform.catalog_stats import catalog_stats, plot_overview, stats_json
+    from brainiac.platform.catalog_stats import catalog_stats, plot_overview, scans_frame, stats_json
 
     cat = _open(config, set_, catalog)
-    st = catalog_stats(cat, version=as_of, intensity_sample=intensity_sample)
+    frame = scans_frame(cat, as_of)  # read once for the numbers and the plot
+    st = catalog_stats(cat, version=as_of, intensity_sample=intensity_sample, frame=frame)
     if json_:
         typer.echo(stats_json(st))
     else:
@@ -103,4 +104,4 @@ def stats(
         if st["scans"]:
             typer.echo(f"  age (years): {st['age_years']}  sex: {st['sex']}  access: {st['by_access']}")
     if plot is not None and st["scans"]:
-        typer.echo(f"overview plot: {plot_overview(cat, plot, as_of)}")
+        typer.echo(f"overview plot: {plot_overview(cat, plot, as_of, frame=frame)}")
