@@ -111,6 +111,11 @@ class ViTEncoder(Encoder):
             # Keep MONAI's learned cls_token; drop its Linear(hidden, num_classes) head, which SSL never trains (an
             # unused parameter would also trip DDP). Without the head MONAI's forward returns every token, normed.
             del self.vit.classification_head
+        for block in self.vit.blocks:
+            # MONAI builds a cross-attention LayerNorm in every block even without cross-attention. It never gets a
+            # gradient (DDP would fail on it), yet UNETR's ViT has it too, so keep it in the state dict, frozen.
+            if not getattr(block, "with_cross_attention", False) and hasattr(block, "norm_cross_attn"):
+                block.norm_cross_attn.requires_grad_(False)
         self.grid = (cfg.img_size // cfg.patch_size,) * 3
         self.feature_dim = cfg.hidden_size
 

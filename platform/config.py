@@ -29,6 +29,7 @@ import yaml
 from brainiac.ingestion.preprocess.config import PreprocessConfig
 from brainiac.ingestion.splits_config import SplitConfig
 from brainiac.models.config import AugmentConfig, BackboneConfig, ProjectionConfig, SSLConfig
+from brainiac.models.train_config import OptimConfig, PatchConfig, PretrainConfig
 from brainiac.platform.errors import ConfigError
 
 __all__ = [
@@ -150,6 +151,9 @@ class Config:
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    patches: PatchConfig = field(default_factory=PatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     seed: int = field(default=0, metadata=_range(ge=0))
     """Seed for every random draw a job makes, so that a run can be repeated exactly."""
 
@@ -318,8 +322,15 @@ CONFIG_PACKAGE = "brainiac.jobs.configs"
 
 
 def shipped_yaml_names(package: str) -> list[str]:
-    """Names (without ``.yaml``) of the YAML files shipped as package data in ``package``."""
-    return sorted(p.name[:-5] for p in resources.files(package).iterdir() if p.name.endswith(".yaml"))
+    """Names (without ``.yaml``) of the YAML files shipped as package data in ``package``, one folder deep
+    (``tiny``, ``pretrain/tiny``)."""
+    names = []
+    for entry in resources.files(package).iterdir():
+        if entry.name.endswith(".yaml"):
+            names.append(entry.name[:-5])
+        elif entry.is_dir() and not entry.name.startswith("_"):
+            names.extend(f"{entry.name}/{p.name[:-5]}" for p in entry.iterdir() if p.name.endswith(".yaml"))
+    return sorted(names)
 
 
 def available_configs() -> list[str]:
@@ -341,7 +352,7 @@ def read_yaml_mapping(
             raise ConfigError(f"{kind} file not found: {path}")
         text, origin = path.read_text(), str(path)
     else:
-        ref = resources.files(package) / f"{source}.yaml"
+        ref = resources.files(package).joinpath(*f"{source}.yaml".split("/"))
         if not ref.is_file():
             raise ConfigError(
                 f"unknown {kind} '{source}'; shipped: {', '.join(shipped_yaml_names(package))}, or give a .yaml path"

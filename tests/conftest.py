@@ -189,6 +189,27 @@ class TinyPipeline:
         self.catalog  # noqa: B018 - build the previous stage
         return preprocess(self.config, progress=False)
 
+    def pretrain_config(self, *overrides: str) -> Config:
+        """The shipped ``pretrain/tiny`` config pointed at this pipeline's catalog, MLflow and run storage."""
+        return load_config(
+            "pretrain/tiny",
+            [
+                f"catalog.uri={self.root / 'catalog'}",
+                f"tracking.uri=sqlite:///{self.root / 'mlflow.db'}",
+                f"pretrain.storage_path={self.root / 'runs'}",
+                *overrides,
+            ],
+        )
+
+    @cached_property
+    def encoder(self):
+        """SimCLR-pretrained tiny encoder (2 CPU workers, 60 steps), registered as ``brainiac-encoder@candidate``;
+        the :class:`~brainiac.jobs.pretrain.run.PretrainSummary`."""
+        from brainiac.jobs.pretrain.run import pretrain
+
+        self.volumes  # noqa: B018 - build the previous stage
+        return pretrain(self.pretrain_config("pretrain.run_name=pipeline-encoder"), progress=False)
+
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, ray_session, pseudonym_key):

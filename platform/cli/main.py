@@ -15,7 +15,15 @@ except ImportError:  # pragma: no cover
     from click import echo
     from click import exceptions as click_exceptions
 
-from brainiac.platform.cli import catalog_cmd, config_cmd, ingest_cmd, preprocess_cmd, stack_cmd, synth_cmd
+from brainiac.platform.cli import (
+    catalog_cmd,
+    config_cmd,
+    ingest_cmd,
+    preprocess_cmd,
+    pretrain_cmd,
+    stack_cmd,
+    synth_cmd,
+)
 from brainiac.platform.errors import UserError
 
 HELP = """BrainIAC platform: a Delta Lake catalog of brain MRI, Ray pretraining and fine-tuning, an MLflow registry.
@@ -35,6 +43,7 @@ app = typer.Typer(
 app.command("synth")(synth_cmd.synth)
 app.command("ingest")(ingest_cmd.ingest)
 app.command("preprocess")(preprocess_cmd.preprocess)
+app.command("pretrain")(pretrain_cmd.pretrain)
 app.add_typer(catalog_cmd.app, name="catalog")
 app.add_typer(stack_cmd.app, name="stack")
 app.add_typer(config_cmd.app, name="config")

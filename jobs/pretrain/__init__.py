@@ -1,0 +1,1 @@
+"""SimCLR pretraining job: Ray Data stream of view pairs → Ray Train workers → checkpoints, MLflow, registry."""

@@ -1,0 +1,231 @@
+"""The SimCLR training step, independent of how it is launched: encoder + projection head, optimiser, schedule, step.
+
+One :class:`SimCLRStep` is used by the Ray Train loop, the plain DDP baseline of ``bench/train_overhead.py`` and the GPU
+benchmark, so what is measured is what trains. It takes two batches of crops (B, 1, D, H, W), augments them on the
+worker's device when ``augment.device == "worker"`` (so CPUs only decode and crop), runs both views through the model
+under bf16 autocast on GPU, and steps the optimiser every ``grad_accum_steps`` micro-steps (DDP gradient sync only on
+the last one).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from brainiac.models.augment import BatchedViewAugment
+from brainiac.models.backbones import Encoder, build_backbone
+from brainiac.models.config import AugmentConfig, BackboneConfig, ProjectionConfig, SSLConfig
+from brainiac.models.ssl import NTXentLoss, ProjectionHead, positive_pair_top1
+from brainiac.models.train_config import OptimConfig
+
+__all__ = ["LARS", "SimCLRModel", "SimCLRStep", "build_optimizer", "warmup_cosine"]
+
+
+class SimCLRModel(nn.Module):
+    """Encoder f(·) and projection head g(·); ``forward`` returns g(f(x)), ``encoder`` is what downstream tasks use."""
+
+    def __init__(self, backbone: BackboneConfig, projection: ProjectionConfig) -> None:
+        super().__init__()
+        self.encoder: Encoder = build_backbone(backbone)
+        self.head = ProjectionHead(self.encoder.feature_dim, projection)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two parameter groups: matrices and kernels decay; biases, norm weights, tokens and embeddings do not."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (plain if p.ndim <= 1 or "token" in name or "position" in name else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars_adapt": True},
+        {"params": plain, "weight_decay": 0.0, "lars_adapt": False},
+    ]
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling (You et al. 2017) over SGD with momentum, as SimCLR trains with large batches.
+
+    Each adapted parameter's step is scaled by ``trust_coefficient · ‖w‖ / (‖g‖ + wd·‖w‖)``; groups with
+    ``lars_adapt=False`` (biases, norm weights) take plain SGD steps without weight decay.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 1e-3,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "trust_coefficient": trust_coefficient,
+        }
+        defaults["lars_adapt"] = True
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if group["lars_adapt"]:
+                    w_norm, g_norm = torch.norm(p), torch.norm(grad)
+                    if group["weight_decay"]:
+                        grad = grad.add(p, alpha=group["weight_decay"])
+                    denom = g_norm + group["weight_decay"] * w_norm
+                    trust = torch.where(
+                        (w_norm > 0) & (denom > 0), group["trust_coefficient"] * w_norm / denom, torch.ones_like(w_norm)
+                    )
+                    grad = grad.mul(trust)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.clone(grad).detach()
+                else:
+                    buf.mul_(group["momentum"]).add_(grad)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW or LARS over ``model``'s trainable parameters, without weight decay on biases and norms."""
+    groups = _decay_groups(model, cfg.weight_decay)
+    if cfg.name == "lars":
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient)
+    for g in groups:
+        g.pop("lars_adapt")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def warmup_cosine(cfg: OptimConfig, total_steps: int):
+    """LR multiplier for step s: linear 0→1 over ``warmup_steps``, then cosine down to ``min_lr_ratio``."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class StepResult:
+    """What one optimiser step reports (means over its micro-steps)."""
+
+    loss: float
+    top1: float
+    lr: float
+    samples: int
+    compute_s: float
+
+
+class SimCLRStep:
+    """One optimiser step of SimCLR: worker-side augmentation, forward of both views, NT-Xent, accumulation, update.
+
+    Args:
+        model: the :class:`SimCLRModel`, possibly wrapped in DDP (``no_sync`` is used between micro-steps).
+        ssl: temperature and cross-rank gathering of negatives.
+        optim: optimiser and schedule.
+        augment: per-view augmentation; applied here only when ``augment.device == "worker"``.
+        total_steps: length of the schedule.
+        device: where the batch and model live.
+        precision: ``bf16`` autocast on CUDA, fp32 elsewhere.
+        grad_accum_steps: micro-steps per optimiser step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ssl: SSLConfig,
+        optim: OptimConfig,
+        augment: AugmentConfig,
+        total_steps: int,
+        device: torch.device,
+        precision: str = "fp32",
+        grad_accum_steps: int = 1,
+    ) -> None:
+        self.model, self.device = model, device
+        self.loss_fn = NTXentLoss.from_config(ssl)
+        self.optimizer = build_optimizer(model, optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(optim, total_steps))
+        self.augment = BatchedViewAugment(augment) if augment.device == "worker" else None
+        self.autocast = device.type == "cuda" and precision == "bf16"
+        self.grad_accum_steps = grad_accum_steps
+        self.grad_clip = optim.grad_clip
+        self.generator = torch.Generator(device=device)
+        self._micro = 0
+        self._acc: list[tuple[float, float, int]] = []
+
+    def _views(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first = first.to(self.device, non_blocking=True).float()
+        second = second.to(self.device, non_blocking=True).float()
+        if self.augment is not None:
+            first, second = self.augment.pair(first, second, generator=self.generator)
+        return first, second
+
+    def micro_step(self, first: torch.Tensor, second: torch.Tensor) -> StepResult | None:
+        """Forward and backward one micro-batch; returns a :class:`StepResult` when it completed an optimiser step."""
+        start = time.perf_counter()
+        self.model.train()
+        v1, v2 = self._views(first, second)
+        last = self._micro + 1 == self.grad_accum_steps
+        sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+        with sync:
+            with amp:
+                z = self.model(torch.cat([v1, v2]))
+            z1, z2 = z.float().chunk(2)
+            loss = self.loss_fn(z1, z2)
+            (loss / self.grad_accum_steps).backward()
+        self._acc.append((float(loss.detach()), float(positive_pair_top1(z1.detach(), z2.detach())), len(v1)))
+        self._micro += 1
+        if not last:
+            return None
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        losses, tops, sizes = zip(*self._acc, strict=True)
+        self._micro, self._acc = 0, []
+        n = sum(sizes)
+        return StepResult(
+            loss=sum(val * s for val, s in zip(losses, sizes, strict=True)) / n,
+            top1=sum(t * s for t, s in zip(tops, sizes, strict=True)) / n,
+            lr=lr,
+            samples=n,
+            compute_s=time.perf_counter() - start,
+        )
+
+    def state_dict(self) -> dict:
+        """Optimiser, scheduler and augmentation-generator state (the model's weights are saved by the caller)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,170 @@
+"""Typed config sections of the pretraining job: which patches to stream (``patches``), how to optimise (``optim``) and
+how to run, checkpoint and scale (``pretrain``).
+
+No torch or Ray import here, so the CLI validates a config before paying for either. Production defaults: ViT-B at 96³,
+AdamW with warmup + cosine, bf16 on GPU, a checkpoint every 500 steps. Tiny values live in ``jobs/configs/pretrain/tiny.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from brainiac.models.config import _range
+from brainiac.platform.errors import ConfigError
+
+__all__ = ["OptimConfig", "PatchConfig", "PretrainConfig"]
+
+
+@dataclass
+class PatchConfig:
+    """Which volumes feed pretraining and how view pairs are cut from them.
+
+    Two views are crops of the **same location** of one brain: the second crop's corner is the first's moved by a random
+    jitter of at most ``jitter_frac`` of the patch edge per axis, redrawn until the two boxes share at least
+    ``min_overlap`` of their volume. Then each view is augmented independently.
+    """
+
+    preprocess_version: str = ""
+    """``volumes`` rows of this preprocess version; empty = the newest version in the table."""
+
+    datasets: list[str] = field(default_factory=list)
+    """Datasets to read (empty = all the job's access levels allow)."""
+
+    sequences: list[str] = field(default_factory=list)
+    """Canonical sequences to read (empty = all)."""
+
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    """Subject splits (``splits`` table) to train on. Pretraining never sees the held-out ``eval_split``."""
+
+    eval_split: str = "val"
+    """Split whose patches measure positive-pair retrieval at the end (the trained encoder against a random one)."""
+
+    patches_per_volume: int = field(default=8, metadata=_range(ge=1, le=1024))
+    """View pairs cut from one decoded volume per pass (decoding is amortised over them)."""
+
+    jitter_frac: float = field(default=0.25, metadata=_range(ge=0.0, le=1.0))
+    """Largest shift of the second crop against the first, per axis, as a fraction of the patch edge."""
+
+    min_overlap: float = field(default=0.4, metadata=_range(ge=0.0, le=1.0))
+    """Least shared volume of the two crops (fraction of one crop)."""
+
+    min_brain_fraction: float = field(default=0.3, metadata=_range(ge=0.0, le=1.0))
+    """Least fraction of brain-mask voxels in the first crop (redrawn otherwise), so views are not empty background."""
+
+    shuffle_buffer: int = field(default=64, metadata=_range(ge=0))
+    """Pairs held in the local shuffle buffer of each worker's iterator (0 = no shuffle beyond the block order)."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule: linear warmup then cosine decay to ``min_lr_ratio · lr``."""
+
+    name: Literal["adamw", "lars"] = "adamw"
+    """``adamw`` (ViT default) or ``lars`` (SimCLR's large-batch choice; bias and norm weights skip adaptation)."""
+
+    lr: float = field(default=1.5e-4, metadata=_range(gt=0.0, le=10.0))
+    """Peak learning rate (after warmup) for the global batch."""
+
+    weight_decay: float = field(default=0.05, metadata=_range(ge=0.0, le=1.0))
+    """Decoupled weight decay; never applied to biases and norm weights."""
+
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_range(ge=0.0, lt=1.0))
+    """AdamW betas."""
+
+    momentum: float = field(default=0.9, metadata=_range(ge=0.0, lt=1.0))
+    """LARS momentum."""
+
+    trust_coefficient: float = field(default=0.001, metadata=_range(gt=0.0))
+    """LARS trust ratio coefficient η."""
+
+    warmup_steps: int = field(default=500, metadata=_range(ge=0))
+    """Optimiser steps of linear warmup from 0 to ``lr``."""
+
+    min_lr_ratio: float = field(default=0.01, metadata=_range(ge=0.0, le=1.0))
+    """Floor of the cosine decay as a fraction of ``lr``."""
+
+    grad_clip: float = field(default=1.0, metadata=_range(ge=0.0))
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+
+
+@dataclass
+class PretrainConfig:
+    """Running the SimCLR job: steps, batch, precision, scaling, checkpoints, failures and the registered model."""
+
+    run_name: str = ""
+    """Name of the run; the same name again resumes from its last checkpoint. Empty = ``pretrain-<UTC time>``."""
+
+    storage_path: str = ""
+    """Where Ray Train keeps checkpoints (a directory or ``s3://``, shared by all nodes). Empty = ``brainiac-data/runs``."""
+
+    max_steps: int = field(default=100_000, metadata=_range(ge=1))
+    """Optimiser steps in total (a resumed run continues towards the same total)."""
+
+    batch_size: int = field(default=32, metadata=_range(ge=2))
+    """View pairs per worker per micro-step (every pair gives 2·world·batch − 2 negatives)."""
+
+    grad_accum_steps: int = field(default=1, metadata=_range(ge=1))
+    """Micro-steps whose gradients add up before one optimiser step."""
+
+    num_workers: int = field(default=2, metadata=_range(ge=1))
+    """Ray Train workers (one process, one GPU each on a GPU cluster)."""
+
+    use_gpu: bool = False
+    """Put each worker on a GPU."""
+
+    cpus_per_worker: float = field(default=1.0, metadata=_range(gt=0.0))
+    """CPUs reserved per Train worker. Fractions leave CPUs to Ray Data on small machines."""
+
+    gpus_per_worker: float = field(default=1.0, metadata=_range(gt=0.0))
+    """GPUs per worker when ``use_gpu``."""
+
+    data_cpus: float | None = field(default=None, metadata=_range(gt=0.0))
+    """Cap on the CPUs Ray Data's decode/crop operators may use (``None`` = what the workers leave free). Capping it
+    stops the stream from taking the CPUs Train needs, and leaving it room stops it from starving (a hang, not an
+    error, in Ray)."""
+
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    """How workers are placed on nodes; ``STRICT_SPREAD`` puts every worker on a different node."""
+
+    precision: Literal["fp32", "bf16"] = "bf16"
+    """bf16 autocast on GPU; CPU workers always compute in fp32."""
+
+    compile: bool = False
+    """``torch.compile`` the model on GPU workers (ignored on CPU)."""
+
+    checkpoint_every: int = field(default=500, metadata=_range(ge=1))
+    """Optimiser steps between checkpoints (and one at the end)."""
+
+    keep_checkpoints: int = field(default=3, metadata=_range(ge=1))
+    """Newest checkpoints kept in storage."""
+
+    max_failures: int = field(default=3, metadata=_range(ge=-1))
+    """Worker-group failures survived by restarting from the last checkpoint (-1 = unlimited)."""
+
+    log_every: int = field(default=10, metadata=_range(ge=1))
+    """Optimiser steps between metric reports (loss, lr, samples/s, data-wait fraction, top-1)."""
+
+    eval_pairs: int = field(default=128, metadata=_range(ge=4))
+    """Held-out view pairs on which the final encoder's retrieval accuracy is compared with a random encoder's."""
+
+    register_as: str = "brainiac-encoder"
+    """Registered-model name of the encoder in MLflow; empty = log it but do not register."""
+
+    alias: str = "candidate"
+    """Alias set on the new model version (``models:/brainiac-encoder@candidate``); promotion moves ``champion``.
+    MLflow reserves ``latest`` (``models:/brainiac-encoder/latest`` is the newest version anyway)."""
+
+    fail_at_step: int | None = field(default=None, metadata=_range(ge=1))
+    """Fault injection for tests and drills: rank ``fail_rank`` raises at this step, once (first attempt only)."""
+
+    fail_rank: int = field(default=0, metadata=_range(ge=0))
+    """Rank that raises at ``fail_at_step``."""
+
+    def __post_init__(self) -> None:
+        if self.alias.lower() == "latest" or (self.alias and not self.alias.replace("-", "_").isidentifier()):
+            raise ConfigError(f"pretrain alias {self.alias!r} is not allowed ('latest' is reserved by MLflow)")
+        if self.run_name and not all(c.isalnum() or c in "-_." for c in self.run_name):
+            raise ConfigError(
+                f"pretrain run_name may hold letters, digits, '-', '_' and '.' only, got {self.run_name!r}"
+            )
