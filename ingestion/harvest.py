@@ -6,11 +6,13 @@ hashlib, fsspec), not pandas, deltalake and the adapters: worker start-up is a f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 from brainiac.ingestion.adapters.base import Problem, SourceScan
+from brainiac.ingestion.adapters.listing import split
 from brainiac.ingestion.headers import HarvestError, harvest_nifti
 from brainiac.platform.storage import StorageLocation
 
@@ -53,6 +55,21 @@ def _harvest_chunk(
     return [_harvest_one(scan, options, raw_area_uri, name) for scan, name in items]
 
 
+CHUNKS_PER_CPU = 8
+"""Harvest chunks per Ray CPU, at least: equal chunks in a multiple of the CPUs end together, and several per CPU
+absorb uneven workers (a noisy neighbour, a slow disk)."""
+MAX_CHUNK = 64
+"""Scans per harvest task, at most (about half a second of work for a 7 MB ``.nii.gz``)."""
+
+_REMOTE: list[Any] = []
+
+
+def harvest_chunks(n: int, cpus: int) -> int:
+    """How many near-equal chunks ``n`` scans are cut into for ``cpus`` Ray CPUs."""
+    per_cpu = max(CHUNKS_PER_CPU, math.ceil(n / (cpus * MAX_CHUNK)))
+    return min(n, cpus * per_cpu)
+
+
 def harvest_all(
     scans: Sequence[SourceScan], names: Sequence[str], options: dict[str, str], raw_area_uri: str, *, progress: bool
 ) -> list[dict[str, Any]]:
@@ -61,10 +78,11 @@ def harvest_all(
 
     if not scans:
         return []
-    remote = ray.remote(num_cpus=1)(_harvest_chunk)
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-    size = max(1, min(64, len(scans) // (4 * cpus) or 1))
-    chunks = [list(zip(scans[i : i + size], names[i : i + size], strict=True)) for i in range(0, len(scans), size)]
+    if not _REMOTE:
+        _REMOTE.append(ray.remote(num_cpus=1)(_harvest_chunk).options(name="brainiac.harvest"))
+    remote = _REMOTE[0]
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    chunks = split(list(zip(scans, names, strict=True)), harvest_chunks(len(scans), cpus))
     refs = [remote.remote(chunk, options, raw_area_uri) for chunk in chunks]
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[list[dict[str, Any]] | None] = [None] * len(refs)

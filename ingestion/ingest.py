@@ -1,5 +1,6 @@
-"""The ingest pipeline: discover sources with their layout adapter, harvest headers and content ids in parallel on Ray,
-build harmonized PHI-free rows, and MERGE them into the catalog idempotently.
+"""The ingest pipeline: discover sources with their layout adapter (folders listed and DICOM headers read in Ray tasks,
+see :mod:`brainiac.ingestion.adapters.listing`), harvest headers and content ids in parallel on Ray, build harmonized
+PHI-free rows, and MERGE them into the catalog idempotently.
 
 Idempotence (the catalog is the system of record, so re-running must be safe):
 - a scan whose ``(source_uri, scan_id)`` is already current is left alone; a run that changes nothing commits nothing,
@@ -30,6 +31,7 @@ from brainiac.ingestion.adapters.base import Problem, SourceScan
 from brainiac.ingestion.adapters.bids import BidsAdapter
 from brainiac.ingestion.adapters.brats import BratsAdapter
 from brainiac.ingestion.adapters.common import read_table
+from brainiac.ingestion.adapters.listing import cached_listings
 from brainiac.ingestion.adapters.manifest import ManifestAdapter
 from brainiac.ingestion.cards import DatasetCard, card_for, load_card, normalize_case_id
 from brainiac.ingestion.harvest import harvest_all
@@ -195,12 +197,21 @@ def write_quarantine(catalog: Catalog, problems: Iterable[Problem], now: dt.date
     return merge_with_retry(attempt, what="quarantine")
 
 
-def link_duplicates(catalog: Catalog, new_ids: set[str], options: dict[str, str]) -> int:
-    """Search the whole catalog for copies of the scans just added and record them; returns the number of groups."""
+DUPLICATE_COLUMNS = ["scan_id", "dataset", "subject_id", "sequence", "affine", "shape", "image_uri"]
+"""Columns of the current scans that duplicate search needs (they include what the run summary counts)."""
+
+
+def link_duplicates(
+    catalog: Catalog, new_ids: set[str], options: dict[str, str], current: list[dict[str, Any]] | None = None
+) -> int:
+    """Search the whole catalog for copies of the scans just added and record them; returns the number of groups.
+
+    ``current``: the current scans' :data:`DUPLICATE_COLUMNS`, when the caller has read them already.
+    """
     from brainiac.ingestion.duplicates import find_duplicates, record_duplicates
 
-    cols = ["scan_id", "dataset", "subject_id", "sequence", "affine", "shape", "image_uri"]
-    current = catalog.scans().to_arrow(columns=cols).to_pylist()
+    if current is None:
+        current = catalog.scans().to_arrow(columns=DUPLICATE_COLUMNS).to_pylist()
     groups = find_duplicates(current, options or None, involving=new_ids)
     record_duplicates(catalog, current, groups)
     return len(groups)
@@ -289,21 +300,27 @@ def ingest(
 
     plans: list[tuple[SourceScan, DatasetCard | None, str, dict]] = []
     problems: list[Problem] = []
+    roots = []
     for source in sources:
         root = StorageLocation.resolve(source, options or None)
         if not root.exists():
             raise UserError(f"source not found: {source}")
+        roots.append(root)
+    if roots:  # discovery lists folders and reads DICOM headers in Ray tasks (adapters.listing): Ray starts first
+        init_ray(cfg.cluster)
+    for root in roots:
         name, card = _resolve_card(root, dataset, card_path)
-        chosen = _choose_layout(root, layout, card, registry)
-        summary.datasets[name] = chosen
-        level = card.access if card is not None else (access or "restricted")
-        tables, label_problems = _label_tables(root, card, name)
-        problems += label_problems
-        for item in registry[chosen].discover(root, name, card):
-            if isinstance(item, Problem):
-                problems.append(item)
-            else:
-                plans.append((item, card, level, tables))
+        with cached_listings():  # detection and discovery list the root once
+            chosen = _choose_layout(root, layout, card, registry)
+            summary.datasets[name] = chosen
+            level = card.access if card is not None else (access or "restricted")
+            tables, label_problems = _label_tables(root, card, name)
+            problems += label_problems
+            for item in registry[chosen].discover(root, name, card):
+                if isinstance(item, Problem):
+                    problems.append(item)
+                else:
+                    plans.append((item, card, level, tables))
     summary.discovered = len(plans)
 
     raw_area = catalog.location.join("raw")
@@ -311,8 +328,6 @@ def ingest(
     for scan, _, _, _ in plans:
         digest = hmac.new(pseudonymizer.key, f"raw\x1f{scan.source_uri}".encode(), hashlib.sha256).hexdigest()[:24]
         names.append(f"{scan.dataset}/{digest}.nii.gz")
-    if plans:
-        init_ray(cfg.cluster)
     results = harvest_all([p[0] for p in plans], names, options, raw_area.uri, progress=progress)
 
     rows = []
@@ -335,16 +350,22 @@ def ingest(
 
     summary.inserted, summary.superseded, summary.unchanged = write_scans(catalog, rows)
     write_quarantine(catalog, problems, now)
-    if summary.inserted:
-        summary.duplicate_groups = link_duplicates(catalog, {r["scan_id"] for r in rows}, options)
+    everything = None
+    if summary.inserted:  # one read of the current scans serves the duplicate search and the summary's counts
+        everything = catalog.scans().to_arrow(columns=DUPLICATE_COLUMNS)
+        summary.duplicate_groups = link_duplicates(
+            catalog, {r["scan_id"] for r in rows}, options, current=everything.to_pylist()
+        )
     summary.quarantined = dict(Counter(p.reason for p in problems))
     summary.scans_version = catalog.version("scans")
     summary.quarantine_version = catalog.version("quarantine")
     if summary.datasets and summary.scans_version is not None:
-        current = catalog.scans(dataset=list(summary.datasets)).to_arrow(columns=["dataset", "sequence"])
+        if everything is None:
+            everything = catalog.scans(dataset=list(summary.datasets)).to_arrow(columns=["dataset", "sequence"])
         counts: dict[str, Counter] = {}
-        for d, s in zip(current["dataset"].to_pylist(), current["sequence"].to_pylist(), strict=True):
-            counts.setdefault(d, Counter())[s] += 1
+        for d, s in zip(everything["dataset"].to_pylist(), everything["sequence"].to_pylist(), strict=True):
+            if d in summary.datasets:
+                counts.setdefault(d, Counter())[s] += 1
         summary.counts = {d: dict(sorted(c.items())) for d, c in sorted(counts.items())}
     summary.seconds = round(time.perf_counter() - started, 2)
     return summary

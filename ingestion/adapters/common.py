@@ -1,4 +1,5 @@
-"""Small helpers every adapter shares: listing files under a root (local or S3), relative paths, reading tables."""
+"""Small helpers every adapter shares: listing files under a root (local or S3, in Ray tasks when Ray is running, see
+:mod:`~brainiac.ingestion.adapters.listing`), relative paths, reading tables."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterable
 
 import pandas as pd
 
+from brainiac.ingestion.adapters.listing import find_files
 from brainiac.platform.storage import StorageLocation
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -15,12 +17,14 @@ SKIP_DIRS = {"derivatives", "sourcedata", "code", "stimuli", "_truth", ".git", "
 
 
 def list_files(root: StorageLocation, skip_dirs: Iterable[str] = SKIP_DIRS) -> list[str]:
-    """Relative POSIX paths of every file under ``root``, skipping hidden files and ``skip_dirs`` at any depth."""
-    fs = root.fsspec()
+    """Relative POSIX paths of every file under ``root``, skipping hidden files and ``skip_dirs`` at any depth.
+
+    The root's folders are listed in parallel Ray tasks when Ray is running (:func:`.listing.find_files`).
+    """
     base = root.path.rstrip("/")
     skip = set(skip_dirs)
     out = []
-    for full in fs.find(base):
+    for full in find_files(root, skip_top=skip, skip_hidden=True):
         rel = posixpath.relpath(full, base) if not root.is_remote else full[len(base) + 1 :]
         parts = rel.split("/")
         if any(p in skip or p.startswith(".") for p in parts):

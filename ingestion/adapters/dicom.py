@@ -22,10 +22,23 @@ PHI (ARCHITECTURE §3, PS3.15 Basic Profile as an allow-list):
   identifiers; they are the user's, see issue 4). ``source_uri`` is the series folder (the files' common parent) and
   ends with ``relative_path`` (``""`` for a series in the root itself). When several series share one folder,
   ``#series-<hex>`` (the series pseudonym) is appended to both, so that each series has its own source key.
+
+Parallelism: the root is listed with :func:`brainiac.ingestion.adapters.listing.find_files` and the headers are read in
+Ray tasks over contiguous chunks of the sorted file list (a few tasks per CPU, :data:`FILES_PER_TASK` files at least), each
+task with its own thread pool for I/O. What a task sends back to the driver holds no raw identifier: the study, series and
+SOP instance UIDs are already keyed pseudonyms (equality, which grouping and de-duplication need, is kept), and the
+PatientID and free-text description, which the driver still needs raw in memory (the subject pseudonym and sequence
+inference are computed later, in one place for every layout), travel sealed under a key derived from the project key
+(:func:`seal`). The allow-listed header travels once per series and chunk. Without Ray (an adapter used on its own) the
+same chunk function runs in this process.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import hmac
+import os
 import posixpath
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from brainiac.ingestion.adapters.base import Problem, SourceScan
+from brainiac.ingestion.adapters.listing import chunk_count, find_files, ray_cpus, ray_ready, run_chunks, split
 from brainiac.ingestion.dicom_convert import (
     SeriesError,
     SliceHeader,
@@ -63,6 +77,8 @@ DETECT_SNIFF = 5
 """Files without a DICOM suffix whose first 132 bytes :meth:`DicomAdapter.detect` reads, at most."""
 REMOTE_THREADS = 16
 LOCAL_THREADS = 2
+FILES_PER_TASK = 256
+"""DICOM files whose headers one Ray task reads, at least (a header costs about a millisecond locally)."""
 
 
 def is_dicom_bytes(head: bytes) -> bool:
@@ -154,28 +170,32 @@ class DicomAdapter:
             File-level problems first, then series (or series-level problems) in a stable order.
         """
         del card
-        fs = root.fsspec()
         to_uri: Callable[[str], str] = (lambda p: "s3://" + p) if root.is_remote else (lambda p: p)
-        listing = fs.find(root.path, detail=True)
+        listing = find_files(root, skip_hidden=True, files_only=True)
         candidates: list[tuple[str, int]] = []
         for path in sorted(listing):
-            info = listing[path]
-            if info.get("type", "file") != "file" or _hidden(path, root.path):
+            if _hidden(path, root.path):
                 continue
             name = posixpath.basename(path)
             if name.upper() == "DICOMDIR" or _suffix_is(name, NOT_DICOM_SUFFIXES):
                 continue
-            candidates.append((path, int(info.get("size") or 0)))
+            candidates.append((path, listing[path]))
 
-        def read(item: tuple[str, int]) -> SliceHeader | Problem | None:
-            path, size = item
-            return self._read_header(fs, path, to_uri(path), size, dataset)
+        threads = self.threads or (REMOTE_THREADS if root.is_remote else LOCAL_THREADS)
+        args = (root.uri, dict(root.options), dataset, self.key, threads)
+        if ray_ready() and candidates:
+            chunks = split(candidates, chunk_count(len(candidates), FILES_PER_TASK, ray_cpus()))
+            parts: Iterable[list[SliceHeader | Problem | None]] = run_chunks(
+                "dicom_headers", _read_headers, chunks, *args
+            )
+        else:
+            parts = [_read_headers(candidates, *args)[1]]
 
         series: dict[str, list[SliceHeader]] = defaultdict(list)
         headers: dict[str, dict[str, Any]] = {}
-        threads = self.threads or (REMOTE_THREADS if root.is_remote else LOCAL_THREADS)
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            for result in pool.map(read, candidates):
+        memo: dict[Any, Any] = {}
+        for part in parts:
+            for result in part:
                 if isinstance(result, Problem):
                     yield result
                 elif result is not None and not result.is_directory and result.series_uid:
@@ -183,59 +203,34 @@ class DicomAdapter:
                     # dataset of millions of slices in memory
                     headers.setdefault(result.series_uid, result.header)
                     result.header = {}
+                    result.patient_id = _memo(memo, unseal, self.key, result.patient_id)
+                    result.description = _memo(memo, unseal, self.key, result.description)
                     series[result.series_uid].append(result)
 
-        folders = {uid: _series_folder([s.uri for s in slices]) for uid, slices in series.items()}
+        # keys of ``series`` are series pseudonyms (the tasks never send a UID back)
+        folders = {sid: _series_folder([s.uri for s in slices]) for sid, slices in series.items()}
         per_folder: dict[str, int] = defaultdict(int)
         for folder in folders.values():
             per_folder[folder] += 1
         root_path = to_uri(root.path)
-        for uid in sorted(series, key=lambda u: (folders[u], series[u][0].series_number or 0, self._series_id(u))):
-            slices = _dedupe(series[uid])
-            folder = folders[uid]
+        for sid in sorted(series, key=lambda u: (folders[u], series[u][0].series_number or 0, u)):
+            slices = _dedupe(series[sid])
+            folder = folders[sid]
             source_uri, relative = folder, _relative(folder, root_path)
             if per_folder[folder] > 1:
-                source_uri += f"#{self._series_id(uid)}"
-                relative += f"#{self._series_id(uid)}"
+                source_uri += f"#{sid}"
+                relative += f"#{sid}"
             try:
                 geometry = series_geometry(slices)
             except SeriesError as exc:
                 yield Problem(dataset, source_uri, exc.reason, exc.detail)
                 continue
             ordered = [slices[i] for i in geometry.order]
-            yield self._scan(dataset, ordered, headers[uid], source_uri, relative, geometry.step_mm)
+            yield self._scan(dataset, ordered, headers[sid], source_uri, relative, geometry.step_mm)
 
     # -- helpers -------------------------------------------------------------------------------------------------------
     def _series_id(self, uid: str) -> str:
         return pseudonymize_uid(self.key, uid, "series")
-
-    def _read_header(self, fs: Any, path: str, uri: str, size: int, dataset: str) -> SliceHeader | Problem | None:
-        name = posixpath.basename(path)
-        claims_dicom = _suffix_is(name, DICOM_SUFFIXES)
-        try:
-            head = fs.cat_file(path, start=0, end=min(size, HEAD_BYTES)) if size else b""
-        except FileNotFoundError:
-            return Problem(dataset, uri, "missing_file", f"{name} vanished while listing")
-        except OSError as exc:
-            return Problem(dataset, uri, "dicom_unreadable", f"{name}: {describe_error(exc)}")
-        if not is_dicom_bytes(head) and not claims_dicom:
-            return None  # not DICOM (and does not claim to be): not ours to judge
-        if not head:
-            return Problem(dataset, uri, "empty_file", f"{name} has zero bytes")
-        for attempt in range(2):
-            try:
-                return parse_slice_header(head, uri, size)
-            except SeriesError as exc:
-                return Problem(dataset, uri, exc.reason, exc.detail)
-            except EOFError:
-                if attempt:
-                    break
-                try:
-                    head = fs.cat_file(path)
-                    size = len(head)
-                except OSError as exc:
-                    return Problem(dataset, uri, "dicom_unreadable", f"{name}: {describe_error(exc)}")
-        return Problem(dataset, uri, "dicom_unreadable", f"{name}: header could not be parsed")
 
     def _scan(
         self,
@@ -247,9 +242,9 @@ class DicomAdapter:
         step_mm: float,
     ) -> SourceScan:
         first = slices[0]
-        study = pseudonymize_uid(self.key, first.study_uid, "study") if first.study_uid else None
+        study = first.study_uid  # already the keyed pseudonym (``study-<hex>``), see _protect
         # PatientID; without one (an anonymized export), the top folder under the root, else the study
-        meta_series = self._series_id(first.series_uid or "")
+        meta_series = first.series_uid or self._series_id("")
         subject = first.patient_id or relative.split("/", 1)[0].split("#", 1)[0] or study or meta_series
         meta: dict[str, Any] = {
             "manufacturer": header.get("Manufacturer"),
@@ -279,6 +274,125 @@ class DicomAdapter:
             files=[s.uri for s in slices],
             format="dicom",
         )
+
+
+def _read_header(fs: Any, path: str, uri: str, size: int, dataset: str) -> SliceHeader | Problem | None:
+    name = posixpath.basename(path)
+    claims_dicom = _suffix_is(name, DICOM_SUFFIXES)
+    try:
+        head = fs.cat_file(path, start=0, end=min(size, HEAD_BYTES)) if size else b""
+    except FileNotFoundError:
+        return Problem(dataset, uri, "missing_file", f"{name} vanished while listing")
+    except OSError as exc:
+        return Problem(dataset, uri, "dicom_unreadable", f"{name}: {describe_error(exc)}")
+    if not is_dicom_bytes(head) and not claims_dicom:
+        return None  # not DICOM (and does not claim to be): not ours to judge
+    if not head:
+        return Problem(dataset, uri, "empty_file", f"{name} has zero bytes")
+    for attempt in range(2):
+        try:
+            return parse_slice_header(head, uri, size)
+        except SeriesError as exc:
+            return Problem(dataset, uri, exc.reason, exc.detail)
+        except EOFError:
+            if attempt:
+                break
+            try:
+                head = fs.cat_file(path)
+                size = len(head)
+            except OSError as exc:
+                return Problem(dataset, uri, "dicom_unreadable", f"{name}: {describe_error(exc)}")
+    return Problem(dataset, uri, "dicom_unreadable", f"{name}: header could not be parsed")
+
+
+def _protect(header: SliceHeader, key: bytes, memo: dict[Any, Any]) -> SliceHeader:
+    """Replace the identifiers of a slice header before it leaves the worker: UIDs by their keyed pseudonyms (the
+    same the adapter records), PatientID and the free-text description sealed (:func:`seal`)."""
+    if header.series_uid:
+        header.series_uid = pseudonymize_uid(key, header.series_uid, "series")
+    if header.study_uid:
+        header.study_uid = pseudonymize_uid(key, header.study_uid, "study")
+    if header.sop_uid:
+        header.sop_uid = pseudonymize_uid(key, header.sop_uid, "sop")
+    header.patient_id = _memo(memo, seal, key, header.patient_id)
+    header.description = _memo(memo, seal, key, header.description)
+    return header
+
+
+def _memo(memo: dict[Any, Any], fn: Callable[[bytes, str | None], str | None], key: bytes, value: str | None) -> Any:
+    """``fn(key, value)`` computed once per value (the slices of a series repeat the same values); the memo lives only
+    as long as one chunk or one discovery."""
+    if value is None:
+        return None
+    if (fn, value) not in memo:
+        memo[fn, value] = fn(key, value)
+    return memo[fn, value]
+
+
+def _read_headers(
+    items: list[tuple[str, int]], uri: str, options: dict[str, str], dataset: str, key: bytes, threads: int
+) -> tuple[int, list[SliceHeader | Problem | None]]:
+    """Ray task (or in-process fallback): the headers of ``items`` (``(fsspec path, size)``, in order), protected by
+    :func:`_protect`, with the allow-listed header kept only on the first slice of each series in the chunk."""
+    root = StorageLocation.resolve(uri, options or None)
+    fs = root.fsspec()
+    to_uri: Callable[[str], str] = (lambda p: "s3://" + p) if root.is_remote else (lambda p: p)
+
+    def read(item: tuple[str, int]) -> SliceHeader | Problem | None:
+        path, size = item
+        return _read_header(fs, path, to_uri(path), size, dataset)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(items) or 1))) as pool:
+        results = list(pool.map(read, items))
+    seen: set[str] = set()
+    memo: dict[Any, Any] = {}
+    for result in results:
+        if isinstance(result, SliceHeader):
+            _protect(result, key, memo)
+            if not result.is_directory and result.series_uid:
+                if result.series_uid in seen:
+                    result.header = {}
+                seen.add(result.series_uid)
+    return os.getpid(), results
+
+
+@functools.lru_cache(maxsize=8)
+def _seal_keys(key: bytes) -> tuple[bytes, bytes]:
+    return (
+        hmac.new(key, b"brainiac-seal-enc", hashlib.sha256).digest(),
+        hmac.new(key, b"brainiac-seal-mac", hashlib.sha256).digest(),
+    )
+
+
+def _keystream(enc_key: bytes, iv: bytes, n: int) -> bytes:
+    blocks = (n + 31) // 32
+    return b"".join(hmac.new(enc_key, iv + i.to_bytes(4, "big"), hashlib.sha256).digest() for i in range(blocks))[:n]
+
+
+def seal(key: bytes, text: str | None) -> str | None:
+    """``text`` encrypted and authenticated under keys derived from ``key`` (deterministic: HMAC-SHA256 synthetic IV,
+    HMAC-SHA256 counter-mode keystream), as hex; ``None`` stays ``None``. Only :func:`unseal` with the same key reads
+    it back: identifiers that must cross from a Ray worker to the driver never travel (or spill) in the clear."""
+    if text is None:
+        return None
+    enc_key, mac_key = _seal_keys(key)
+    data = text.encode()
+    iv = hmac.new(mac_key, data, hashlib.sha256).digest()[:16]
+    stream = _keystream(enc_key, iv, len(data))
+    return (iv + bytes(a ^ b for a, b in zip(data, stream, strict=True))).hex()
+
+
+def unseal(key: bytes, token: str | None) -> str | None:
+    """The text :func:`seal` sealed. Raises ``ValueError`` for a token not sealed under ``key``."""
+    if token is None:
+        return None
+    raw = bytes.fromhex(token)
+    iv, body = raw[:16], raw[16:]
+    enc_key, mac_key = _seal_keys(key)
+    data = bytes(a ^ b for a, b in zip(body, _keystream(enc_key, iv, len(body)), strict=True))
+    if not hmac.compare_digest(hmac.new(mac_key, data, hashlib.sha256).digest()[:16], iv):
+        raise ValueError("sealed value does not verify under this key")
+    return data.decode()
 
 
 def _series_folder(uris: list[str]) -> str:
