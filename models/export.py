@@ -45,8 +45,11 @@ def resolve_encoder_dir(ref: str, tracking_uri: str | None = None) -> Path:
         import mlflow
         from mlflow.exceptions import MlflowException
 
+        if tracking_uri:  # models:/ URIs resolve through the registry, which must be the same store
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(tracking_uri)
         try:
-            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, tracking_uri=tracking_uri))
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
         except MlflowException as exc:
             raise UserError(f"cannot load encoder {ref}: {str(exc).splitlines()[0]}") from None
     else:
