@@ -1,0 +1,1 @@
+"""Task specs, heads, losses and metrics of the fine-tuning engine."""
