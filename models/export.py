@@ -61,15 +61,24 @@ def resolve_encoder_dir(ref: str, tracking_uri: str | None = None) -> Path:
 
 
 def load_encoder(
-    ref: str, tracking_uri: str | None = None, map_location: str = "cpu"
+    ref: str, tracking_uri: str | None = None, map_location: str = "cpu", backbone: BackboneConfig | None = None
 ) -> tuple[Encoder, BackboneConfig]:
     """Rebuild the encoder ``ref`` names and load its weights strictly.
+
+    ``ref`` may also be a single checkpoint *file* in BrainIAC's official format (a MONAI ViT state dict, possibly in a
+    Lightning checkpoint with ``backbone.``/``module.`` prefixes): it goes through the explicit key map of
+    :mod:`brainiac.models.import_brainiac` into ``backbone`` (BrainIAC V2's ViT-B with mean pooling by default).
 
     Raises:
         UserError: no encoder there, or the weights do not fit the architecture (missing/unexpected keys are listed).
     """
     from brainiac.platform.config import from_dict
 
+    if Path(ref).expanduser().is_file():
+        from brainiac.models.import_brainiac import brainiac_v2_backbone, import_brainiac_checkpoint
+
+        backbone = backbone or brainiac_v2_backbone()
+        return import_brainiac_checkpoint(Path(ref).expanduser(), backbone), backbone
     folder = resolve_encoder_dir(ref, tracking_uri)
     backbone = from_dict(BackboneConfig, yaml.safe_load((folder / "backbone.yaml").read_text()) or {}, prefix="model")
     encoder = build_backbone(backbone)

@@ -146,14 +146,28 @@ VOLUMES_SCHEMA = pa.schema(
     ]
 )
 
+EMBEDDINGS_SCHEMA = pa.schema(
+    [
+        ("scan_id", pa.string()),
+        ("model", pa.string()),  # registered name and version (brainiac-encoder/3) or the checkpoint folder
+        ("preprocess_version", pa.string()),
+        ("dataset", pa.string()),
+        ("subject_id", pa.string()),
+        ("sequence", pa.string()),
+        ("vector", pa.list_(pa.float32())),
+        ("embedded_at", _TS),
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "scans": SCANS_SCHEMA,
     "quarantine": QUARANTINE_SCHEMA,
     "duplicates": DUPLICATES_SCHEMA,
     "splits": SPLITS_SCHEMA,
     "volumes": VOLUMES_SCHEMA,
+    "embeddings": EMBEDDINGS_SCHEMA,
 }
-PARTITIONS: dict[str, list[str]] = {"scans": ["dataset"], "volumes": ["preprocess_version"]}
+PARTITIONS: dict[str, list[str]] = {"scans": ["dataset"], "volumes": ["preprocess_version"], "embeddings": ["model"]}
 TABLE_CONFIGURATION = {"delta.enableDeletionVectors": "false"}
 
 
@@ -271,7 +285,7 @@ class Catalog:
 
     def tables(self) -> list[str]:
         """Names of the tables that exist in this catalog."""
-        return [name for name in (*SCHEMAS, "embeddings") if self.table(name) is not None]
+        return [name for name in SCHEMAS if self.table(name) is not None]
 
     def version(self, name: str) -> int | None:
         dt = self.table(name)
@@ -349,7 +363,7 @@ class Catalog:
 
         qb = QueryBuilder()
         registered = 0
-        for name in (*SCHEMAS, "embeddings"):
+        for name in SCHEMAS:
             try:
                 dt = self.table(name, as_of)
             except UserError:  # the table did not exist yet at that version

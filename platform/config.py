@@ -29,6 +29,7 @@ import yaml
 from brainiac.ingestion.preprocess.config import PreprocessConfig
 from brainiac.ingestion.splits_config import SplitConfig
 from brainiac.models.config import AugmentConfig, BackboneConfig, ProjectionConfig, SSLConfig
+from brainiac.models.finetune_config import FinetuneConfig
 from brainiac.models.train_config import OptimConfig, PatchConfig, PretrainConfig
 from brainiac.platform.errors import ConfigError
 
@@ -154,6 +155,7 @@ class Config:
     patches: PatchConfig = field(default_factory=PatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     seed: int = field(default=0, metadata=_range(ge=0))
     """Seed for every random draw a job makes, so that a run can be repeated exactly."""
 

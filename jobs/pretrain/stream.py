@@ -122,6 +122,10 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
     from brainiac.jobs.pretrain.pairs import crop_pairs
     from brainiac.platform.config import config_to_dict
 
+    # A Parquet file of volumes is one read block; its pairs (tens of MB) would leave the map as one block, so the
+    # first batch waited for a whole file. Small output blocks stream pairs to the workers as they are cut.
+    ray.data.DataContext.get_current().target_max_block_size = 8 << 20
+
     # Plain string types: delta-rs writes string_view, which Ray's Arrow block serializer does not handle.
     schema = pa.schema([VOLUMES_SCHEMA.field(name) for name in ARRAY_COLUMNS])
     ds = ray.data.read_parquet(files, filesystem=filesystem, schema=schema).select_columns(ARRAY_COLUMNS)

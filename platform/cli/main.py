@@ -18,6 +18,9 @@ except ImportError:  # pragma: no cover
 from brainiac.platform.cli import (
     catalog_cmd,
     config_cmd,
+    embed_cmd,
+    evaluate_cmd,
+    finetune_cmd,
     ingest_cmd,
     preprocess_cmd,
     pretrain_cmd,
@@ -44,6 +47,9 @@ app.command("synth")(synth_cmd.synth)
 app.command("ingest")(ingest_cmd.ingest)
 app.command("preprocess")(preprocess_cmd.preprocess)
 app.command("pretrain")(pretrain_cmd.pretrain)
+app.command("finetune")(finetune_cmd.finetune)
+app.command("embed")(embed_cmd.embed)
+app.command("evaluate")(evaluate_cmd.evaluate)
 app.add_typer(catalog_cmd.app, name="catalog")
 app.add_typer(stack_cmd.app, name="stack")
 app.add_typer(config_cmd.app, name="config")

@@ -1,0 +1,238 @@
+"""View pairs/s of the pretraining data path (Ray Data) next to a MONAI ``Dataset`` + torch ``DataLoader`` doing the
+same decode, crop and augment on the same volumes, measured in the same run, as a ratio. Target: Ray / DataLoader
+>= 1.0x.
+
+    .venv/bin/python bench/loader.py --catalog CATALOG [--pairs 512] [--batch 16] [--cpus N] [--rounds 2]
+
+A catalog: any catalog preprocessed with ``-c tiny`` (32³ views of the tiny config), e.g.::
+
+    export BRAINIAC_PSEUDONYM_KEY=bench-key-0123456789abcdef     # any key of >= 16 characters
+    brainiac synth /tmp/lb/cohort --subjects 20 --preset tiny --seed 0
+    brainiac ingest /tmp/lb/cohort/synth-* --catalog /tmp/lb/catalog -c tiny
+    brainiac preprocess --catalog /tmp/lb/catalog -c tiny
+
+Both sides read the volumes pretraining reads (``select_volumes`` of ``pretrain/tiny``: the train split, newest
+preprocess version) and per volume do the same work: decode ``whole`` and ``mask`` (zstd float16 / uint8), cut
+``patches.patches_per_volume`` same-location view pairs (:func:`~brainiac.models.patches.view_pairs`), augment each view
+with the MONAI chain (:class:`~brainiac.models.augment.ViewAugment`, ``augment.device=data``) and hand out batches of
+``--batch`` pairs as torch tensors:
+
+* **Ray Data**: the real :func:`~brainiac.jobs.pretrain.stream.pair_dataset` (``read_parquet`` of the pinned ``volumes``
+  files + ``map_batches(crop_pairs)``) on a local Ray with ``num_cpus = --cpus``, iterated as the training loop does:
+  ``iter_torch_batches(batch_size, drop_last=True, local_shuffle_buffer_size=patches.shuffle_buffer)``. It reads the
+  Parquet files on every pass (and skips the rows of other splits stored in them).
+* **DataLoader**: the same rows read once from the ``volumes`` table into memory, a ``monai.data.Dataset`` whose
+  transform decodes, crops and augments one volume into its pairs, ``DataLoader(num_workers = --cpus, shuffle=True,
+  persistent_workers=True, batch_size=None)``, re-batched to ``--batch`` pairs in the main process (what
+  ``iter_torch_batches`` does for Ray).
+
+Timing: each side first runs an untimed warm-up pass of ``--warmup`` pairs (worker processes start and import MONAI);
+then a new pass over the data is timed from creating the iterator until ``--pairs`` pairs have been handed out (a pass
+shorter than that is followed by another one, inside the timing). Beside the rate each side prints the seconds to the
+timed pass's first batch and the rate after it: a pipeline that hands out large blocks shows a long first wait and then
+pairs it had already made, so the rate after the first batch is delivery, not production. Times below one pass
+(``--pairs`` under the pairs per pass printed first) weigh the per-pass start-up and, for Ray Data, the work done
+ahead on blocks the timing never drains; ``--pairs`` of about one pass gives the rate of a training epoch. With
+``--rounds N`` the sides alternate and the best rate of each is kept, since a neighbour's load on a shared machine only
+ever makes a run slower. For reference the Ray pipeline is also timed without augmentation (``augment.device=worker``:
+the stream only decodes and crops; the batched augmentation then runs on the training worker, outside this bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from brainiac.platform.cluster import configure_ray_environment
+
+configure_ray_environment()
+
+import torch  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The DataLoader peer
+
+
+class DecodeCropAugment:
+    """MONAI ``Dataset`` transform: one in-memory ``volumes`` row → ``{"view1", "view2"}`` (n, 1, s, s, s) float16.
+
+    The same steps as :func:`brainiac.jobs.pretrain.pairs.crop_pairs` for one row (OS-seeded locations, per-pair seeds
+    for the MONAI chain), written out here so that the peer shares no code path with the Ray map beyond the library
+    functions both call.
+    """
+
+    def __init__(self, size: int, patches: Any, augment: Any) -> None:
+        self.size = size
+        self.patches = patches
+        self.augment_cfg = augment
+        self._chain = None
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, torch.Tensor]:
+        from brainiac.ingestion.volumes import decode_array
+        from brainiac.models.augment import ViewAugment
+        from brainiac.models.patches import view_pairs
+
+        if self._chain is None:  # built once per DataLoader worker process
+            self._chain = ViewAugment(self.augment_cfg)
+        rng = np.random.default_rng()
+        shape = [int(s) for s in row["whole_shape"]]
+        volume = decode_array(row["whole"], shape, row["dtype"] or "float16")
+        mask = decode_array(row["mask"], shape, "uint8")
+        first, second, _ = view_pairs(volume, mask, self.size, self.patches, rng)
+        seed = int(rng.integers(2**31 - len(first)))
+        views = [self._chain.pair(a, b, seed=seed + i) for i, (a, b) in enumerate(zip(first, second, strict=True))]
+        return {
+            "view1": torch.from_numpy(np.stack([v[0] for v in views])),
+            "view2": torch.from_numpy(np.stack([v[1] for v in views])),
+        }
+
+
+def rebatch(volumes: Iterator[dict[str, torch.Tensor]], batch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Per-volume tensors of pairs → batches of exactly ``batch`` pairs (the remainder of the pass is dropped)."""
+    pending: list[dict[str, torch.Tensor]] = []
+    have = 0
+    for item in volumes:
+        pending.append(item)
+        have += len(item["view1"])
+        while have >= batch:
+            joined = {k: torch.cat([p[k] for p in pending]) for k in ("view1", "view2")}
+            yield {k: v[:batch] for k, v in joined.items()}
+            rest = {k: v[batch:] for k, v in joined.items()}
+            have -= batch
+            pending = [rest] if have else []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def timed(make_pass: Callable[[], Iterator[dict[str, torch.Tensor]]], pairs: int, warmup: int) -> dict[str, float]:
+    """Hand out ``pairs`` pairs from fresh passes after an untimed warm-up pass of ``warmup`` pairs.
+
+    Returns ``rate`` (pairs/s over the whole timed span), ``first_s`` (seconds from creating the timed pass's iterator
+    to its first batch: the per-pass start-up) and ``steady`` (pairs/s after that first batch).
+    """
+    marks: list[float] = []
+
+    def consume(count: int) -> int:
+        got = 0
+        while got < count:
+            before = got
+            for batch in make_pass():
+                got += len(batch["view1"])
+                marks.append(time.perf_counter())
+                if got >= count:
+                    break
+            if got == before:
+                raise SystemExit("a pass over the data gave no batch: lower --batch or select more volumes")
+        return got
+
+    consume(warmup)
+    marks.clear()
+    started = time.perf_counter()
+    got = consume(pairs)
+    ended = time.perf_counter()
+    first = len(marks) and (got / len(marks))  # pairs per batch
+    return {
+        "rate": got / (ended - started),
+        "first_s": marks[0] - started,
+        "steady": (got - first) / max(ended - marks[0], 1e-9),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--catalog", required=True, help="a catalog preprocessed with -c tiny (see above)")
+    ap.add_argument("--config", default="pretrain/tiny", help="pretraining config (patch sizes, augmentation)")
+    ap.add_argument("--pairs", type=int, default=512, help="timed view pairs per measurement")
+    ap.add_argument("--warmup", type=int, default=128, help="untimed pairs first, on each side")
+    ap.add_argument("--batch", type=int, default=16, help="pairs per batch handed out")
+    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="Ray num_cpus and DataLoader num_workers")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating DataLoader/Ray rounds; best rate per side kept")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override KEY=VALUE")
+    args = ap.parse_args()
+    started = time.perf_counter()
+
+    import ray
+    from monai.data import Dataset
+    from torch.utils.data import DataLoader
+
+    from brainiac.jobs.pretrain.stream import ARRAY_COLUMNS, pair_dataset, select_volumes
+    from brainiac.platform.catalog import Catalog, sql_in
+    from brainiac.platform.cluster import init_ray
+    from brainiac.platform.config import load_config
+
+    base = [f"catalog.uri={args.catalog}", *args.overrides]
+    cfg = load_config(args.config, [*base, "augment.device=data"])
+    cfg_crop = load_config(args.config, [*base, "augment.device=worker"])
+    catalog = Catalog.open(args.catalog)
+    selection = select_volumes(catalog, cfg)
+    ids = selection.train_ids
+    rows = catalog.select("volumes", sql_in("scan_id", ids), ARRAY_COLUMNS, version=selection.volumes_version)
+    rows = rows.to_pylist()
+    per_volume = cfg.patches.patches_per_volume
+    size = cfg.model.img_size
+    mb = sum(len(r["whole"]) + len(r["mask"]) for r in rows) / len(rows) / 1e6
+    print(
+        f"{len(rows)} train volumes of {args.catalog} (preprocess {selection.preprocess_version}), "
+        f"{mb:.2f} MB compressed each, {per_volume} pairs of {size}³ per volume ({len(rows) * per_volume} per pass); "
+        f"{args.cpus} CPUs, batch {args.batch}, {args.pairs} timed pairs after {args.warmup} warm-up, "
+        f"best of {args.rounds}",
+        flush=True,
+    )
+
+    init_ray(dataclasses.replace(cfg.cluster, num_cpus=args.cpus, address="local"))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    shuffle = cfg.patches.shuffle_buffer or None
+
+    def ray_pass(conf) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
+        dataset = pair_dataset(catalog, conf, selection, ids)
+        return lambda: dataset.iter_torch_batches(
+            batch_size=args.batch, drop_last=True, local_shuffle_buffer_size=shuffle
+        )
+
+    dataset = Dataset(data=rows, transform=DecodeCropAugment(size, cfg.patches, cfg.augment))
+    loader = DataLoader(dataset, batch_size=None, shuffle=True, num_workers=args.cpus, persistent_workers=True)
+
+    runs: dict[str, list[dict[str, float]]] = {"loader": [], "ray": [], "ray_crop": []}
+    try:
+        for r in range(args.rounds):
+            runs["loader"].append(timed(lambda: rebatch(iter(loader), args.batch), args.pairs, args.warmup))
+            runs["ray"].append(timed(ray_pass(cfg), args.pairs, args.warmup))
+            runs["ray_crop"].append(timed(ray_pass(cfg_crop), args.pairs, args.warmup))
+            print(
+                f"  round {r + 1}: DataLoader {runs['loader'][-1]['rate']:.1f}, "
+                f"Ray Data {runs['ray'][-1]['rate']:.1f}, "
+                f"Ray Data without augmentation {runs['ray_crop'][-1]['rate']:.1f} pairs/s",
+                flush=True,
+            )
+    finally:
+        ray.shutdown()
+    loader_run, ray_run, crop_run = (max(runs[k], key=lambda m: m["rate"]) for k in ("loader", "ray", "ray_crop"))
+    ratio = ray_run["rate"] / loader_run["rate"]
+    verdict = "meets" if ratio >= 1.0 else "BELOW"
+
+    def detail(m: dict[str, float]) -> str:
+        return f"{m['rate']:8.1f} pairs/s  (first batch after {m['first_s']:.1f} s, then {m['steady']:.1f} pairs/s)"
+
+    rows_out = [
+        (f"MONAI Dataset + DataLoader ({args.cpus} workers), decode+crop+augment", detail(loader_run)),
+        (f"Ray Data pair_dataset ({args.cpus} CPUs), decode+crop+augment", detail(ray_run)),
+        ("ratio Ray Data / DataLoader", f"{ratio:8.2f}x  ({verdict} the 1.0x target)"),
+        ("Ray Data, decode+crop only (augment.device=worker), reference", detail(crop_run)),
+        ("wall time", f"{time.perf_counter() - started:8.0f} s"),
+    ]
+    print()
+    for name, value in rows_out:
+        print(f"{name:<66}: {value}")
+
+
+if __name__ == "__main__":
+    main()

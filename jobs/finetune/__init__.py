@@ -1,0 +1,1 @@
+"""Fine-tuning job: task data from the catalog → Ray Tune sweep of Ray Train trials → selection, test, registry."""

@@ -1,0 +1,363 @@
+"""The fine-tuning driver (``brainiac finetune``): task data → Ray Tune sweep of Ray Train trials → select on validation
+→ test once → MLflow parent run with child runs → register ``brainiac-<task>@challenger``.
+
+Train-v2 pattern: each Tune trial builds a ``TorchTrainer`` (one worker) whose reports reach Tune through
+``TuneReportCallback``, so ASHA can stop weak trials early. Hyperparameter configs are crossed with the seeds; selection
+averages the validation metric over a config's seeds and only the chosen config ever sees the test split, with
+bootstrap 95 % confidence intervals.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainiac.jobs.finetune.data import TaskData, load_task_data, regime_subjects
+from brainiac.models.tasks.spec import TaskSpec, task_spec
+from brainiac.platform.catalog import Catalog
+from brainiac.platform.config import DEFAULT_DATA_DIR, Config
+from brainiac.platform.errors import UserError
+
+__all__ = ["FinetuneSummary", "finetune"]
+
+log = logging.getLogger(__name__)
+
+HP_KEYS = ("lr", "weight_decay", "dropout", "encoder_lr_mult", "freeze_depth")
+
+
+@dataclass
+class FinetuneSummary:
+    """What a fine-tuning sweep did, what it chose and how the choice scored on the test split."""
+
+    task: str
+    strategy: str
+    regime: str
+    init: str
+    cases: dict[str, int] = field(default_factory=dict)
+    trials: int = 0
+    stopped_early: int = 0
+    best_config: dict[str, float] = field(default_factory=dict)
+    val: dict[str, float] = field(default_factory=dict)
+    test: dict[str, dict[str, float]] = field(default_factory=dict)
+    """metric → {mean (over seeds), low, high (95 % bootstrap CI of the seed-averaged prediction), per-seed values}."""
+    mlflow_run_id: str | None = None
+    model_uri: str | None = None
+    model_version: str | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _regime(cfg: Config) -> str:
+    f = cfg.finetune
+    return f"shots={f.shots}" if f.shots else f"fraction={f.fraction}" if f.fraction else "full"
+
+
+def _init_encoder(cfg: Config) -> tuple[Any, dict | None, str]:
+    """(backbone config, encoder state or None, provenance) for the configured strategy and ``init``."""
+    f = cfg.finetune
+    if f.strategy == "scratch":
+        return cfg.model, None, "scratch"
+    if not f.init:
+        raise UserError(f"strategy '{f.strategy}' needs --init (a checkpoint path or models:/brainiac-encoder@ALIAS)")
+    from brainiac.models.export import load_encoder
+    from brainiac.platform.tracking import resolve_tracking_uri
+
+    # A single file is BrainIAC's official checkpoint format: its architecture is the config's model section.
+    encoder, backbone = load_encoder(f.init, tracking_uri=resolve_tracking_uri(cfg.tracking), backbone=cfg.model)
+    return backbone, {k: v.detach().clone() for k, v in encoder.state_dict().items()}, f.init
+
+
+def _arrays(data: TaskData, train: np.ndarray, val: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "train_x": data.inputs[train], "train_y": data.targets[train], "train_raw": data.raw[train],
+        "val_x": data.inputs[val], "val_y": data.targets[val], "val_raw": data.raw[val],
+    }  # fmt: skip
+
+
+def finetune_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker of one Tune trial: train, report every epoch, save the final model where the driver finds it."""
+    import ray
+    import ray.train
+    import torch
+
+    from brainiac.jobs.finetune.engine import train_trial
+
+    torch.set_num_threads(max(1, int(config["cpus"])))
+    payload = ray.get(config["payload"])
+    spec: TaskSpec = payload["spec"]
+    data: TaskData = payload["data"]
+    keep = regime_subjects(data, shots=payload["shots"], fraction=payload["fraction"], seed=int(config["seed"]))
+    arrays = _arrays(data, data.indices("train", keep), data.indices("val"))
+
+    def report(metrics: dict[str, float], model: torch.nn.Module, scale) -> None:
+        if metrics["epoch"] == payload["max_epochs"]:
+            Path(config["model_path"]).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state": model.state_dict(), "scale": asdict(scale)}, config["model_path"])
+        ray.train.report({**metrics, "train_cases": len(arrays["train_x"])})
+
+    train_trial(
+        spec, payload["backbone"], payload["encoder_state"], config, arrays,
+        strategy=payload["strategy"], max_epochs=payload["max_epochs"], batch_size=payload["batch_size"],
+        augment=payload["augment"], report=report,
+    )  # fmt: skip
+
+
+def _tune_trial(config: dict[str, Any]) -> None:
+    """The Tune trainable: one TorchTrainer per trial (Ray Train v2 with Tune)."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    config = {**config, "model_path": str(Path(config["model_dir"]) / f"{trial_id}.pt")}
+    trainer = TorchTrainer(
+        finetune_loop,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1,
+            use_gpu=config["gpus"] > 0,
+            resources_per_worker={"CPU": config["cpus"]} | ({"GPU": config["gpus"]} if config["gpus"] > 0 else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"trial-{trial_id}",
+            storage_path=config["storage"],
+            callbacks=[TuneReportCallback()],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    trainer.fit()
+
+
+def _search_space(cfg: Config) -> dict[str, Any]:
+    from ray import tune
+
+    f = cfg.finetune
+    if f.trials == 1:
+        space: dict[str, Any] = {k: getattr(f, k) for k in HP_KEYS}
+    else:
+        space = {
+            "lr": tune.loguniform(*f.lr_range),
+            "weight_decay": tune.loguniform(*f.weight_decay_range),
+            "dropout": tune.choice(f.dropout_choices),
+            "encoder_lr_mult": tune.choice(f.encoder_lr_mult_choices) if f.strategy == "full" else f.encoder_lr_mult,
+            "freeze_depth": tune.choice(f.freeze_depth_choices) if f.strategy == "full" else 0,
+        }
+    space["seed"] = tune.grid_search(list(f.seeds)) if len(f.seeds) > 1 else f.seeds[0]
+    return space
+
+
+def _test(spec: TaskSpec, data: TaskData, paths: list[str], cfg: Config, backbone, encoder_state) -> tuple:
+    """Score the chosen config's models (one per seed) on the test split; returns (metrics, first model, scale)."""
+    import torch
+
+    from brainiac.jobs.finetune.engine import TargetScale, predict, score
+    from brainiac.models.backbones import build_backbone
+    from brainiac.models.tasks.metrics import bootstrap_ci
+    from brainiac.models.tasks.model import build_task_model
+
+    test = data.indices("test")
+    x, y, raw = data.inputs[test], data.targets[test], data.raw[test]
+    per_seed: list[dict[str, float]] = []
+    predictions, first = [], None
+    for path in paths:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        encoder = build_backbone(backbone) if encoder_state is not None else None
+        model = build_task_model(spec, backbone, encoder, cfg.finetune.strategy)
+        model.load_state_dict(saved["state"], strict=True)
+        scale = TargetScale(**saved["scale"])
+        p = predict(model, spec, x, scale)
+        predictions.append(p)
+        per_seed.append(score(spec, p, y, raw))
+        first = first or (model, scale)
+    mean_prediction = np.mean(predictions, axis=0)
+    out: dict[str, dict[str, float]] = {}
+    for metric in spec.metrics:
+        values = [s[metric] for s in per_seed]
+
+        def fn(pred, target, r, metric=metric):
+            return score(spec, pred, target, r)[metric]
+
+        _, low, high = bootstrap_ci(fn, mean_prediction, y, raw, n_boot=cfg.finetune.bootstrap, seed=0) if len(y) > 1 else (
+            math.nan, math.nan, math.nan)  # fmt: skip
+        finite = [v for v in values if np.isfinite(v)]
+        out[metric] = {"mean": float(np.mean(finite)) if finite else math.nan, "low": float(low), "high": float(high),
+                       "seeds": values}  # fmt: skip
+    return out, first
+
+
+def _register(cfg: Config, spec: TaskSpec, client, run_id: str, model, scale, data: TaskData, init: str):
+    """Log the chosen model with a tensor signature and register it as ``brainiac-<task>`` with the alias."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    name = f"brainiac-{spec.name}"
+    shape = (-1, *data.inputs.shape[1:])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), shape)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_outputs)
+                                   if spec.kind != "segmentation" else (-1, 1, *data.inputs.shape[2:]))]),
+    )  # fmt: skip
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model.eval(), name="model", signature=signature, serialization_format="pickle",
+            pip_requirements=["torch", "monai"], input_example=None,
+        )  # fmt: skip
+        mlflow.log_dict({"mean": scale.mean, "std": scale.std, "units": spec.units}, "model/target_scale.json")
+    tags = {"task": spec.name, "strategy": cfg.finetune.strategy, "regime": _regime(cfg), "init": init,
+            "preprocess_version": data.preprocess_version, "volumes_table_version": str(data.volumes_version),
+            "access": ",".join(data.access_levels), "target_mean": str(scale.mean), "target_std": str(scale.std),
+            "units": spec.units}  # fmt: skip
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description=f"BrainIAC fine-tuned model: {spec.description}")
+    version = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags)
+    client.set_registered_model_alias(name, cfg.finetune.alias, version.version)
+    return f"models:/{name}@{cfg.finetune.alias}", str(version.version)
+
+
+def finetune(cfg: Config, *, progress: bool = True) -> FinetuneSummary:
+    """Run the sweep ``cfg.finetune`` describes and return a :class:`FinetuneSummary`.
+
+    Raises:
+        UserError: unknown task, missing ``--init``, no data, or no validation cases to select on.
+    """
+    import mlflow
+    import ray
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+
+    from brainiac.platform.cluster import init_ray
+    from brainiac.platform.tracking import ensure_experiment, flatten_params, use_tracking
+
+    started = time.perf_counter()
+    f = cfg.finetune
+    spec = task_spec(f.task)
+    backbone, encoder_state, init = _init_encoder(cfg)
+    catalog = Catalog.open(cfg.catalog.uri, cfg.catalog.storage_options)
+    data = load_task_data(catalog, cfg, spec)
+    counts = data.counts()
+    if counts["train"] == 0:
+        raise UserError(f"task {spec.name}: no training cases in the catalog's train split")
+    if f.trials > 1 and counts["val"] == 0:
+        raise UserError(f"task {spec.name}: a sweep selects on the validation split, which holds no case here")
+    if spec.kind == "segmentation" and backbone.kind != "vit":
+        raise UserError("segmentation builds a UNETR on a ViT encoder; the chosen encoder is not a ViT")
+
+    experiment_id = ensure_experiment(cfg.tracking)
+    uri = use_tracking(cfg.tracking)
+    client = mlflow.MlflowClient(uri)
+    name = dt.datetime.now(dt.UTC).strftime(f"finetune-{spec.name}-{f.strategy}-%Y%m%d-%H%M%S")
+    parent = client.create_run(experiment_id, run_name=name, tags={
+        "brainiac.job": "finetune", "brainiac.task": spec.name, "brainiac.strategy": f.strategy,
+        "brainiac.regime": _regime(cfg), "brainiac.init": init, "brainiac.access": ",".join(data.access_levels)})  # fmt: skip
+    for key, value in sorted(flatten_params(cfg).items()):
+        if key.startswith(("finetune.", "model.", "catalog.uri", "splits.")):
+            client.log_param(parent.info.run_id, key, value)
+
+    init_ray(cfg.cluster)
+    storage = Path(f.storage_path or f"{DEFAULT_DATA_DIR}/runs").resolve()
+    model_dir = storage / name / "models"
+    payload = ray.put({
+        "spec": spec, "data": data, "backbone": backbone, "encoder_state": encoder_state, "strategy": f.strategy,
+        "shots": f.shots, "fraction": f.fraction, "max_epochs": f.max_epochs, "batch_size": f.batch_size,
+        "augment": f.augment})  # fmt: skip
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    if cfg.cluster.address == "local":  # logical CPUs of a local Ray may exceed the cores; trials would only contend
+        cpus = min(cpus, float(os.cpu_count() or 1))
+    concurrent = f.max_concurrent_trials or max(1, int(cpus // (f.cpus_per_trial + 1)))
+    metric = f"val_{spec.select_metric}"
+    mode = "max" if spec.higher_is_better else "min"
+    space = _search_space(cfg) | {
+        "payload": payload, "model_dir": str(model_dir), "storage": str(storage / name / "trials"),
+        "cpus": f.cpus_per_trial, "gpus": f.gpus_per_trial}  # fmt: skip
+    mlflow_cb = MLflowLoggerCallback(
+        tracking_uri=uri, experiment_name=cfg.tracking.experiment,
+        tags={"mlflow.parentRunId": parent.info.run_id, "brainiac.sweep": name}, save_artifact=False,
+    )  # fmt: skip
+    has_val = counts["val"] > 0
+    tuner = tune.Tuner(
+        tune.with_resources(_tune_trial, {"CPU": 0.1}),  # the trial only drives its TorchTrainer
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=metric if has_val else "train_loss",
+            mode=mode if has_val else "min",
+            num_samples=f.trials,
+            max_concurrent_trials=concurrent,
+            scheduler=ASHAScheduler(
+                time_attr="epoch", max_t=f.max_epochs, grace_period=min(f.grace_epochs, f.max_epochs)
+            )
+            if f.trials > 1
+            else None,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            callbacks=[mlflow_cb],
+            verbose=1 if progress else 0,
+        ),
+    )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        if result.error is not None:
+            log.warning("trial failed: %s", result.error)
+            continue
+        config, metrics = result.config, result.metrics or {}
+        rows.append({"hp": tuple((k, config[k]) for k in HP_KEYS), "seed": config["seed"],
+                     "epoch": metrics.get("epoch", 0), "value": metrics.get(metric, math.nan),
+                     "path": str(Path(config["model_dir"]) / f"{result.metrics.get('trial_id', '')}.pt")})  # fmt: skip
+    if not rows:
+        client.set_terminated(parent.info.run_id, status="FAILED")
+        raise UserError(f"every trial of the {spec.name} sweep failed; see the log above")
+
+    complete = [r for r in rows if r["epoch"] == f.max_epochs and Path(r["path"]).is_file()]
+    by_hp: dict[tuple, list[dict]] = {}
+    for r in complete:
+        by_hp.setdefault(r["hp"], []).append(r)
+
+    def key(item: tuple[tuple, list[dict]]) -> float:
+        values = [r["value"] for r in item[1] if np.isfinite(r["value"])]
+        mean = float(np.mean(values)) if values else math.nan
+        return (-mean if spec.higher_is_better else mean) if np.isfinite(mean) else math.inf
+
+    if not by_hp:
+        client.set_terminated(parent.info.run_id, status="FAILED")
+        raise UserError(f"no {spec.name} trial ran to its last epoch")
+    best_hp, best_rows = min(by_hp.items(), key=key)
+    summary = FinetuneSummary(task=spec.name, strategy=f.strategy, regime=_regime(cfg), init=init, cases=counts,
+                              trials=len(rows), stopped_early=len(rows) - len(complete))  # fmt: skip
+    summary.best_config = dict(best_hp)
+    summary.val = {metric: float(np.nanmean([r["value"] for r in best_rows])) if best_rows else math.nan}
+    test, (model, scale) = _test(spec, data, [r["path"] for r in sorted(best_rows, key=lambda r: r["seed"])], cfg,
+                                 backbone, encoder_state)  # fmt: skip
+    summary.test = test
+    run_id = parent.info.run_id
+    for k, v in summary.best_config.items():
+        client.log_param(run_id, f"best.{k}", v)
+    for m, values in test.items():
+        for stat in ("mean", "low", "high"):
+            if np.isfinite(values[stat]):
+                client.log_metric(run_id, f"test_{m}_{stat}", values[stat])
+    if np.isfinite(summary.val[metric]):
+        client.log_metric(run_id, f"best_{metric}", summary.val[metric])
+    client.log_dict(run_id, summary.as_dict(), "summary.json")
+    summary.mlflow_run_id = run_id
+    if f.register:
+        summary.model_uri, summary.model_version = _register(cfg, spec, client, run_id, model, scale, data, init)
+    client.set_terminated(run_id, status="FINISHED")
+    summary.seconds = time.perf_counter() - started
+    return summary
