@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from brainiac.platform.catalog import Catalog, sql_in, sql_literal
 
-__all__ = ["decode_array", "encode_array", "read_volumes"]
+__all__ = ["decode_array", "encode_array", "newest_preprocess_version", "read_volumes"]
 
 
 def encode_array(array: np.ndarray) -> bytes:
@@ -59,3 +59,19 @@ def row_arrays(row: dict[str, Any]) -> dict[str, np.ndarray | None]:
         "labels_whole": decode_array(row.get("labels_whole"), whole_shape, "uint8"),
         "labels_fixed": decode_array(row.get("labels_fixed"), fixed_shape, "uint8"),
     }
+
+
+def newest_preprocess_version(catalog: Catalog) -> str:
+    """The preprocess version written last among QC-passing ``volumes`` (what jobs read unless told a version).
+
+    Raises:
+        UserError: the catalog holds no preprocessed volume.
+    """
+    from brainiac.platform.errors import UserError
+
+    table = catalog.select("volumes", "qc_pass", ["preprocess_version", "preprocessed_at"]).to_pandas()
+    if table.empty:
+        raise UserError(
+            f"the catalog {catalog.uri} has no preprocessed volumes; run `brainiac preprocess --catalog {catalog.uri}` first"
+        )
+    return str(table.sort_values("preprocessed_at")["preprocess_version"].iloc[-1])

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from brainiac.ingestion.volumes import decode_array
+from brainiac.ingestion.volumes import decode_array, newest_preprocess_version
 from brainiac.platform.catalog import EMBEDDINGS_SCHEMA, Catalog, merge_with_retry, sql_in, sql_literal
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
@@ -63,7 +63,6 @@ def embed(cfg: Config, model_ref: str, *, batch_size: int = 16, progress: bool =
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from brainiac.jobs.pretrain.stream import _newest_version
     from brainiac.models.export import load_encoder
     from brainiac.platform.tracking import resolve_tracking_uri
 
@@ -74,7 +73,7 @@ def embed(cfg: Config, model_ref: str, *, batch_size: int = 16, progress: bool =
     catalog = Catalog.open(cfg.catalog.uri, cfg.catalog.storage_options)
     if catalog.version("volumes") is None:
         raise UserError(f"the catalog {catalog.uri} has no volumes table; run `brainiac preprocess` first")
-    version = cfg.patches.preprocess_version or _newest_version(catalog)
+    version = cfg.patches.preprocess_version or newest_preprocess_version(catalog)
     meta = catalog.select(
         "volumes", f"preprocess_version = {sql_literal(version)} AND qc_pass", ["scan_id", "dataset"]
     ).to_pandas()

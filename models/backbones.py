@@ -112,6 +112,7 @@ class ViTEncoder(Encoder):
             # unused parameter would also trip DDP). Without the head MONAI's forward returns every token, normed.
             del self.vit.classification_head
         for block in self.vit.blocks:
+            block.attn.use_flash_attention = cfg.flash_attention  # MONAI's ViT does not pass the switch through
             # MONAI builds a cross-attention LayerNorm in every block even without cross-attention. It never gets a
             # gradient (DDP would fail on it), yet UNETR's ViT has it too, so keep it in the state dict, frozen.
             if not getattr(block, "with_cross_attention", False) and hasattr(block, "norm_cross_attn"):

@@ -78,6 +78,11 @@ class BackboneConfig:
     dropout_rate: float = field(default=0.0, metadata=_range(ge=0.0, lt=1.0))
     """ViT: dropout inside the transformer blocks."""
 
+    flash_attention: bool = False
+    """ViT: attention through ``torch.nn.functional.scaled_dot_product_attention`` (fused flash/memory-efficient
+    kernels on GPU) instead of MONAI's explicit softmax(QKᵀ)V. Same weights, same maths up to rounding. Needs
+    ``dropout_rate == 0``: MONAI's fused path applies attention dropout in eval mode too."""
+
     resnet_depth: Literal[10, 18, 34, 50] = 50
     """ResNet: depth; 10/18/34 use basic blocks (512-d features), 50 bottlenecks (2048-d, BrainIAC V1)."""
 
@@ -98,6 +103,10 @@ class BackboneConfig:
             if self.img_size % self.patch_size:
                 raise ConfigError(
                     f"backbone patch_size ({self.patch_size}) must divide img_size ({self.img_size}) for the ViT"
+                )
+            if self.flash_attention and self.dropout_rate > 0:
+                raise ConfigError(
+                    "backbone flash_attention needs dropout_rate 0 (MONAI's fused path drops out in eval too)"
                 )
             if self.hidden_size % self.num_heads:
                 raise ConfigError(

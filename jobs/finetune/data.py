@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from brainiac.ingestion.splits import draw_fraction, draw_shots, read_splits
-from brainiac.ingestion.volumes import decode_array
+from brainiac.ingestion.volumes import decode_array, newest_preprocess_version
 from brainiac.models.tasks.spec import TaskSpec
 from brainiac.platform.catalog import Catalog, sql_in, sql_literal
 from brainiac.platform.config import Config
@@ -84,13 +84,6 @@ def _target(value: Any, spec: TaskSpec) -> tuple[float | int | None, float | Non
     return (index if spec.kind == "multiclass" else float(index)), float(index)
 
 
-def _newest_version(catalog: Catalog) -> str:
-    table = catalog.select("volumes", "qc_pass", ["preprocess_version", "preprocessed_at"]).to_pandas()
-    if table.empty:
-        raise UserError(f"the catalog {catalog.uri} has no preprocessed volumes; run `brainiac preprocess` first")
-    return str(table.sort_values("preprocessed_at")["preprocess_version"].iloc[-1])
-
-
 def load_task_data(catalog: Catalog, cfg: Config, spec: TaskSpec, preprocess_version: str = "") -> TaskData:
     """Assemble every case of ``spec`` from the catalog.
 
@@ -100,7 +93,7 @@ def load_task_data(catalog: Catalog, cfg: Config, spec: TaskSpec, preprocess_ver
     volumes_version = catalog.version("volumes")
     if volumes_version is None:
         raise UserError(f"the catalog {catalog.uri} has no volumes table; run `brainiac preprocess` first")
-    version = preprocess_version or _newest_version(catalog)
+    version = preprocess_version or newest_preprocess_version(catalog)
     wanted = sorted(set(spec.sequences) | set(spec.optional_sequences))
     scans = catalog.scans(sequence=wanted, allowed_access=cfg.catalog.allowed_access)
     rows = scans.to_arrow([*SCAN_COLUMNS, "access"]).to_pylist()

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from brainiac.ingestion.splits import read_splits
-from brainiac.ingestion.volumes import decode_array
+from brainiac.ingestion.volumes import decode_array, newest_preprocess_version
 from brainiac.platform.catalog import VOLUMES_SCHEMA, Catalog, sql_in, sql_literal
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
@@ -41,15 +41,6 @@ class PretrainSelection:
     """Access levels of the training data (a model trained on ``restricted`` data carries that tag)."""
 
 
-def _newest_version(catalog: Catalog) -> str:
-    table = catalog.select("volumes", "qc_pass", ["preprocess_version", "preprocessed_at"]).to_pandas()
-    if table.empty:
-        raise UserError(
-            f"the catalog {catalog.uri} has no preprocessed volumes; run `brainiac preprocess --catalog {catalog.uri}` first"
-        )
-    return str(table.sort_values("preprocessed_at")["preprocess_version"].iloc[-1])
-
-
 def select_volumes(catalog: Catalog, cfg: Config) -> PretrainSelection:
     """Resolve the config's patch selection against the catalog (driver side, metadata only).
 
@@ -62,7 +53,7 @@ def select_volumes(catalog: Catalog, cfg: Config) -> PretrainSelection:
             f"the catalog {catalog.uri} has no volumes table; run `brainiac preprocess --catalog {catalog.uri}` first"
         )
     pcfg = cfg.patches
-    version = pcfg.preprocess_version or _newest_version(catalog)
+    version = pcfg.preprocess_version or newest_preprocess_version(catalog)
     where = f"preprocess_version = {sql_literal(version)} AND qc_pass"
     if pcfg.datasets:
         where += f" AND {sql_in('dataset', pcfg.datasets)}"

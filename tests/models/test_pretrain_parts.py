@@ -139,3 +139,19 @@ def test_pretrain_configs_ship_and_validate():
 
     assert job_config_name("tiny") == "pretrain/tiny" and job_config_name("default") == "default"
     assert job_config_name("my.yaml") == "my.yaml"
+
+
+def test_flash_attention_computes_the_same_features_with_the_same_weights():
+    from brainiac.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    plain = build_backbone(BackboneConfig.tiny())
+    fused = build_backbone(BackboneConfig.tiny(flash_attention=True))
+    fused.load_state_dict(plain.state_dict(), strict=True)
+    assert all(b.attn.use_flash_attention for b in fused.vit.blocks)
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="dropout_rate 0"):
+        BackboneConfig.tiny(flash_attention=True, dropout_rate=0.1)
+    assert load_config("pretrain/vit-b").model.flash_attention
