@@ -52,6 +52,10 @@ class PatchConfig:
     min_brain_fraction: float = field(default=0.3, metadata=_range(ge=0.0, le=1.0))
     """Least fraction of brain-mask voxels in the first crop (redrawn otherwise), so views are not empty background."""
 
+    min_pairs_per_pass: int = field(default=4096, metadata=_range(ge=1))
+    """Each pass of the stream lists the selected files often enough to yield at least this many pairs (new random
+    locations every time), so the stream restarts (a few seconds of Ray Data start-up) rarely, not every few steps."""
+
     shuffle_buffer: int = field(default=64, metadata=_range(ge=0))
     """Pairs held in the local shuffle buffer of each worker's iterator (0 = no shuffle beyond the block order)."""
 

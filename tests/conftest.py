@@ -197,6 +197,8 @@ class TinyPipeline:
                 f"catalog.uri={self.root / 'catalog'}",
                 f"tracking.uri=sqlite:///{self.root / 'mlflow.db'}",
                 f"pretrain.storage_path={self.root / 'runs'}",
+                # Pinned: other tests add newer, partial preprocess versions to this catalog.
+                f"patches.preprocess_version={self.volumes.preprocess_version}",
                 *overrides,
             ],
         )

@@ -85,7 +85,8 @@ def _target(value: Any, spec: TaskSpec) -> tuple[float | int | None, float | Non
 
 
 def load_task_data(catalog: Catalog, cfg: Config, spec: TaskSpec, preprocess_version: str = "") -> TaskData:
-    """Assemble every case of ``spec`` from the catalog.
+    """Assemble every case of ``spec`` from the catalog: volumes of ``preprocess_version``, else of the config's
+    ``patches.preprocess_version``, else of the newest version.
 
     Raises:
         UserError: no volumes, a forbidden access level, or no case with a label.
@@ -93,7 +94,7 @@ def load_task_data(catalog: Catalog, cfg: Config, spec: TaskSpec, preprocess_ver
     volumes_version = catalog.version("volumes")
     if volumes_version is None:
         raise UserError(f"the catalog {catalog.uri} has no volumes table; run `brainiac preprocess` first")
-    version = preprocess_version or newest_preprocess_version(catalog)
+    version = preprocess_version or cfg.patches.preprocess_version or newest_preprocess_version(catalog)
     wanted = sorted(set(spec.sequences) | set(spec.optional_sequences))
     scans = catalog.scans(sequence=wanted, allowed_access=cfg.catalog.allowed_access)
     rows = scans.to_arrow([*SCAN_COLUMNS, "access"]).to_pylist()

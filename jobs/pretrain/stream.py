@@ -10,6 +10,7 @@ volume and, when ``augment.device == "data"``, augments each view with MONAI on 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +120,11 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
 
     # Plain string types: delta-rs writes string_view, which Ray's Arrow block serializer does not handle.
     schema = pa.schema([VOLUMES_SCHEMA.field(name) for name in ARRAY_COLUMNS])
+    per_pass = max(1, len(scan_ids) * cfg.patches.patches_per_volume)
+    repeats = max(1, math.ceil(cfg.patches.min_pairs_per_pass / per_pass))
     ds = ray.data.read_parquet(files, filesystem=filesystem, schema=schema).select_columns(ARRAY_COLUMNS)
+    if repeats > 1:  # a repeated path list is read once by Ray's Parquet reader; a union reads it again
+        ds = ds.union(*[ds] * (repeats - 1))
     return ds.map_batches(
         crop_pairs,
         fn_kwargs={

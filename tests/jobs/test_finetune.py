@@ -41,7 +41,7 @@ def _arrays(data, train, val):
 def test_every_task_spec_trains_and_scores_through_the_one_engine(pipeline, encoder, task):
     spec = load_specs()[task]
     backbone, state = encoder
-    data = load_task_data(pipeline.catalog, pipeline.config, spec)
+    data = load_task_data(pipeline.catalog, pipeline.pretrain_config(), spec)
     assert data.inputs.shape[1] == (1 if spec.per_scan else len(spec.sequences)) and len(data.targets) == len(
         data.inputs
     )
@@ -69,7 +69,7 @@ def test_every_task_spec_trains_and_scores_through_the_one_engine(pipeline, enco
 @pytest.mark.timeout(600)
 def test_splits_and_regimes_never_leak_subjects(pipeline):
     for spec in load_specs().values():
-        data = load_task_data(pipeline.catalog, pipeline.config, spec)
+        data = load_task_data(pipeline.catalog, pipeline.pretrain_config(), spec)
         sides = {s: {data.subjects[i] for i in data.indices(s)} for s in ("train", "val", "test")}
         assert not (sides["train"] & sides["val"]) and not (sides["train"] & sides["test"])
         assert not (sides["val"] & sides["test"])

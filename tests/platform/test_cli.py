@@ -10,7 +10,7 @@ import typer
 
 from brainiac.platform.cli.main import app, main
 
-IMPLEMENTED = {"stack", "config", "synth", "ingest", "catalog", "preprocess"}
+IMPLEMENTED = {"stack", "config", "synth", "ingest", "catalog", "preprocess", "pretrain", "finetune", "evaluate", "embed"}
 """Commands that exist today. A command the project does not have yet must not be registered (no placeholders)."""
 
 
