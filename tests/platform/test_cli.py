@@ -10,7 +10,18 @@ import typer
 
 from brainiac.platform.cli.main import app, main
 
-IMPLEMENTED = {"stack", "config", "synth", "ingest", "catalog", "preprocess", "pretrain", "finetune", "evaluate", "embed"}
+IMPLEMENTED = {
+    "stack",
+    "config",
+    "synth",
+    "ingest",
+    "catalog",
+    "preprocess",
+    "pretrain",
+    "finetune",
+    "evaluate",
+    "embed",
+}
 """Commands that exist today. A command the project does not have yet must not be registered (no placeholders)."""
 
 
