@@ -139,6 +139,29 @@ def _tune_trial(config: dict[str, Any]) -> None:
     trainer.fit()
 
 
+def _release_stopped_trials(before: set[str], cfg: Config) -> int:
+    """Remove the placement groups that trials stopped early by ASHA left behind (local Ray only).
+
+    A stopped trial kills its TorchTrainer's controller before it can release its workers' placement group; Train's
+    own cleaner needs the state API, which a local Ray without dashboard lacks, so the CPUs stayed reserved and the next
+    job waited forever. On a local Ray nothing else can own a group created during the sweep, so any still alive is one
+    of ours. Returns how many were removed.
+    """
+    if cfg.cluster.address != "local":
+        return 0
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    removed = 0
+    for pg_id, info in placement_group_table().items():
+        if pg_id not in before and info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+            removed += 1
+    if removed:
+        log.info("released %d placement group(s) of trials stopped early", removed)
+    return removed
+
+
 def _search_space(cfg: Config) -> dict[str, Any]:
     from ray import tune
 
@@ -310,7 +333,11 @@ def finetune(cfg: Config, *, progress: bool = True) -> FinetuneSummary:
             verbose=1 if progress else 0,
         ),
     )
+    from ray.util.placement_group import placement_group_table
+
+    before = set(placement_group_table())
     grid = tuner.fit()
+    _release_stopped_trials(before, cfg)
     rows = []
     for result in grid:
         if result.error is not None:

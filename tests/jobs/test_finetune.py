@@ -95,6 +95,10 @@ def test_tune_sweep_logs_child_runs_and_registers_a_challenger(pipeline, tmp_pat
         f"finetune.storage_path={tmp_path / 'runs'}",
     )  # fmt: skip
     s = finetune(cfg, progress=False)
+    import ray
+
+    # Trials stopped early by ASHA must not keep their CPUs reserved (the next job would wait forever).
+    assert ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"] - 0.5
     assert s.trials == 3 and set(s.best_config) == {"lr", "weight_decay", "dropout", "encoder_lr_mult", "freeze_depth"}
     assert set(s.test) == {"balanced_accuracy", "macro_auc"}
     assert (
