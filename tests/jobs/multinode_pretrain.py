@@ -1,7 +1,7 @@
 """Run the tiny pretraining job on a 3-node Ray cluster on this machine; print a JSON line with the result.
 
 Started by ``test_pretrain.py`` in its own process, since one process holds one Ray connection. Usage:
-``python multinode_pretrain.py CONFIG.json``.
+``python multinode_pretrain.py CONFIG.json RESULT.json`` (the result goes to a file: Ray prints to stdout at shutdown).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from brainiac.platform.cluster import configure_ray_environment
 
 
-def main(spec: str) -> None:
+def main(spec: str, result: str) -> None:
     configure_ray_environment()
     from ray.cluster_utils import Cluster
 
@@ -34,7 +34,9 @@ def main(spec: str) -> None:
         import ray
 
         nodes = len([n for n in ray.nodes() if n["Alive"]])
-        print(json.dumps({"steps": summary.steps, "workers": summary.workers, "cluster_nodes": nodes}))
+        Path(result).write_text(
+            json.dumps({"steps": summary.steps, "workers": summary.workers, "cluster_nodes": nodes})
+        )
     finally:
         import ray
 
@@ -43,4 +45,4 @@ def main(spec: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

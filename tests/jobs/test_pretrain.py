@@ -136,11 +136,11 @@ def test_pretrain_runs_on_a_multi_node_cluster_with_workers_on_different_nodes(p
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run(
-        [sys.executable, str(HERE / "multinode_pretrain.py"), str(spec)],
+        [sys.executable, str(HERE / "multinode_pretrain.py"), str(spec), str(tmp_path / "result.json")],
         capture_output=True, text=True, timeout=540, env=env,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads((tmp_path / "result.json").read_text())
     assert result["cluster_nodes"] >= 3
     assert result["steps"] == 10
     nodes = [w["node_id"] for w in result["workers"]]
