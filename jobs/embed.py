@@ -44,13 +44,10 @@ def model_label(ref: str, tracking_uri: str | None) -> str:
     """A stable name for ``ref``: ``NAME/VERSION`` for a registry URI (aliases move, versions do not), else the path."""
     if not ref.startswith("models:/"):
         return ref
-    import mlflow
+    from brainiac.models.export import model_version
 
-    name, _, rest = ref[len("models:/") :].partition("@")
-    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    if rest:
-        return f"{name}/{client.get_model_version_by_alias(name, rest).version}"
-    return ref[len("models:/") :]
+    version = model_version(ref, tracking_uri)
+    return f"{version.name}/{version.version}"
 
 
 def embed(cfg: Config, model_ref: str, *, batch_size: int = 16, progress: bool = True) -> EmbedSummary:

@@ -18,7 +18,7 @@ from brainiac.models.backbones import Encoder, build_backbone
 from brainiac.models.config import BackboneConfig
 from brainiac.platform.errors import UserError
 
-__all__ = ["ENCODER_DIR", "load_encoder", "resolve_encoder_dir", "save_encoder"]
+__all__ = ["ENCODER_DIR", "load_encoder", "model_version", "resolve_encoder_dir", "save_encoder"]
 
 ENCODER_DIR = "encoder"
 """Sub-folder of a pretraining checkpoint (and artifact path in MLflow) that holds the exported encoder."""
@@ -33,6 +33,28 @@ def save_encoder(folder: str | Path, encoder: Encoder, backbone: BackboneConfig)
     torch.save({k: v.detach().cpu() for k, v in encoder.state_dict().items()}, folder / "encoder.pt")
     (folder / "backbone.yaml").write_text(yaml.safe_dump(config_to_dict(backbone, redact=False), sort_keys=False))
     return folder
+
+
+def model_version(uri: str, tracking_uri: str | None = None):
+    """The registered model version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names (aliases move, the
+    version does not, so jobs record this).
+
+    Raises:
+        UserError: not a registry URI, or no such model, alias or version.
+    """
+    if not uri.startswith("models:/"):
+        raise UserError(f"expected a registry URI models:/NAME@ALIAS or models:/NAME/VERSION, got {uri}")
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    name, _, alias = uri[len("models:/") :].partition("@")
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        name, _, number = name.partition("/")
+        return client.get_model_version(name, number)
+    except mlflow.exceptions.MlflowException as exc:
+        raise UserError(f"cannot find {uri}: {str(exc).splitlines()[0]}") from None
 
 
 def resolve_encoder_dir(ref: str, tracking_uri: str | None = None) -> Path:

@@ -171,7 +171,7 @@ class SimCLRStep:
         self.grad_clip = optim.grad_clip
         self.generator = torch.Generator(device=device)
         self._micro = 0
-        self._acc: list[tuple[float, float, int]] = []
+        self._acc: list[tuple[torch.Tensor, torch.Tensor, int]] = []
 
     def _views(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         first = first.to(self.device, non_blocking=True).float()
@@ -194,7 +194,8 @@ class SimCLRStep:
             z1, z2 = z.float().chunk(2)
             loss = self.loss_fn(z1, z2)
             (loss / self.grad_accum_steps).backward()
-        self._acc.append((float(loss.detach()), float(positive_pair_top1(z1.detach(), z2.detach())), len(v1)))
+        # Kept on the device: a float() here would sync the GPU every micro-step; one sync per optimiser step below.
+        self._acc.append((loss.detach(), positive_pair_top1(z1.detach(), z2.detach()), len(v1)))
         self._micro += 1
         if not last:
             return None
@@ -207,6 +208,8 @@ class SimCLRStep:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         losses, tops, sizes = zip(*self._acc, strict=True)
+        losses = torch.stack(losses).tolist()
+        tops = torch.stack(tops).tolist()
         self._micro, self._acc = 0, []
         n = sum(sizes)
         return StepResult(

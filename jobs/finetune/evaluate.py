@@ -19,6 +19,7 @@ import numpy as np
 
 from brainiac.jobs.finetune.data import load_task_data
 from brainiac.jobs.finetune.engine import TargetScale, predict, score
+from brainiac.models.export import model_version
 from brainiac.models.tasks.spec import task_spec
 from brainiac.platform.catalog import Catalog
 from brainiac.platform.config import Config
@@ -48,21 +49,6 @@ class EvaluationSummary:
         return asdict(self)
 
 
-def _version(client, model_uri: str):
-    if not model_uri.startswith("models:/"):
-        raise UserError(f"--model must be a registry URI models:/brainiac-<task>@ALIAS or /VERSION, got {model_uri}")
-    name, _, alias = model_uri[len("models:/") :].partition("@")
-    import mlflow
-
-    try:
-        if alias:
-            return client.get_model_version_by_alias(name, alias)
-        name, _, number = name.partition("/")
-        return client.get_model_version(name, number)
-    except mlflow.exceptions.MlflowException as exc:
-        raise UserError(f"cannot find {model_uri}: {str(exc).splitlines()[0]}") from None
-
-
 def _tumour_masks(catalog: Catalog, cfg: Config, version: str) -> dict[str, np.ndarray]:
     """Whole-tumour masks on the fixed grid by case id (subject/session), from the segmentation task's data."""
     try:
@@ -89,7 +75,7 @@ def evaluate(
     experiment_id = ensure_experiment(cfg.tracking)
     uri = use_tracking(cfg.tracking)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
-    mv = _version(client, model_uri)
+    mv = model_version(model_uri, uri)
     if "task" not in mv.tags:
         raise UserError(f"{model_uri} carries no 'task' tag: it is not a fine-tuned task model")
     spec = task_spec(mv.tags["task"])

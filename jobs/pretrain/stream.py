@@ -9,6 +9,7 @@ volume and, when ``augment.device == "data"``, augments each view with MONAI on 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -156,7 +157,7 @@ def eval_pairs(
     rng = np.random.default_rng(seed)
     firsts, seconds = [], []
     per_volume = max(1, -(-count // len(rows)))
-    patches = cfg.patches.__class__(**{**cfg.patches.__dict__, "patches_per_volume": per_volume})
+    patches = dataclasses.replace(cfg.patches, patches_per_volume=per_volume)
     for i, row in enumerate(sorted(rows, key=lambda r: r["scan_id"])):
         shape = [int(s) for s in row["whole_shape"]]
         volume = decode_array(row["whole"], shape, row["dtype"] or "float16").astype(np.float32)
