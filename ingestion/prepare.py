@@ -4,6 +4,8 @@ plus the subject-level ``splits``.
 - Only scans without a row for the current ``preprocess_version`` are processed, so a second run does nothing and an
   interrupted run continues where it stopped (results are committed in batches as they arrive).
 - A new preprocessing config gets a new version, written beside the old one (the table is partitioned by version).
+- Each version's settings are recorded in ``preprocess_configs`` (MERGE on the version, so re-runs add nothing): a model
+  trained on a version can rebuild its inputs from a single new scan (``brainiac predict``) without the catalog.
 - Voxel-level defects that only decoding reveals (NaN/Inf, all-zero, truncated payload) go to ``quarantine`` and are not
   retried; a failed registration is written with ``qc_pass = false`` and a reason, never as good data.
 """
@@ -16,7 +18,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,10 +28,20 @@ from brainiac.ingestion.headers import load_nifti
 from brainiac.ingestion.ingest import write_quarantine
 from brainiac.ingestion.splits import SplitConfig, write_splits
 from brainiac.ingestion.volumes import decode_array, encode_array
-from brainiac.platform.catalog import VOLUMES_SCHEMA, Catalog, merge_with_retry, sql_in, sql_literal
+from brainiac.platform.catalog import (
+    PREPROCESS_CONFIGS_SCHEMA,
+    VOLUMES_SCHEMA,
+    Catalog,
+    merge_with_retry,
+    sql_in,
+    sql_literal,
+)
 from brainiac.platform.config import Config
 
-__all__ = ["PreprocessSummary", "preprocess"]
+if TYPE_CHECKING:
+    from brainiac.ingestion.preprocess.config import PreprocessConfig
+
+__all__ = ["PreprocessSummary", "preprocess", "preprocess_config_of", "record_preprocess_config"]
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +173,42 @@ def _write_rows(catalog: Catalog, rows: list[dict[str, Any]], now: dt.datetime) 
     return merge_with_retry(attempt, what="volumes")
 
 
+def record_preprocess_config(catalog: Catalog, cfg: PreprocessConfig, now: dt.datetime | None = None) -> bool:
+    """Record ``cfg`` under its version in ``preprocess_configs`` (MERGE on the version: a version already recorded keeps
+    its row and first ``created_at``). Returns whether a row was added."""
+    version = cfg.version()
+    row = {
+        "preprocess_version": version,
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "created_at": now or dt.datetime.now(dt.UTC),
+    }
+
+    def attempt() -> bool:
+        table = catalog.create_if_missing("preprocess_configs")
+        source = pa.Table.from_pylist([row], schema=PREPROCESS_CONFIGS_SCHEMA)
+        metrics = (
+            table.merge(source, predicate="t.preprocess_version = s.preprocess_version", source_alias="s",
+                        target_alias="t")
+            .when_not_matched_insert_all()
+            .execute()
+        )  # fmt: skip
+        return bool(metrics.get("num_target_rows_inserted", 0))
+
+    return merge_with_retry(attempt, what="preprocess_configs")
+
+
+def preprocess_config_of(catalog: Catalog, version: str) -> PreprocessConfig | None:
+    """The :class:`PreprocessConfig` recorded for ``version`` in ``preprocess_configs``, or ``None`` when the catalog
+    has no record of it (volumes written before the table existed)."""
+    from brainiac.ingestion.preprocess.config import PreprocessConfig
+    from brainiac.platform.config import from_dict
+
+    rows = catalog.select("preprocess_configs", f"preprocess_version = {sql_literal(version)}", ["config"]).to_pylist()
+    if not rows:
+        return None
+    return from_dict(PreprocessConfig, json.loads(rows[0]["config"]), prefix="preprocess")
+
+
 def preprocess(
     cfg: Config, *, progress: bool = True, batch_size: int = 16, limit: int | None = None
 ) -> PreprocessSummary:
@@ -201,6 +249,7 @@ def preprocess(
         todo = todo[:limit]
 
     now = dt.datetime.now(dt.UTC)
+    record_preprocess_config(catalog, cfg.preprocess, now)
     problems: list[Problem] = []
     qc_failed: Counter[str] = Counter()
     if todo:
@@ -234,7 +283,8 @@ def preprocess(
     subjects = sorted({s["subject_id"] for s in scans})
     if subjects:
         split_cfg: SplitConfig = cfg.splits
-        summary.splits = write_splits(catalog, subjects, split_cfg).counts
+        datasets = {s["subject_id"]: s["dataset"] for s in scans}
+        summary.splits = write_splits(catalog, subjects, split_cfg, datasets).counts
     summary.seconds = round(time.perf_counter() - started, 2)
     if summary.processed:
         summary.seconds_per_scan = round(summary.seconds / summary.processed, 3)

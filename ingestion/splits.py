@@ -1,7 +1,9 @@
 """Subject-level splits that never move: train/val/test as a keyed hash of the subject pseudonym and a seed.
 
 A subject's split is ``hash(seed, subject_id)`` mapped onto the configured fractions, so it does not depend on who else
-is in the catalog: a growing lake never reshuffles old subjects, and re-running gives the same table. Subjects linked
+is in the catalog: a growing lake never reshuffles old subjects, and re-running gives the same table. The one exception
+is a small dataset's first assignment, which is nudged so that train, val and test each get one of its subjects
+(``splits.cover_small_datasets``); stored rows never move either way. Subjects linked
 in the ``duplicates`` table (the same person stored in two datasets) take the split of their group's first member, so
 no image reaches two splits. Few-shot (K per class) and fraction draws come from the train split, deterministic per
 seed.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -60,8 +62,49 @@ class SplitSummary:
     """Subjects whose stored split disagrees with their duplicate group (kept as stored; old rows never move)."""
 
 
-def write_splits(catalog: Catalog, subjects: Sequence[str], cfg: SplitConfig) -> SplitSummary:
-    """Assign every subject not yet in ``splits`` for ``cfg.seed``; existing assignments are never changed."""
+def _cover_small_datasets(
+    final: dict[str, str], movable: set[str], datasets: Mapping[str, str], cfg: SplitConfig
+) -> dict[str, str]:
+    """Moves that give every dataset of three or more subjects at least one subject in each split.
+
+    Hash thresholds leave a split empty for a small dataset by chance (5 subjects at 70/15/15: no test subject 44 % of
+    the time), and then its tasks cannot be evaluated at all. Only subjects being assigned now (``movable``) move, one
+    per empty split, from a split that keeps another member; the one whose hash lies nearest the empty split's interval
+    goes. Stored assignments never move, and a big dataset never triggers this.
+    """
+    train, val, _ = cfg.fractions
+    target = {"val": (train + train + val) / 2, "test": 1.0}
+    members: dict[str, list[str]] = defaultdict(list)
+    for subject, dataset in sorted(datasets.items()):
+        if subject in final:
+            members[dataset].append(subject)
+    moves: dict[str, str] = {}
+    for subjects in members.values():
+        if len(subjects) < len(SPLITS):
+            continue
+        current = {s: moves.get(s, final[s]) for s in subjects}
+        for split in ("test", "val"):
+            if split in current.values():
+                continue
+            sizes = defaultdict(int)
+            for v in current.values():
+                sizes[v] += 1
+            candidates = [s for s in subjects if s in movable and sizes[current[s]] > 1]
+            if not candidates:
+                continue
+            chosen = min(candidates, key=lambda s: abs(_unit(cfg.seed, s) - target[split]))
+            current[chosen] = moves[chosen] = split
+    return moves
+
+
+def write_splits(
+    catalog: Catalog, subjects: Sequence[str], cfg: SplitConfig, datasets: Mapping[str, str] | None = None
+) -> SplitSummary:
+    """Assign every subject not yet in ``splits`` for ``cfg.seed``; existing assignments are never changed.
+
+    ``datasets`` (subject → dataset) lets a small dataset's first assignment cover train, val and test (see
+    :func:`_cover_small_datasets`); without it every subject takes its hash split.
+    """
     groups = subject_groups(subjects, _duplicate_links(catalog))
     now = dt.datetime.now(dt.UTC)
 
@@ -83,6 +126,14 @@ def write_splits(catalog: Catalog, subjects: Sequence[str], cfg: SplitConfig) ->
                     conflicts.append(s)
                 continue
             rows.append({"subject_id": s, "seed": int(cfg.seed), "split": want, "group_id": g, "assigned_at": now})
+        if datasets and cfg.cover_small_datasets:
+            size = Counter(groups.values())
+            alone = {s for s, g in groups.items() if size[g] == 1}
+            movable = {r["subject_id"] for r in rows} & (alone | (set(subjects) - set(groups)))
+            planned = {**stored, **{r["subject_id"]: r["split"] for r in rows}}
+            moves = _cover_small_datasets(planned, movable, datasets, cfg)
+            for r in rows:
+                r["split"] = moves.get(r["subject_id"], r["split"])
         if rows:
             (
                 dt_.merge(pa.Table.from_pylist(rows, schema=SPLITS_SCHEMA), predicate="t.subject_id = s.subject_id AND t.seed = s.seed",
@@ -97,10 +148,12 @@ def write_splits(catalog: Catalog, subjects: Sequence[str], cfg: SplitConfig) ->
     return merge_with_retry(attempt, what="splits")
 
 
-def read_splits(catalog: Catalog, seed: int, subjects: Sequence[str] | None = None) -> dict[str, str]:
-    """subject_id → split for ``seed`` (optionally only for ``subjects``)."""
+def read_splits(
+    catalog: Catalog, seed: int, subjects: Sequence[str] | None = None, version: int | None = None
+) -> dict[str, str]:
+    """subject_id → split for ``seed`` (optionally only for ``subjects``; ``version`` time-travels the table)."""
     where = f"seed = {int(seed)}" + (f" AND {sql_in('subject_id', list(subjects))}" if subjects is not None else "")
-    t = catalog.select("splits", where, ["subject_id", "split"])
+    t = catalog.select("splits", where, ["subject_id", "split"], version=version)
     return dict(zip(t["subject_id"].to_pylist(), t["split"].to_pylist(), strict=True))
 
 

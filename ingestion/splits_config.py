@@ -15,6 +15,9 @@ class SplitConfig:
     """Seed of the assignment; one catalog can hold splits for several seeds side by side."""
     fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     """Expected fractions of subjects in train, val and test (they must sum to 1)."""
+    cover_small_datasets: bool = True
+    """Give every dataset of three or more subjects at least one subject in each split when its subjects are first
+    assigned (tiny cohorts would otherwise often have no test case for a task); stored splits never move."""
 
     def __post_init__(self) -> None:
         from brainiac.platform.errors import ConfigError

@@ -53,8 +53,9 @@ class PatchConfig:
     """Least fraction of brain-mask voxels in the first crop (redrawn otherwise), so views are not empty background."""
 
     min_pairs_per_pass: int = field(default=4096, metadata=_range(ge=1))
-    """Each pass of the stream lists the selected files often enough to yield at least this many pairs (new random
-    locations every time), so the stream restarts (a few seconds of Ray Data start-up) rarely, not every few steps."""
+    """Each pass of the stream yields at least this many pairs (a small selection cuts more pairs per volume from one
+    read, at new random locations every pass), so the stream restarts (a few seconds of Ray Data start-up) rarely, not
+    every few steps."""
 
     shuffle_buffer: int = field(default=64, metadata=_range(ge=0))
     """Pairs held in the local shuffle buffer of each worker's iterator (0 = no shuffle beyond the block order)."""

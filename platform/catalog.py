@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from deltalake import DeltaTable
 
 __all__ = [
+    "PREPROCESS_CONFIGS_SCHEMA",
     "SCHEMAS",
     "SPLITS_SCHEMA",
     "VOLUMES_SCHEMA",
@@ -159,6 +160,14 @@ EMBEDDINGS_SCHEMA = pa.schema(
     ]
 )
 
+PREPROCESS_CONFIGS_SCHEMA = pa.schema(
+    [
+        ("preprocess_version", pa.string()),  # PreprocessConfig.version(): the key volumes rows carry
+        ("config", pa.string()),  # JSON of PreprocessConfig.to_dict(), so a model's inputs can be rebuilt from one scan
+        ("created_at", _TS),  # first time a preprocess job ran with this version
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "scans": SCANS_SCHEMA,
     "quarantine": QUARANTINE_SCHEMA,
@@ -166,6 +175,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "splits": SPLITS_SCHEMA,
     "volumes": VOLUMES_SCHEMA,
     "embeddings": EMBEDDINGS_SCHEMA,
+    "preprocess_configs": PREPROCESS_CONFIGS_SCHEMA,
 }
 PARTITIONS: dict[str, list[str]] = {"scans": ["dataset"], "volumes": ["preprocess_version"], "embeddings": ["model"]}
 TABLE_CONFIGURATION = {"delta.enableDeletionVectors": "false"}

@@ -30,6 +30,8 @@ from brainiac.ingestion.preprocess.config import PreprocessConfig
 from brainiac.ingestion.splits_config import SplitConfig
 from brainiac.models.config import AugmentConfig, BackboneConfig, ProjectionConfig, SSLConfig
 from brainiac.models.finetune_config import FinetuneConfig
+from brainiac.jobs.quickstart.config import QuickstartConfig
+from brainiac.models.promote_config import PromoteConfig
 from brainiac.models.train_config import OptimConfig, PatchConfig, PretrainConfig
 from brainiac.platform.errors import ConfigError
 
@@ -156,6 +158,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
+    quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
     seed: int = field(default=0, metadata=_range(ge=0))
     """Seed for every random draw a job makes, so that a run can be repeated exactly."""
 

@@ -28,7 +28,7 @@ TINY_RAY = ClusterConfig(num_cpus=4, object_store_memory_mb=256, include_dashboa
 """More logical CPUs than the 2 cores, so that Train workers, Tune trials and Ray Data cannot starve each other."""
 
 
-RAY_FIXTURES = {"ray_session", "pipeline"}
+RAY_FIXTURES = {"ray_session", "pipeline", "tour"}
 """Fixtures that run Ray; a test using one must carry an explicit ``@pytest.mark.timeout`` so a hang fails fast."""
 
 
@@ -217,3 +217,25 @@ class TinyPipeline:
 def pipeline(tmp_path_factory: pytest.TempPathFactory, ray_session, pseudonym_key):
     """The tiny pipeline shared by every test that needs data: stages are built lazily, once per session."""
     return TinyPipeline(tmp_path_factory.mktemp("pipeline"))
+
+
+@dataclass
+class Tour:
+    """The output of one ``brainiac quickstart --fast`` run: its config, result and the lines it printed."""
+
+    cfg: Config
+    workdir: Path
+    result: object
+    lines: list[str]
+
+
+@pytest.fixture(scope="session")
+def tour(tmp_path_factory: pytest.TempPathFactory, ray_session, pseudonym_key) -> Tour:
+    """``quickstart --fast`` run once per session on the session Ray; the quickstart test and the notebooks read it."""
+    from brainiac.jobs.quickstart.run import quickstart
+
+    cfg = load_config("quickstart-fast")
+    workdir = tmp_path_factory.mktemp("tour")
+    lines: list[str] = []
+    result = quickstart(cfg, workdir, progress=False, echo=lines.append)
+    return Tour(cfg, workdir, result, lines)

@@ -9,6 +9,7 @@ and the few-shot / fraction regimes draw only from the train subjects, determini
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,8 @@ class TaskData:
     preprocess_version: str
     volumes_version: int
     access_levels: list[str] = field(default_factory=list)
+    table_versions: dict[str, int] = field(default_factory=dict)
+    """Delta versions of ``scans``, ``volumes`` and ``splits`` the cases were read at."""
 
     def indices(self, split: str, subjects: set[str] | None = None) -> np.ndarray:
         """Case indices of ``split`` (optionally only those of ``subjects``)."""
@@ -84,19 +87,32 @@ def _target(value: Any, spec: TaskSpec) -> tuple[float | int | None, float | Non
     return (index if spec.kind == "multiclass" else float(index)), float(index)
 
 
-def load_task_data(catalog: Catalog, cfg: Config, spec: TaskSpec, preprocess_version: str = "") -> TaskData:
+def load_task_data(
+    catalog: Catalog,
+    cfg: Config,
+    spec: TaskSpec,
+    preprocess_version: str = "",
+    table_versions: Mapping[str, int] | None = None,
+) -> TaskData:
     """Assemble every case of ``spec`` from the catalog: volumes of ``preprocess_version``, else of the config's
     ``patches.preprocess_version``, else of the newest version.
+
+    ``table_versions`` pins ``scans``, ``volumes`` and ``splits`` to Delta versions (time travel), so an evaluation can be
+    repeated on exactly the same cases later; tables not named are read at their current version, which
+    :attr:`TaskData.table_versions` records.
 
     Raises:
         UserError: no volumes, a forbidden access level, or no case with a label.
     """
-    volumes_version = catalog.version("volumes")
+    pinned = dict(table_versions or {})
+    volumes_version = pinned.get("volumes", catalog.version("volumes"))
     if volumes_version is None:
         raise UserError(f"the catalog {catalog.uri} has no volumes table; run `brainiac preprocess` first")
+    used = {"scans": pinned.get("scans", catalog.version("scans")), "volumes": int(volumes_version),
+            "splits": pinned.get("splits", catalog.version("splits"))}  # fmt: skip
     version = preprocess_version or cfg.patches.preprocess_version or newest_preprocess_version(catalog)
     wanted = sorted(set(spec.sequences) | set(spec.optional_sequences))
-    scans = catalog.scans(sequence=wanted, allowed_access=cfg.catalog.allowed_access)
+    scans = catalog.scans(sequence=wanted, allowed_access=cfg.catalog.allowed_access, version=used["scans"])
     rows = scans.to_arrow([*SCAN_COLUMNS, "access"]).to_pylist()
     if spec.diagnosis:
         rows = [r for r in rows if r.get("diagnosis") in spec.diagnosis]
@@ -124,7 +140,7 @@ def load_task_data(catalog: Catalog, cfg: Config, spec: TaskSpec, preprocess_ver
             continue
         key = (r["scan_id"],) if spec.per_scan else (r["subject_id"], r.get("session") or "")
         cases.setdefault(key, {})[r["sequence"]] = r
-    split_of = read_splits(catalog, cfg.splits.seed)
+    split_of = read_splits(catalog, cfg.splits.seed, version=used["splits"])
     out: dict[str, list] = {k: [] for k in ("case_ids", "subjects", "datasets", "split", "inputs", "targets", "raw")}
     for key, by_sequence in sorted(cases.items()):
         if spec.per_scan:
@@ -176,6 +192,7 @@ def load_task_data(catalog: Catalog, cfg: Config, spec: TaskSpec, preprocess_ver
         preprocess_version=version,
         volumes_version=int(volumes_version),
         access_levels=sorted({r["access"] for r in labelled}),
+        table_versions={k: int(v) for k, v in used.items() if v is not None},
     )
 
 

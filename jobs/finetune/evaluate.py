@@ -20,12 +20,12 @@ import numpy as np
 from brainiac.jobs.finetune.data import load_task_data
 from brainiac.jobs.finetune.engine import TargetScale, predict, score
 from brainiac.models.export import model_version
-from brainiac.models.tasks.spec import task_spec
+from brainiac.models.tasks.spec import TaskSpec, task_spec
 from brainiac.platform.catalog import Catalog
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
-__all__ = ["EvaluationSummary", "evaluate"]
+__all__ = ["EvaluationSummary", "evaluate", "metric_cis"]
 
 TUMOUR_TASKS = ("idh", "survival")
 
@@ -58,17 +58,42 @@ def _tumour_masks(catalog: Catalog, cfg: Config, version: str) -> dict[str, np.n
     return dict(zip(seg.case_ids, seg.targets, strict=True))
 
 
+def metric_cis(
+    spec: TaskSpec, predictions: np.ndarray, targets: np.ndarray, raw: np.ndarray, *, n_boot: int, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Each of the spec's metrics as ``{"value", "low", "high"}``: the point estimate and its 95 % percentile bootstrap
+    interval over test cases (NaN bounds with fewer than two cases)."""
+    from brainiac.models.tasks.metrics import bootstrap_ci
+
+    point = score(spec, predictions, targets, raw)
+    out: dict[str, dict[str, float]] = {}
+    for metric in spec.metrics:
+
+        def fn(p, t, r, metric=metric):
+            return score(spec, p, t, r)[metric]
+
+        _, low, high = bootstrap_ci(fn, predictions, targets, raw, n_boot=n_boot, seed=seed) if len(targets) > 1 else (
+            math.nan, math.nan, math.nan)  # fmt: skip
+        out[metric] = {"value": point[metric], "low": float(low), "high": float(high)}
+    return out
+
+
 def evaluate(
-    cfg: Config, model_uri: str, *, robustness: bool = True, saliency_cases: int = 3, bootstrap: int | None = None
+    cfg: Config,
+    model_uri: str,
+    *,
+    robustness: bool = True,
+    saliency_cases: int = 3,
+    bootstrap: int | None = None,
+    artifacts: list[str] | None = None,
 ) -> EvaluationSummary:
-    """Evaluate the registered model ``model_uri`` on its task's test split.
+    """Evaluate the registered model ``model_uri`` on its task's test split (under ``artifacts``, default all).
 
     Raises:
         UserError: the URI names no version, the version is not a task model, or its task has no test cases.
     """
     import mlflow
 
-    from brainiac.models.tasks.metrics import bootstrap_ci
     from brainiac.platform.tracking import ensure_experiment, use_tracking
 
     started = time.perf_counter()
@@ -89,16 +114,7 @@ def evaluate(
     x, y, raw = data.inputs[test], data.targets[test], data.raw[test]
     summary = EvaluationSummary(model_uri=model_uri, task=spec.name, version=str(mv.version), test_cases=len(test))
     predictions = predict(model, spec, x, scale)
-    point = score(spec, predictions, y, raw)
-    n_boot = bootstrap or cfg.finetune.bootstrap
-    for metric in spec.metrics:
-
-        def fn(p, t, r, metric=metric):
-            return score(spec, p, t, r)[metric]
-
-        _, low, high = bootstrap_ci(fn, predictions, y, raw, n_boot=n_boot, seed=0) if len(y) > 1 else (
-            math.nan, math.nan, math.nan)  # fmt: skip
-        summary.metrics[metric] = {"value": point[metric], "low": float(low), "high": float(high)}
+    summary.metrics = metric_cis(spec, predictions, y, raw, n_boot=bootstrap or cfg.finetune.bootstrap)
 
     run = client.create_run(experiment_id, run_name=f"evaluate-{spec.name}-v{mv.version}", tags={
         "brainiac.job": "evaluate", "brainiac.task": spec.name, "brainiac.model": f"{mv.name}/{mv.version}"})  # fmt: skip
@@ -112,7 +128,7 @@ def evaluate(
         if robustness:
             from brainiac.models.tasks.robustness import robustness_plot, robustness_table
 
-            summary.robustness = robustness_table(model, spec, x, y, raw, scale, seed=0)
+            summary.robustness = robustness_table(model, spec, x, y, raw, scale, artifacts=artifacts, seed=0)
             client.log_dict(run_id, summary.robustness, "robustness/table.json")
             robustness_plot(summary.robustness, spec, folder / "robustness.png")
             client.log_artifact(run_id, str(folder / "robustness.png"), "robustness")

@@ -220,10 +220,26 @@ def _test(spec: TaskSpec, data: TaskData, paths: list[str], cfg: Config, backbon
 
 
 def _register(cfg: Config, spec: TaskSpec, client, run_id: str, model, scale, data: TaskData, init: str):
-    """Log the chosen model with a tensor signature and register it as ``brainiac-<task>`` with the alias."""
+    """Log the chosen model with a tensor signature and register it as ``brainiac-<task>`` with the alias.
+
+    The preprocessing settings that produced the training volumes go beside it (``model/preprocess.json``), from the
+    catalog's record of ``data.preprocess_version``, else from ``cfg.preprocess`` when its version is that one, so that
+    ``brainiac predict`` can rebuild the model's inputs from a new scan without the catalog. A version with neither is
+    registered anyway (predict then refuses it with a clear message).
+    """
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
+
+    from brainiac.ingestion.prepare import preprocess_config_of
+
+    catalog = Catalog.open(cfg.catalog.uri, cfg.catalog.storage_options)
+    preprocess_cfg = preprocess_config_of(catalog, data.preprocess_version)
+    if preprocess_cfg is None and cfg.preprocess.version() == data.preprocess_version:
+        preprocess_cfg = cfg.preprocess
+    if preprocess_cfg is None:
+        log.warning("preprocess version %s has no recorded config; `brainiac predict` will refuse this model",
+                    data.preprocess_version)  # fmt: skip
 
     name = f"brainiac-{spec.name}"
     shape = (-1, *data.inputs.shape[1:])
@@ -238,6 +254,8 @@ def _register(cfg: Config, spec: TaskSpec, client, run_id: str, model, scale, da
             pip_requirements=["torch", "monai"], input_example=None,
         )  # fmt: skip
         mlflow.log_dict({"mean": scale.mean, "std": scale.std, "units": spec.units}, "model/target_scale.json")
+        if preprocess_cfg is not None:
+            mlflow.log_dict(preprocess_cfg.to_dict(), "model/preprocess.json")
     tags = {"task": spec.name, "strategy": cfg.finetune.strategy, "regime": _regime(cfg), "init": init,
             "preprocess_version": data.preprocess_version, "volumes_table_version": str(data.volumes_version),
             "access": ",".join(data.access_levels), "target_mean": str(scale.mean), "target_std": str(scale.std),
@@ -246,7 +264,7 @@ def _register(cfg: Config, spec: TaskSpec, client, run_id: str, model, scale, da
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description=f"BrainIAC fine-tuned model: {spec.description}")
-    version = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags)
+    version = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
     client.set_registered_model_alias(name, cfg.finetune.alias, version.version)
     return f"models:/{name}@{cfg.finetune.alias}", str(version.version)
 

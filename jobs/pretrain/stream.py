@@ -121,16 +121,17 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
 
     # Plain string types: delta-rs writes string_view, which Ray's Arrow block serializer does not handle.
     schema = pa.schema([VOLUMES_SCHEMA.field(name) for name in ARRAY_COLUMNS])
+    # One pass yields at least min_pairs_per_pass pairs: a small selection cuts more pairs per volume from a single
+    # read, rather than reading the files again (a union of many reads starves Ray Data's CPU share and hangs).
     per_pass = max(1, len(scan_ids) * cfg.patches.patches_per_volume)
     repeats = max(1, math.ceil(cfg.patches.min_pairs_per_pass / per_pass))
+    patches = dataclasses.replace(cfg.patches, patches_per_volume=cfg.patches.patches_per_volume * repeats)
     ds = ray.data.read_parquet(files, filesystem=filesystem, schema=schema).select_columns(ARRAY_COLUMNS)
-    if repeats > 1:  # a repeated path list is read once by Ray's Parquet reader; a union reads it again
-        ds = ds.union(*[ds] * (repeats - 1))
     return ds.map_batches(
         crop_pairs,
         fn_kwargs={
             "size": cfg.model.img_size,
-            "patches": config_to_dict(cfg.patches),
+            "patches": config_to_dict(patches),
             "keep": frozenset(scan_ids),
             "augment": config_to_dict(cfg.augment) if cfg.augment.device == "data" else None,
         },

@@ -64,6 +64,16 @@ class TaskSpec:
     def is_classification(self) -> bool:
         return self.kind in ("multiclass", "binary")
 
+    def fingerprint(self) -> str:
+        """12 hex digits of the spec's content (label, classes, threshold, inputs, loss...): a registered model records
+        it, so promotion can tell a model of this task definition from one of an older, different one."""
+        import hashlib
+        import json
+        from dataclasses import asdict
+
+        body = {k: v for k, v in asdict(self).items() if k != "description"}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
     def __post_init__(self) -> None:
         if self.select_metric not in self.metrics:
             raise ConfigError(f"task {self.name}: select_metric {self.select_metric} is not among its metrics")

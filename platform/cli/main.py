@@ -22,9 +22,14 @@ from brainiac.platform.cli import (
     evaluate_cmd,
     finetune_cmd,
     ingest_cmd,
+    jobs_cmd,
+    predict_cmd,
     preprocess_cmd,
     pretrain_cmd,
+    promote_cmd,
+    quickstart_cmd,
     stack_cmd,
+    submit_cmd,
     synth_cmd,
 )
 from brainiac.platform.errors import UserError
@@ -50,9 +55,14 @@ app.command("pretrain")(pretrain_cmd.pretrain)
 app.command("finetune")(finetune_cmd.finetune)
 app.command("embed")(embed_cmd.embed)
 app.command("evaluate")(evaluate_cmd.evaluate)
+app.command("submit")(submit_cmd.submit)
+app.command("predict")(predict_cmd.predict)
+app.command("promote")(promote_cmd.promote)
+app.command("quickstart")(quickstart_cmd.quickstart)
 app.add_typer(catalog_cmd.app, name="catalog")
 app.add_typer(stack_cmd.app, name="stack")
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(jobs_cmd.app, name="jobs")
 
 
 def _version() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from brainiac.ingestion.splits import (
+    SPLITS,
     SplitConfig,
     assign,
     draw_fraction,
@@ -45,6 +46,32 @@ def test_growing_lake_never_moves_old_subjects(tmp_path):
     summary = write_splits(cat, old + [f"new-{i:03d}" for i in range(50)], cfg)
     after = read_splits(cat, 1)
     assert summary.new_subjects == 50 and all(after[s] == before[s] for s in old)
+
+
+def test_small_datasets_reach_every_split_on_first_assignment_and_then_never_move(tmp_path):
+    cfg = SplitConfig(seed=0)
+    # Four-subject datasets: by hash alone, many of them have no val or no test subject.
+    datasets = {f"{d}-sub-{i}": f"ds{d}" for d in range(40) for i in range(4)}
+    by_hash = {s: assign(s, cfg) for s in datasets}
+    uncovered = [d for d in set(datasets.values()) if {by_hash[s] for s in datasets if datasets[s] == d} != set(SPLITS)]
+    assert len(uncovered) > 20  # the problem is real at this size
+    cat = Catalog.open(str(tmp_path / "cat"))
+    write_splits(cat, sorted(datasets), cfg, datasets)
+    stored = read_splits(cat, 0)
+    for d in set(datasets.values()):
+        assert {stored[s] for s in datasets if datasets[s] == d} == set(SPLITS), d
+    moved = [s for s in datasets if stored[s] != by_hash[s]]
+    assert len(moved) <= 2 * len(uncovered)  # at most one move per empty split
+    # Without the dataset map (or with the switch off) every subject keeps its hash split.
+    plain = Catalog.open(str(tmp_path / "plain"))
+    write_splits(plain, sorted(datasets), SplitConfig(seed=0, cover_small_datasets=False), datasets)
+    assert read_splits(plain, 0) == by_hash
+    # A big dataset arriving later changes nothing already stored.
+    big = {f"big-{i:03d}": "big" for i in range(200)}
+    write_splits(cat, sorted({**datasets, **big}), cfg, {**datasets, **big})
+    again = read_splits(cat, 0)
+    assert all(again[s] == stored[s] for s in datasets)
+    assert all(again[s] == assign(s, cfg) for s in big)  # big datasets never trigger the cover
 
 
 def test_draws_are_deterministic_and_from_what_they_are_given():

@@ -21,6 +21,11 @@ IMPLEMENTED = {
     "finetune",
     "evaluate",
     "embed",
+    "predict",
+    "submit",
+    "jobs",
+    "promote",
+    "quickstart",
 }
 """Commands that exist today. A command the project does not have yet must not be registered (no placeholders)."""
 

@@ -1,0 +1,1 @@
+"""Registry promotion: gates, the decision and its model card, and rollback."""

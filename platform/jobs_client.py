@@ -1,0 +1,591 @@
+"""Run platform jobs on a Ray cluster through the Ray Jobs API: ship this project as a wheel, submit, follow, list, stop.
+
+A submitted job runs ``python -m brainiac.platform.cli.main JOB ARGS`` on the cluster, with this project installed into
+the job's runtime environment from a wheel built here (``runtime_env["py_modules"]``). The wheel carries no
+dependencies: the cluster image owns torch, CUDA, Ray and the rest, and Ray installs a ``py_modules`` wheel with
+``pip install --target``, which would otherwise try to download all of them. Its version carries a hash of the sources
+(``0.1.0+src.<hash>``) because Ray names an uploaded wheel by its file name only: a wheel with an unchanged name is
+never uploaded again, so edited code must get a new name. Built wheels are cached by that hash.
+
+Nothing is taken from the working directory (no ``working_dir``): the job sees exactly the package and its shipped
+configs, never a checkout's ``.git`` or data. What the job reads and writes must be reachable from the cluster (an
+``s3://`` catalog, an MLflow server); local paths name files on the cluster's nodes.
+
+Credentials: the Ray token (``--token`` or ``RAY_AUTH_TOKEN``) travels only as an ``Authorization: Bearer`` header, as
+Ray's own client sends it. Environment forwarded to the job is visible to anyone who can read the cluster's job list
+(Ray stores the runtime_env with the job), so only :data:`FORWARDED_ENV` goes by default; secrets such as ``AWS_*`` or
+``BRAINIAC_PSEUDONYM_KEY`` go only when named with ``--forward-env``, and their values are never printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.error
+import urllib.request
+import zipfile
+from base64 import urlsafe_b64encode
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from brainiac.platform.errors import UserError
+
+if TYPE_CHECKING:  # ray is imported lazily: `brainiac --help` must not pay for it
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+__all__ = [
+    "FORWARDED_ENV",
+    "JOBS",
+    "JobPlan",
+    "ProjectWheel",
+    "connect",
+    "follow",
+    "plan_job",
+    "project_wheel",
+    "resolve_address",
+    "submit",
+]
+
+JOBS = ("ingest", "preprocess", "pretrain", "finetune", "evaluate", "promote", "embed")
+"""Jobs ``brainiac submit`` runs on a cluster; each is the ``brainiac`` sub-command of the same name."""
+
+DRIVER_COMPUTE_JOBS = frozenset({"embed", "evaluate"})
+"""Jobs whose driver process runs the model itself: ``--gpus`` reserves GPUs for it and it gets one CPU by default.
+Every other job's driver only orchestrates Ray tasks and actors, which reserve their own resources; it reserves none,
+so a waiting driver never holds a core or a GPU that its own workers need."""
+
+GPU_ARGS: dict[str, Callable[[float], list[str]]] = {
+    "pretrain": lambda n: ["--gpus-per-worker", f"{n:g}"],
+    "finetune": lambda n: ["--set", f"finetune.gpus_per_trial={n:g}"],
+}
+"""How ``--gpus N`` reaches jobs whose GPU work happens in Ray workers: GPUs per Train worker / per Tune trial."""
+
+GPU_CONFLICTS = {"pretrain": ("--gpus-per-worker", "pretrain.use_gpu"), "finetune": ("finetune.gpus_per_trial",)}
+
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "BRAINIAC_CATALOG")
+"""Environment variables passed to every job when set here: where results go. They name locations, not secrets."""
+
+MAX_WHEEL_BYTES = 100 << 20
+"""Ray refuses packages above 100 MiB; the project wheel is a few hundred KiB, so anything near this is a mistake."""
+
+CONNECT_TIMEOUT_S = 5.0
+ENTRYPOINT = "python -m brainiac.platform.cli.main"
+TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SUBMISSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_EPOCH_1980 = (1980, 1, 1, 0, 0, 0)
+_WHEEL_FORMAT = "1"
+"""Bumped when the repacking below changes, so cached wheels built the old way are not reused."""
+
+
+# ----------------------------------------------------------------------------------------------------------- address
+def resolve_address(address: str | None) -> str:
+    """The Jobs API URL: ``address``, else ``$RAY_API_SERVER_ADDRESS`` (Ray's own CLI variable), else ``$RAY_ADDRESS``.
+
+    Raises:
+        UserError: no address, or one that is not an ``http(s)://`` dashboard URL (``host:6379``, ``ray://`` and
+            ``auto`` name the GCS or Ray Client port, which takes no job submissions).
+    """
+    source = "--address"
+    if not address:
+        for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+            if os.environ.get(name):
+                address, source = os.environ[name], name
+                break
+    if not address:
+        raise UserError("no Ray cluster given: pass --address http://HEAD:8265 (the head's dashboard / Jobs API URL)")
+    if not address.startswith(("http://", "https://")):
+        raise UserError(
+            f"{source}={address} is not a Jobs API address: give the head's dashboard URL, e.g. http://HEAD:8265 "
+            "(host:port, ray:// and auto name the GCS / Ray Client port, which takes no job submissions)"
+        )
+    return address.rstrip("/")
+
+
+def auth_headers(token: str | None = None) -> dict[str, str]:
+    """``Authorization: Bearer <token>`` from ``token``, ``$RAY_AUTH_TOKEN`` or the file ``$RAY_AUTH_TOKEN_PATH`` — the
+    header and sources Ray 2.60's own client uses. Without any, Ray's client still adds ``~/.ray/auth_token`` itself
+    when ``RAY_AUTH_MODE=token``."""
+    token = token or os.environ.get("RAY_AUTH_TOKEN")
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and path:
+        try:
+            token = Path(path).expanduser().read_text()
+        except OSError as exc:
+            raise UserError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read: {exc.strerror}") from None
+    token = (token or "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _probe(url: str, headers: dict[str, str], timeout_s: float) -> None:
+    """Fail in seconds, with one line, when ``url`` is not a reachable Ray dashboard (Ray's client has no timeout)."""
+    request = urllib.request.Request(f"{url}/api/version", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            body = resp.read(4096)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise UserError(_auth_message(url, exc.code)) from None
+        raise UserError(
+            f"{url} answered HTTP {exc.code}: is it the Ray head's dashboard (port 8265 by default)?"
+        ) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(
+            f"cannot reach the Ray Jobs API at {url} ({reason}); is the head running, and is this its dashboard port?"
+        ) from None
+    if b"ray_version" not in body:
+        raise UserError(f"{url} is not a Ray dashboard (no ray_version at /api/version)")
+
+
+def _auth_message(url: str, code: int) -> str:
+    if code == 401:
+        return f"the Ray cluster at {url} requires a token: pass --token or set RAY_AUTH_TOKEN"
+    return f"the Ray cluster at {url} rejected the token (HTTP 403): check --token / RAY_AUTH_TOKEN"
+
+
+def connect(address: str | None = None, token: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S):
+    """A :class:`ray.job_submission.JobSubmissionClient` for the cluster, after a quick reachability probe.
+
+    Raises:
+        UserError: no or malformed address, nothing answering there, not a Ray dashboard, or a refused token.
+    """
+    url = resolve_address(address)
+    headers = auth_headers(token)
+    _probe(url, headers, timeout_s)
+    from ray.job_submission import JobSubmissionClient
+
+    with _user_errors(url):
+        return JobSubmissionClient(url, headers=headers)
+
+
+@contextlib.contextmanager
+def _user_errors(url: str, submission_id: str | None = None) -> Iterator[None]:
+    """Turn the Jobs SDK's errors that a user causes (unknown id, taken id, token, lost connection) into one line."""
+    try:
+        yield
+    except (RuntimeError, OSError) as exc:  # the SDK raises RuntimeError for HTTP errors; requests' are OSErrors
+        raise UserError(_sdk_error_line(exc, url, submission_id)) from None
+
+
+def _sdk_error_line(exc: Exception, url: str, submission_id: str | None) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0][:300] if text else type(exc).__name__
+    if "status code 401" in text or "status code 403" in text:
+        return _auth_message(url, 401 if "status code 401" in text else 403)
+    if submission_id and ("does not exist" in text or "status code 404" in text):
+        return f"no job '{submission_id}' on {url}; see: brainiac jobs list --address {url}"
+    if "already exists" in text:
+        return f"submission id '{submission_id}' is already taken on {url}"
+    if isinstance(exc, OSError):
+        return f"lost the connection to {url}: {first}"
+    return f"the Ray Jobs API at {url} refused the request: {first}"
+
+
+def _client_url(client: JobSubmissionClient) -> str:
+    return getattr(client, "_address", "the Ray cluster")
+
+
+# ------------------------------------------------------------------------------------------------------------- wheel
+@dataclass(frozen=True)
+class ProjectWheel:
+    """The dependency-free wheel of this project that a job installs on the cluster."""
+
+    path: Path
+    digest: str
+    """sha256 of the package sources it was built from."""
+    cached: bool
+    """True when an earlier build was reused."""
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where the wheel's contents come from: a source tree (built with pip) or an installed distribution (repacked)."""
+
+    name: str
+    version: str
+    files: dict[str, Path]
+    """Relative name → file: source-tree paths, or ``brainiac/...`` paths of an installed distribution."""
+    root: Path | None = None
+    """The source tree (where pyproject.toml is), None for an installed distribution."""
+    metadata: str = ""
+    entry_points: str | None = None
+
+    def digest(self) -> str:
+        h = hashlib.sha256(f"{_WHEEL_FORMAT}\0{self.name}\0{self.version}\0".encode())
+        for rel in sorted(self.files):
+            data = self.files[rel].read_bytes()
+            h.update(f"{rel}\0{len(data)}\0".encode())
+            h.update(data)
+        return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """``$BRAINIAC_CACHE_DIR``, else ``$XDG_CACHE_HOME/brainiac``, else ``~/.cache/brainiac``."""
+    if os.environ.get("BRAINIAC_CACHE_DIR"):
+        return Path(os.environ["BRAINIAC_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "brainiac"
+
+
+def _skip(path: Path) -> bool:
+    return any(part == "__pycache__" or part.startswith(".") for part in path.parts) or path.suffix in (".pyc", ".pyo")
+
+
+def _source_tree() -> _Source | None:
+    """The project's source tree, found from where ``brainiac.platform.cli`` is imported from (never from the CWD)."""
+    import brainiac.platform.cli as cli_pkg
+
+    root = Path(cli_pkg.__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file():
+        return None
+    meta = tomllib.loads(pyproject.read_text())
+    project = meta.get("project", {})
+    if project.get("name") != "brainiac":
+        return None
+    files = {"pyproject.toml": pyproject}
+    readme = project.get("readme")
+    readme = readme.get("file") if isinstance(readme, dict) else readme
+    for extra in (readme, "setup.py", "setup.cfg", "MANIFEST.in"):
+        if extra and (root / extra).is_file():
+            files[extra] = root / extra
+    package_dirs = set(meta.get("tool", {}).get("setuptools", {}).get("package-dir", {}).values())
+    for folder in sorted(package_dirs):
+        for path in sorted((root / folder).rglob("*")):
+            rel = path.relative_to(root)
+            if path.is_file() and not _skip(rel):
+                files[rel.as_posix()] = path
+    return _Source("brainiac", str(project.get("version", "0")), files, root=root)
+
+
+def _installed_distribution() -> _Source:
+    """The installed (non-editable) ``brainiac`` distribution, repacked file by file."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("brainiac")
+    except PackageNotFoundError:
+        raise UserError("brainiac is neither installed nor run from its source tree; cannot build a wheel") from None
+    files = {}
+    for f in dist.files or ():
+        rel = Path(str(f))
+        if rel.parts and rel.parts[0] == "brainiac" and not _skip(rel):
+            files[rel.as_posix()] = Path(str(f.locate()))
+    if not files:
+        raise UserError("the installed brainiac distribution lists no package files; reinstall it")
+    return _Source(
+        "brainiac", dist.version.split("+")[0], files,
+        metadata=dist.read_text("METADATA") or "", entry_points=dist.read_text("entry_points.txt"),
+    )  # fmt: skip
+
+
+def _strip_metadata(text: str, version: str) -> str:
+    """Core metadata without dependencies (``Requires-Dist``/``Provides-Extra``) or description, at ``version``."""
+    out: list[str] = []
+    dropping = False
+    for line in text.split("\n"):
+        if not line.strip():
+            break  # the header ends at the first blank line; the body is the README
+        if line[0] in " \t":  # continuation of the previous field
+            if not dropping:
+                out.append(line)
+            continue
+        key = line.split(":", 1)[0].strip().lower()
+        dropping = key in ("requires-dist", "provides-extra", "version", "description")
+        if key == "version":
+            out.append(f"Version: {version}")
+        elif not dropping:
+            out.append(line)
+    return "\n".join(out) + "\n\n"
+
+
+def _write_wheel(path: Path, dist_info: str, entries: Iterable[tuple[str, bytes]]) -> None:
+    """A wheel with a fresh RECORD and fixed timestamps (same content → same bytes)."""
+    record = []
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries:
+            zf.writestr(zipfile.ZipInfo(name, _EPOCH_1980), data, compress_type=zipfile.ZIP_DEFLATED)
+            digest = urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{name},sha256={digest},{len(data)}")
+        record.append(f"{dist_info}/RECORD,,")
+        zf.writestr(zipfile.ZipInfo(f"{dist_info}/RECORD", _EPOCH_1980), "\n".join(record) + "\n")
+
+
+def _build_from_tree(src: _Source, version: str, out: Path, tmp: Path) -> None:
+    """``pip wheel`` on a copy of the sources (so no build/ or egg-info lands in the checkout), then repack it."""
+    copy = tmp / "src"
+    for rel, path in src.files.items():
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, copy / rel)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir", "-q",
+           "-w", str(tmp / "dist"), str(copy)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    built = sorted((tmp / "dist").glob("*.whl"))
+    if proc.returncode != 0 or len(built) != 1:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel produced"]
+        raise UserError(f"building the project wheel from {src.root} failed: {last[0]}")
+    new_info = f"{src.name}-{version}.dist-info"
+    entries = []
+    with zipfile.ZipFile(built[0]) as zin:
+        for name in zin.namelist():
+            top, _, rest = name.partition("/")
+            if top.endswith(".dist-info"):
+                if rest == "RECORD":
+                    continue
+                data = zin.read(name)
+                if rest == "METADATA":
+                    data = _strip_metadata(data.decode(), version).encode()
+                entries.append((f"{new_info}/{rest}", data))
+            else:
+                entries.append((name, zin.read(name)))
+    _write_wheel(out, new_info, entries)
+
+
+def _build_from_distribution(src: _Source, version: str, out: Path) -> None:
+    info = f"{src.name}-{version}.dist-info"
+    wheel_file = (
+        "Wheel-Version: 1.0\nGenerator: brainiac.platform.jobs_client\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
+    entries = [(rel, path.read_bytes()) for rel, path in sorted(src.files.items())]
+    entries.append((f"{info}/METADATA", _strip_metadata(src.metadata, version).encode()))
+    entries.append((f"{info}/WHEEL", wheel_file.encode()))
+    if src.entry_points:
+        entries.append((f"{info}/entry_points.txt", src.entry_points.encode()))
+    _write_wheel(out, info, entries)
+
+
+def project_wheel(cache: Path | None = None) -> ProjectWheel:
+    """This project as a dependency-free wheel, built once per source hash and cached.
+
+    Raises:
+        UserError: the build failed, or the wheel is over :data:`MAX_WHEEL_BYTES` (data files in a package folder?).
+    """
+    src = _source_tree() or _installed_distribution()
+    digest = src.digest()
+    version = f"{src.version}+src.{digest[:12]}"
+    folder = Path(cache or cache_dir()) / "wheels"
+    target = folder / f"{src.name}-{version}-py3-none-any.whl"
+    if target.is_file():
+        return ProjectWheel(target, digest, cached=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="brainiac-wheel-") as tmp:
+        out = Path(tmp) / target.name
+        if src.root is not None:
+            _build_from_tree(src, version, out, Path(tmp))
+        else:
+            _build_from_distribution(src, version, out)
+        size = out.stat().st_size
+        if size > MAX_WHEEL_BYTES:
+            raise UserError(
+                f"the project wheel is {size / 2**20:.0f} MiB (Ray's limit is {MAX_WHEEL_BYTES >> 20} MiB): "
+                "move data files out of the package folders"
+            )
+        partial = folder / f".{target.name}.{os.getpid()}"
+        shutil.copyfile(out, partial)
+        os.replace(partial, target)  # atomic: a concurrent submit sees the whole wheel or none
+    return ProjectWheel(target, digest, cached=False)
+
+
+# ------------------------------------------------------------------------------------------------------------ submit
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything :func:`submit` sends: built without a cluster, so it can be shown and tested."""
+
+    job: str
+    submission_id: str
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    entrypoint_num_cpus: float
+    entrypoint_num_gpus: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def env_names(self) -> list[str]:
+        """Names (never values) of the environment variables the job receives."""
+        return sorted(self.runtime_env.get("env_vars", {}))
+
+
+def default_submission_id(job: str) -> str:
+    """``brainiac-<job>-<UTC time>-<4 hex>``: sortable, greppable, unique enough for humans to retype."""
+    return f"brainiac-{job}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
+
+
+def check_job(job: str) -> str:
+    if job not in JOBS:
+        raise UserError(f"unknown job '{job}'; jobs: {', '.join(JOBS)}")
+    return job
+
+
+def plan_job(
+    job: str,
+    args: Iterable[str] = (),
+    *,
+    wheel: ProjectWheel,
+    gpus: float = 0.0,
+    cpus: float | None = None,
+    submission_id: str | None = None,
+    forward_env: Iterable[str] = (),
+    environ: dict[str, str] | None = None,
+) -> JobPlan:
+    """The submission of ``brainiac JOB ARGS`` to a cluster.
+
+    Args:
+        job: one of :data:`JOBS`.
+        args: the job's own command-line arguments.
+        wheel: the project wheel (:func:`project_wheel`), shipped in ``py_modules``.
+        gpus: GPUs per compute process: per pretrain worker (``--gpus-per-worker``), per finetune trial
+            (``finetune.gpus_per_trial``), or reserved for the driver of embed/evaluate. ingest, preprocess and
+            promote use none.
+        cpus: CPUs reserved for the driver; default 1 for embed/evaluate (their driver computes), else 0.
+        submission_id: default :func:`default_submission_id`.
+        forward_env: further variables to pass (secrets among them); each must be set in ``environ``.
+        environ: the submitter's environment (default ``os.environ``).
+
+    Raises:
+        UserError: unknown job, GPUs for a job that uses none, ``--gpus`` and the job's own GPU flag together, a bad
+            submission id, or a ``--forward-env`` name that is malformed or not set.
+    """
+    check_job(job)
+    args = list(args)
+    environ = dict(os.environ if environ is None else environ)
+    if gpus < 0 or (cpus is not None and cpus < 0):
+        raise UserError("--gpus and --cpus must be >= 0")
+    driver_gpus = 0.0
+    if gpus > 0:
+        if job in GPU_ARGS:
+            clash = [a for a in args for key in GPU_CONFLICTS[job] if key in a]
+            if clash:
+                raise UserError(f"give either --gpus or the job's own {clash[0].split('=')[0]}, not both")
+            args += GPU_ARGS[job](gpus)
+        elif job in DRIVER_COMPUTE_JOBS:
+            driver_gpus = gpus
+        else:
+            raise UserError(f"{job} uses no GPU; drop --gpus")
+    driver_cpus = cpus if cpus is not None else (1.0 if job in DRIVER_COMPUTE_JOBS else 0.0)
+    submission_id = submission_id or default_submission_id(job)
+    if not _SUBMISSION_ID.match(submission_id):
+        raise UserError(f"submission id '{submission_id}' must be 1-128 letters, digits, '.', '_' or '-'")
+    env_vars = {name: environ[name] for name in FORWARDED_ENV if environ.get(name)}
+    for name in forward_env:
+        if not _ENV_NAME.match(name):
+            raise UserError(f"--forward-env takes a variable name, got '{name}'")
+        if name not in environ:
+            raise UserError(f"--forward-env {name}: {name} is not set in this environment")
+        env_vars[name] = environ[name]
+    runtime_env: dict[str, Any] = {"py_modules": [str(wheel.path)]}
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    return JobPlan(
+        job=job,
+        submission_id=submission_id,
+        entrypoint=f"{ENTRYPOINT} {shlex.join([job, *args])}".strip(),
+        runtime_env=runtime_env,
+        entrypoint_num_cpus=float(driver_cpus),
+        entrypoint_num_gpus=float(driver_gpus),
+        metadata={"brainiac_job": job, "brainiac_wheel": wheel.path.name},
+    )
+
+
+def submit(client: JobSubmissionClient, plan: JobPlan) -> str:
+    """Submit ``plan``; returns the submission id. A taken id or refused request is a :class:`UserError`."""
+    with _user_errors(_client_url(client), plan.submission_id):
+        return client.submit_job(
+            entrypoint=plan.entrypoint,
+            submission_id=plan.submission_id,
+            runtime_env=plan.runtime_env,
+            metadata=plan.metadata,
+            entrypoint_num_cpus=plan.entrypoint_num_cpus,
+            entrypoint_num_gpus=plan.entrypoint_num_gpus,
+        )
+
+
+# ------------------------------------------------------------------------------------------------- follow and query
+def job_info(client: JobSubmissionClient, submission_id: str):
+    """The job's details (status, message, times, entrypoint); an unknown id is a :class:`UserError`."""
+    with _user_errors(_client_url(client), submission_id):
+        return client.get_job_info(submission_id)
+
+
+def job_logs(client: JobSubmissionClient, submission_id: str) -> str:
+    with _user_errors(_client_url(client), submission_id):
+        return client.get_job_logs(submission_id)
+
+
+def list_jobs(client: JobSubmissionClient) -> list:
+    """Every job the cluster knows, oldest first."""
+    with _user_errors(_client_url(client)):
+        jobs = client.list_jobs()
+    return sorted(jobs, key=lambda j: (j.start_time or 0, j.submission_id or ""))
+
+
+def stop_job(client: JobSubmissionClient, submission_id: str) -> bool:
+    """Ask the job to stop (SIGTERM, then SIGKILL after Ray's grace period). False if it had already ended."""
+    with _user_errors(_client_url(client), submission_id):
+        return client.stop_job(submission_id)
+
+
+async def _stream(client: JobSubmissionClient, submission_id: str, write: Callable[[str], object], done: list[int]):
+    """Write log chunks from Ray's log websocket until the job ends; ``done[0]`` counts the characters written."""
+    async for chunk in client.tail_job_logs(submission_id):
+        write(chunk)
+        done[0] += len(chunk)
+
+
+def follow(
+    client: JobSubmissionClient,
+    submission_id: str,
+    write: Callable[[str], object] | None = None,
+    poll_s: float = 1.0,
+) -> JobStatus:
+    """Print the job's logs as they come until it ends; returns its terminal status.
+
+    Streams over Ray's log websocket; where that fails (a proxy without websockets, a dropped connection) it polls
+    the whole log and prints what is new.
+    """
+    write = write or _stdout
+    job_info(client, submission_id)  # an unknown id fails here, with one line
+    done = [0]
+    sdk_log = logging.getLogger("ray.dashboard.modules.job.sdk")
+    level = sdk_log.level
+    sdk_log.setLevel(logging.WARNING)  # not "WebSocket closed ... close code 1000" after every job
+    try:
+        asyncio.run(_stream(client, submission_id, write, done))
+        streamed = True
+    except Exception:
+        streamed = False
+    finally:
+        sdk_log.setLevel(level)
+    while True:
+        status = job_info(client, submission_id).status
+        if not streamed:
+            logs = job_logs(client, submission_id)
+            if len(logs) > done[0]:
+                write(logs[done[0] :])
+                done[0] = len(logs)
+        if str(status) in TERMINAL:
+            return status
+        time.sleep(poll_s)
+
+
+def _stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
