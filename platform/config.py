@@ -28,9 +28,9 @@ import yaml
 
 from brainiac.ingestion.preprocess.config import PreprocessConfig
 from brainiac.ingestion.splits_config import SplitConfig
+from brainiac.jobs.quickstart.config import QuickstartConfig
 from brainiac.models.config import AugmentConfig, BackboneConfig, ProjectionConfig, SSLConfig
 from brainiac.models.finetune_config import FinetuneConfig
-from brainiac.jobs.quickstart.config import QuickstartConfig
 from brainiac.models.promote_config import PromoteConfig
 from brainiac.models.train_config import OptimConfig, PatchConfig, PretrainConfig
 from brainiac.platform.errors import ConfigError
