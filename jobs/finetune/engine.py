@@ -51,10 +51,10 @@ def finetune_augment() -> AugmentConfig:
 def _augment_segmentation(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Flips applied to image and mask alike (a mask is only ever moved by whole voxels: nearest-neighbour), then
     intensity changes (contrast, noise) on the image alone."""
-    for axis in (2, 3, 4):
+    for axis in (2, 3, 4):  # spatial axes of the image (b, C, D, H, W); the mask (b, D, H, W) has them one lower
         flip = torch.rand(x.shape[0], generator=g) < 0.5
         if flip.any():
-            x[flip] = x[flip].flip(axis - 1)
+            x[flip] = x[flip].flip(axis)
             y[flip] = y[flip].flip(axis - 1)
     scale = 1 + 0.2 * (torch.rand(x.shape[0], 1, 1, 1, 1, generator=g) - 0.5)
     return x * scale + 0.05 * torch.randn(x.shape, generator=g), y

@@ -306,3 +306,18 @@ def test_load_encoder_takes_an_official_checkpoint_file_through_the_key_map(tmp_
     _check_equal(encoder, vit)
     with pytest.raises(UserError, match="pooling"):
         load_encoder(str(path), backbone=BackboneConfig.tiny("vit", pooling="cls"))
+
+
+def test_segmentation_augmentation_moves_image_and_mask_together() -> None:
+    """Every flip moves image and mask along the same spatial axis (an image flipped along another axis than its mask
+    trains the segmenter on wrong labels)."""
+    from brainiac.jobs.finetune.engine import _augment_segmentation
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.zeros(16, 8, 10, 12, dtype=torch.uint8)
+    y[:, 1:3, 2:7, 8:11] = 1  # an asymmetric block: every flip moves it
+    x = (y.float() * 10).unsqueeze(1).repeat(1, 2, 1, 1, 1)  # two channels, both showing the mask
+    ax, ay = _augment_segmentation(x.clone(), y.clone(), g)
+    assert (ay != y).any(), "no sample was flipped"
+    for channel in range(2):
+        assert torch.equal(ax[:, channel] > 5, ay.bool())

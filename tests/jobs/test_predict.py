@@ -1,0 +1,292 @@
+"""``brainiac predict``: the preprocess config travels from the catalog to the registered model; a segmentation mask
+comes back on the input's own grid (odd orientation, anisotropic voxels) over the tumour; regression and multiclass
+results print with their units and land in JSON; the sequence check; user errors are one line with exit status 2."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from brainiac.jobs.predict import model_preprocess_config, preprocess_file
+from brainiac.platform.cli.main import main
+from brainiac.platform.config import load_config
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A model registry of this module's own: a ``champion`` set here never reaches other tests."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('predict-registry') / 'mlflow.db'}"
+    _experiment(uri)  # creates the store up front, so later calls log nothing about it
+    return uri
+
+
+def _experiment(registry: str) -> str:
+    """The tiny config's experiment in ``registry``, artifacts beside the sqlite file (never ./mlruns in the CWD)."""
+    from brainiac.platform.tracking import ensure_experiment
+
+    return ensure_experiment(load_config("tiny", [f"tracking.uri={registry}"]).tracking)
+
+
+def _finetune_config(pipeline, registry: str, storage: Path, *overrides: str):
+    return load_config(
+        "tiny",
+        [
+            f"catalog.uri={pipeline.root / 'catalog'}",
+            f"tracking.uri={registry}",
+            # Pinned: other tests add newer, partial preprocess versions to the shared catalog.
+            f"patches.preprocess_version={pipeline.volumes.preprocess_version}",
+            f"finetune.storage_path={storage}",
+            "finetune.strategy=scratch",
+            "finetune.bootstrap=100",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def segmenter(pipeline, registry, tmp_path_factory):
+    """A UNETR trained from scratch on the tiny cohort's BraTS FLAIRs (train split: 3 cases), registered as
+    segmentation@champion."""
+    from brainiac.jobs.finetune.run import finetune
+
+    # No augmentation: 30 epochs on 3 cases converge faster without it (and it once flipped image and mask apart).
+    cfg = _finetune_config(pipeline, registry, tmp_path_factory.mktemp("seg-runs"), "finetune.task=segmentation",
+                           "finetune.max_epochs=30", "finetune.lr=0.002", "finetune.batch_size=2",
+                           "finetune.augment=false", "finetune.alias=champion")  # fmt: skip
+    return finetune(cfg, progress=False)
+
+
+def _reorient_anisotropic(img: nib.Nifti1Image, axcodes: tuple[str, str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """The same voxels in another axis order and direction, every other slice of the last axis (spacing doubled); the
+    affine follows, so each kept voxel stays where it was in millimetres."""
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(img.affine), nib.orientations.axcodes2ornt(axcodes)
+    )
+    data = nib.orientations.apply_orientation(np.asanyarray(img.dataobj), ornt)
+    affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
+    return np.ascontiguousarray(data[:, :, ::2]), affine @ np.diag([1.0, 1.0, 2.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def odd_flair(pipeline, tmp_path_factory) -> dict[str, Path]:
+    """A training-split BraTS FLAIR and its tumour mask, both moved to PIR axes with 2x thicker slices."""
+    catalog = pipeline.catalog
+    seed = pipeline.config.splits.seed
+    rows = catalog.sql(
+        "SELECT s.source_uri, s.scan_id FROM scans s JOIN splits p ON s.subject_id = p.subject_id "
+        f"WHERE s.dataset = 'synth-brats' AND s.sequence = 'FLAIR' AND p.split = 'train' AND p.seed = {seed} "
+        "ORDER BY s.source_uri LIMIT 1"
+    ).to_pylist()
+    assert rows, "the tiny cohort has a BraTS subject in the train split"
+    source = Path(rows[0]["source_uri"])
+    truth = pipeline.truth
+    row = truth[[source.as_posix().endswith(p) for p in truth["path"]]].iloc[0]
+    label = pipeline.cohort.out_dir / "_truth" / row["label_path"]
+    out = tmp_path_factory.mktemp("odd")
+    flair = nib.load(source)
+    data, affine = _reorient_anisotropic(flair, ("P", "I", "R"))
+    image = nib.Nifti1Image(data.astype(np.int16), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, out / "flair_pir.nii.gz")
+    mask, mask_affine = _reorient_anisotropic(nib.load(label), ("P", "I", "R"))
+    np.testing.assert_allclose(mask_affine, affine)
+    nib.save(nib.Nifti1Image((mask > 0).astype(np.uint8), mask_affine), out / "truth_pir.nii.gz")
+    return {"flair": out / "flair_pir.nii.gz", "truth": out / "truth_pir.nii.gz", "source": source,
+            "scan_id": rows[0]["scan_id"]}  # fmt: skip
+
+
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    """Binary dilation by ``steps`` voxels (6-connected), in numpy."""
+    out = mask.copy()
+    for _ in range(steps):
+        grown = out.copy()
+        for axis in range(3):
+            grown |= np.roll(out, 1, axis) | np.roll(out, -1, axis)
+        out = grown
+    return out
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.timeout(900)
+def test_preprocess_records_its_config_once_and_it_rebuilds_the_catalog_volume(pipeline):
+    from brainiac.ingestion.prepare import preprocess_config_of, record_preprocess_config
+
+    version = pipeline.volumes.preprocess_version
+    rows = pipeline.catalog.select("preprocess_configs").to_pylist()
+    assert [r["preprocess_version"] for r in rows].count(version) == 1
+    cfg = preprocess_config_of(pipeline.catalog, version)
+    assert cfg is not None and cfg.version() == version and cfg == pipeline.config.preprocess
+    assert preprocess_config_of(pipeline.catalog, "no-such-version") is None
+    assert record_preprocess_config(pipeline.catalog, cfg) is False  # idempotent: MERGE on the version
+    assert pipeline.catalog.select("preprocess_configs").num_rows == len(rows)
+    # The recorded config rebuilds a catalog volume from its raw file, voxel for voxel.
+    scan = pipeline.catalog.sql(
+        "SELECT s.source_uri, v.fixed, v.fixed_shape FROM scans s JOIN volumes v ON s.scan_id = v.scan_id "
+        f"WHERE v.preprocess_version = '{version}' AND s.sequence = 'FLAIR' AND s.dataset = 'synth-brats' LIMIT 1"
+    ).to_pylist()[0]
+    from brainiac.ingestion.volumes import decode_array
+
+    _, result = preprocess_file(scan["source_uri"], cfg)
+    np.testing.assert_array_equal(result.fixed, decode_array(scan["fixed"], scan["fixed_shape"], "float16"))
+
+
+@pytest.mark.timeout(1800)
+def test_segmentation_mask_is_on_the_input_grid_and_over_the_tumour(pipeline, registry, segmenter, odd_flair,
+                                                                    tmp_path, capsys):  # fmt: skip
+    client = mlflow.MlflowClient(registry, registry_uri=registry)
+    version = client.get_model_version_by_alias("brainiac-segmentation", "champion")
+    recorded = model_preprocess_config(version, registry)
+    assert recorded is not None and recorded.version() == pipeline.volumes.preprocess_version
+
+    out = tmp_path / "out"
+    code, stdout, _ = _run(["predict", "--model", "models:/brainiac-segmentation@champion", str(odd_flair["flair"]),
+                            "--out", str(out), "--set", f"tracking.uri={registry}"], capsys)  # fmt: skip
+    assert code == 0, stdout
+    assert "no models:/brainiac-sequence@champion" in stdout  # no sequence model here: said once, not an error
+    assert "tumour volume" in stdout and " mL" in stdout
+
+    image = nib.load(odd_flair["flair"])
+    mask_img = nib.load(out / "flair_pir_mask.nii.gz")
+    assert mask_img.shape == image.shape
+    np.testing.assert_array_equal(mask_img.affine, image.affine)
+    np.testing.assert_array_equal(mask_img.get_qform(), image.get_qform())
+    np.testing.assert_array_equal(mask_img.get_sform(), image.get_sform())
+    assert int(mask_img.header["qform_code"]) == 1 and int(mask_img.header["sform_code"]) == 1
+    assert nib.aff2axcodes(mask_img.affine) == ("P", "I", "R")
+
+    predicted = np.asanyarray(mask_img.dataobj) > 0
+    truth = np.asanyarray(nib.load(odd_flair["truth"]).dataobj) > 0
+    assert predicted.any() and truth.any()
+    dice = 2 * np.count_nonzero(predicted & truth) / (np.count_nonzero(predicted) + np.count_nonzero(truth))
+    near = np.count_nonzero(predicted & _dilate(truth, 2)) / np.count_nonzero(predicted)
+    assert dice > 0.5 and near > 0.7, (dice, near)  # 0.83 when written (PIR, 3x3x6 mm)
+
+    result = json.loads((out / "flair_pir.json").read_text())
+    voxel_ml = abs(np.linalg.det(image.affine[:3, :3])) / 1000
+    assert result["task"] == "segmentation" and result["mask_path"] == str(out / "flair_pir_mask.nii.gz")
+    assert result["tumour_volume_ml"] == pytest.approx(np.count_nonzero(predicted) * voxel_ml)
+    assert result["preprocess_version"] == pipeline.volumes.preprocess_version
+
+
+@pytest.mark.timeout(1800)
+def test_regression_prints_the_value_with_units_and_writes_json(pipeline, registry, tmp_path, capsys):
+    from brainiac.jobs.finetune.run import finetune
+
+    cfg = _finetune_config(pipeline, registry, tmp_path / "runs", "finetune.task=brain_age", "finetune.max_epochs=1")
+    s = finetune(cfg, progress=False)
+    t1 = pipeline.catalog.sql(
+        "SELECT source_uri FROM scans WHERE sequence = 'T1w' AND dataset = 'synth-lifespan-bids' ORDER BY source_uri "
+        "LIMIT 2"
+    )["source_uri"].to_pylist()
+    out = tmp_path / "out"
+    code, stdout, _ = _run(["predict", "--model", s.model_uri, *t1, "--out", str(out), "--set",
+                            f"tracking.uri={registry}", "--no-sequence-check"], capsys)  # fmt: skip
+    assert code == 0, stdout
+    assert stdout.count("brain age ") == 2 and stdout.count(" years") >= 2
+    for path in t1:
+        stem = Path(path).name.removesuffix(".gz").removesuffix(".nii")
+        result = json.loads((out / f"{stem}.json").read_text())
+        assert result["task"] == "brain_age" and result["units"] == "years" and np.isfinite(result["value"])
+        assert f"brain age {result['value']:.1f} years" in stdout
+        assert result["inputs"] == {"T1w": str(Path(path).resolve())}
+
+
+def _register_constant_sequence_model(registry: str, preprocess_cfg, alias: str) -> str:
+    """A real registered model that calls every input T1w (p ≈ 1), with the recorded preprocessing of a task model."""
+    size = preprocess_cfg.fixed_size
+    model = nn.Sequential(nn.Flatten(), nn.Linear(size**3, 4))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([12.0, 0.0, 0.0, 0.0]))  # classes: T1w, T2w, FLAIR, T1ce
+    mlflow.set_tracking_uri(registry)
+    mlflow.set_registry_uri(registry)
+    client = mlflow.MlflowClient(registry, registry_uri=registry)
+    with mlflow.start_run(run_name="constant-sequence-model", experiment_id=_experiment(registry)) as run:
+        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                        pip_requirements=["torch"])  # fmt: skip
+        mlflow.log_dict(preprocess_cfg.to_dict(), "model/preprocess.json")
+    name = "brainiac-sequence"
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name)
+    version = client.create_model_version(
+        name,
+        source=info.model_uri,
+        run_id=run.info.run_id,
+        tags={"task": "sequence", "preprocess_version": preprocess_cfg.version()},
+    )
+    client.set_registered_model_alias(name, alias, version.version)
+    return f"models:/{name}@{alias}"
+
+
+@pytest.mark.timeout(1800)
+def test_sequence_check_rejects_a_confidently_other_sequence(pipeline, registry, segmenter, odd_flair, tmp_path,
+                                                             capsys):  # fmt: skip
+    from brainiac.ingestion.prepare import preprocess_config_of
+
+    client = mlflow.MlflowClient(registry, registry_uri=registry)
+    uri = _register_constant_sequence_model(
+        registry, preprocess_config_of(pipeline.catalog, pipeline.volumes.preprocess_version), "champion"
+    )
+    capsys.readouterr()  # MLflow's own warnings while logging it are not predict's output
+    try:
+        base = ["--out", str(tmp_path / "out"), "--set", f"tracking.uri={registry}"]
+        code, _, err = _run(["predict", "--model", segmenter.model_uri, str(odd_flair["flair"]), *base], capsys)
+        assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert "looks like T1w" in err and "--no-sequence-check" in err
+        code, stdout, _ = _run(["predict", "--model", segmenter.model_uri, str(odd_flair["flair"]), *base,
+                                "--no-sequence-check"], capsys)  # fmt: skip
+        assert code == 0 and "tumour volume" in stdout
+        # The sequence model itself is a multiclass task model: class and probabilities, no check of its own input.
+        code, stdout, _ = _run(["predict", "--model", uri, str(odd_flair["flair"]), *base], capsys)
+        assert code == 0 and "sequence T1w (T1w 1.00" in stdout
+        result = json.loads((tmp_path / "out" / "flair_pir.json").read_text())
+        assert result["label"] == "T1w" and sum(result["probabilities"].values()) == pytest.approx(1.0)
+    finally:
+        client.delete_registered_model_alias("brainiac-sequence", "champion")
+
+
+def test_user_errors_are_one_line_and_exit_2(registry, tmp_path, capsys):
+    client = mlflow.MlflowClient(registry, registry_uri=registry)
+    run = client.create_run(_experiment(registry))
+    for name, tags in (("brainiac-idh", {"task": "idh"}), ("brainiac-untagged", {}),
+                       ("brainiac-brain_age", {"task": "brain_age"})):  # fmt: skip
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # already there from another test
+            client.create_registered_model(name)
+        v = client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
+                                        tags=tags)  # fmt: skip
+        client.set_registered_model_alias(name, "bare", v.version)
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8), dtype=np.float32), np.eye(4)), scan)
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("not an image\n")
+    base = ["--out", str(tmp_path / "out"), "--set", f"tracking.uri={registry}"]
+    cases = [
+        (["--model", "models:/brainiac-idh@bare", str(tmp_path / "missing.nii.gz")], "does not exist"),
+        (["--model", "models:/brainiac-idh@bare", str(text)], "is not a readable NIfTI file"),
+        (["--model", "models:/brainiac-idh@bare", "--t1ce", str(scan)], "task idh needs --flair"),
+        (["--model", "models:/brainiac-idh@bare", str(scan)], "takes one scan per sequence"),
+        (["--model", "models:/brainiac-nope@champion", str(scan)], "cannot find models:/brainiac-nope@champion"),
+        (["--model", "models:/brainiac-untagged@bare", str(scan)], "not a fine-tuned task model"),
+        (["--model", "models:/brainiac-brain_age@bare", str(scan)], "records no preprocess config; re-register"),
+    ]
+    for argv, needle in cases:
+        code, _, err = _run(["predict", *argv, *base], capsys)
+        assert code == 2, (argv, err)
+        assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "out").exists()  # nothing written for a refused request
