@@ -300,7 +300,7 @@ def finetune(cfg: Config, *, progress: bool = True) -> FinetuneSummary:
 
     experiment_id = ensure_experiment(cfg.tracking)
     uri = use_tracking(cfg.tracking)
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     name = dt.datetime.now(dt.UTC).strftime(f"finetune-{spec.name}-{f.strategy}-%Y%m%d-%H%M%S")
     parent = client.create_run(experiment_id, run_name=name, tags={
         "brainiac.job": "finetune", "brainiac.task": spec.name, "brainiac.strategy": f.strategy,

@@ -179,7 +179,7 @@ def _mlflow_run(cfg: Config, run_name: str, selection: PretrainSelection, catalo
 
     experiment_id = ensure_experiment(cfg.tracking)
     uri = use_tracking(cfg.tracking)
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
@@ -236,7 +236,7 @@ def _register(cfg: Config, uri: str, run_id: str, encoder_dir: Path, selection: 
     """Log the encoder under the run and register it; returns ``(models:/NAME@ALIAS or runs:/ URI, version)``."""
     import mlflow
 
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     client.log_artifacts(run_id, str(encoder_dir), "encoder")
     source = f"{client.get_run(run_id).info.artifact_uri}/encoder"
     name = cfg.pretrain.register_as
@@ -264,7 +264,7 @@ def _loss_plot(uri: str, run_id: str, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
     import mlflow
 
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     keys = [("train/loss", "NT-Xent loss"), ("train/top1", "positive-pair top-1 (batch)"),
             ("train/data_wait_fraction", "data-wait fraction")]  # fmt: skip
     fig, axes = plt.subplots(1, len(keys), figsize=(12, 3.2))
@@ -349,7 +349,7 @@ def pretrain(cfg: Config, *, progress: bool = True) -> PretrainSummary:
     )
     import mlflow
 
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     try:
         result = _fit_with_progress(trainer, monitor, pcfg.max_steps, progress)
     except ray.train.TrainingFailedError as exc:

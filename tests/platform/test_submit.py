@@ -267,7 +267,8 @@ def test_submit_ingest_preprocess_pretrain_on_a_real_head(tmp_path, wheel_cache,
 
         from mlflow import MlflowClient
 
-        tracking = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        tracking = MlflowClient(store, registry_uri=store)  # not the registry an earlier test made global
         runs = tracking.search_runs([e.experiment_id for e in tracking.search_experiments()])
         (run_id,) = [r.info.run_id for r in runs if r.info.run_name == "submitted" and r.info.status == "FINISHED"]
         assert tracking.get_model_version_by_alias("brainiac-encoder", "candidate").run_id == run_id
