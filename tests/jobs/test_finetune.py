@@ -104,7 +104,7 @@ def test_tune_sweep_logs_child_runs_and_registers_a_challenger(pipeline, tmp_pat
     assert (
         s.test["balanced_accuracy"]["low"] <= s.test["balanced_accuracy"]["mean"] <= s.test["balanced_accuracy"]["high"]
     )
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     parent = client.get_run(s.mlflow_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["brainiac.task"] == "sequence"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.mlflow_run_id}'")
@@ -157,7 +157,7 @@ def test_evaluate_scores_the_challenger_with_cis_robustness_and_saliency(pipelin
     assert {r["artifact"] for r in s.robustness} == set(ARTIFACTS)
     clean = [r for r in s.robustness if r["strength"] == 0]
     assert all(r["balanced_accuracy"] == pytest.approx(v["value"]) for r in clean)  # strength 0 = the clean input
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     artifacts = {
         a.path for folder in ("robustness", "saliency") for a in client.list_artifacts(s.mlflow_run_id, folder)
     }

@@ -22,7 +22,7 @@ HERE = Path(__file__).parent
 
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float, int]]:
     """(step, value, timestamp) of one metric, in logging order."""
-    points = mlflow.MlflowClient(uri).get_metric_history(run_id, key)
+    points = mlflow.MlflowClient(uri, registry_uri=uri).get_metric_history(run_id, key)
     return sorted(((m.step, m.value, m.timestamp) for m in points), key=lambda p: (p[2], p[0]))
 
 
@@ -49,7 +49,7 @@ def test_pretrain_registers_an_encoder_that_beats_random_init(pipeline):
     assert (ckpt / "encoder" / "encoder.pt").is_file() and (ckpt / "encoder" / "backbone.yaml").is_file()
 
     # MLflow: the full config as params, per-step metrics from rank 0 only, eval metrics, the loss plot.
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     run = client.get_run(s.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.hidden_size"] == "48" and run.data.params["pretrain.num_workers"] == "2"
