@@ -185,8 +185,8 @@ def _test(spec: TaskSpec, data: TaskData, paths: list[str], cfg: Config, backbon
     import torch
 
     from brainiac.jobs.finetune.engine import TargetScale, predict, score
+    from brainiac.jobs.finetune.evaluate import metric_cis
     from brainiac.models.backbones import build_backbone
-    from brainiac.models.tasks.metrics import bootstrap_ci
     from brainiac.models.tasks.model import build_task_model
 
     test = data.indices("test")
@@ -203,19 +203,13 @@ def _test(spec: TaskSpec, data: TaskData, paths: list[str], cfg: Config, backbon
         predictions.append(p)
         per_seed.append(score(spec, p, y, raw))
         first = first or (model, scale)
-    mean_prediction = np.mean(predictions, axis=0)
+    cis = metric_cis(spec, np.mean(predictions, axis=0), y, raw, n_boot=cfg.finetune.bootstrap)
     out: dict[str, dict[str, float]] = {}
     for metric in spec.metrics:
         values = [s[metric] for s in per_seed]
-
-        def fn(pred, target, r, metric=metric):
-            return score(spec, pred, target, r)[metric]
-
-        _, low, high = bootstrap_ci(fn, mean_prediction, y, raw, n_boot=cfg.finetune.bootstrap, seed=0) if len(y) > 1 else (
-            math.nan, math.nan, math.nan)  # fmt: skip
         finite = [v for v in values if np.isfinite(v)]
-        out[metric] = {"mean": float(np.mean(finite)) if finite else math.nan, "low": float(low), "high": float(high),
-                       "seeds": values}  # fmt: skip
+        out[metric] = {"mean": float(np.mean(finite)) if finite else math.nan, "low": cis[metric]["low"],
+                       "high": cis[metric]["high"], "seeds": values}  # fmt: skip
     return out, first
 
 
