@@ -29,7 +29,7 @@ task with its own thread pool for I/O. What a task sends back to the driver hold
 SOP instance UIDs are already keyed pseudonyms (equality, which grouping and de-duplication need, is kept), and the
 PatientID and free-text description, which the driver still needs raw in memory (the subject pseudonym and sequence
 inference are computed later, in one place for every layout), travel sealed under a key derived from the project key
-(:func:`seal`). The allow-listed header travels once per series and chunk. Without Ray (an adapter used on its own) the
+(:func:`seal`, AES-SIV). The allow-listed header travels once per series and chunk. Without Ray (an adapter used on its own) the
 same chunk function runs in this process.
 """
 
@@ -44,6 +44,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from brainiac.ingestion.adapters.base import Problem, SourceScan
 from brainiac.ingestion.adapters.listing import chunk_count, find_files, ray_cpus, ray_ready, run_chunks, split
@@ -357,42 +360,29 @@ def _read_headers(
 
 
 @functools.lru_cache(maxsize=8)
-def _seal_keys(key: bytes) -> tuple[bytes, bytes]:
-    return (
-        hmac.new(key, b"brainiac-seal-enc", hashlib.sha256).digest(),
-        hmac.new(key, b"brainiac-seal-mac", hashlib.sha256).digest(),
-    )
-
-
-def _keystream(enc_key: bytes, iv: bytes, n: int) -> bytes:
-    blocks = (n + 31) // 32
-    return b"".join(hmac.new(enc_key, iv + i.to_bytes(4, "big"), hashlib.sha256).digest() for i in range(blocks))[:n]
+def _siv(key: bytes) -> AESSIV:
+    """AES-SIV (RFC 5297) under a 512-bit key derived from the project key for this one purpose."""
+    return AESSIV(hmac.new(key, b"brainiac-dicom-seal-aes-siv", hashlib.sha512).digest())
 
 
 def seal(key: bytes, text: str | None) -> str | None:
-    """``text`` encrypted and authenticated under keys derived from ``key`` (deterministic: HMAC-SHA256 synthetic IV,
-    HMAC-SHA256 counter-mode keystream), as hex; ``None`` stays ``None``. Only :func:`unseal` with the same key reads
-    it back: identifiers that must cross from a Ray worker to the driver never travel (or spill) in the clear."""
+    """``text`` encrypted and authenticated with AES-SIV (RFC 5297, deterministic: equal texts give equal tokens, which
+    memoisation relies on) under a key derived from ``key``, as hex; ``None`` stays ``None``. Only :func:`unseal` with
+    the same key reads it back: identifiers that must cross from a Ray worker to the driver never travel (or spill to
+    Ray's object store) in the clear."""
     if text is None:
         return None
-    enc_key, mac_key = _seal_keys(key)
-    data = text.encode()
-    iv = hmac.new(mac_key, data, hashlib.sha256).digest()[:16]
-    stream = _keystream(enc_key, iv, len(data))
-    return (iv + bytes(a ^ b for a, b in zip(data, stream, strict=True))).hex()
+    return _siv(key).encrypt(text.encode(), None).hex()
 
 
 def unseal(key: bytes, token: str | None) -> str | None:
-    """The text :func:`seal` sealed. Raises ``ValueError`` for a token not sealed under ``key``."""
+    """The text :func:`seal` sealed. Raises ``ValueError`` for a token not sealed under ``key`` (or altered)."""
     if token is None:
         return None
-    raw = bytes.fromhex(token)
-    iv, body = raw[:16], raw[16:]
-    enc_key, mac_key = _seal_keys(key)
-    data = bytes(a ^ b for a, b in zip(body, _keystream(enc_key, iv, len(body)), strict=True))
-    if not hmac.compare_digest(hmac.new(mac_key, data, hashlib.sha256).digest()[:16], iv):
-        raise ValueError("sealed value does not verify under this key")
-    return data.decode()
+    try:
+        return _siv(key).decrypt(bytes.fromhex(token), None).decode()
+    except InvalidTag:
+        raise ValueError("sealed value does not verify under this key") from None
 
 
 def _series_folder(uris: list[str]) -> str:

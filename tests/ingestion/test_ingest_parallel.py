@@ -195,6 +195,13 @@ def test_seal_round_trips_and_needs_the_key():
     assert unseal(KEY, seal(KEY, "")) == ""
     with pytest.raises(ValueError):
         unseal(b"another-key-0123456789abcdef", token)
+    tampered = bytearray.fromhex(token)
+    tampered[-1] ^= 1
+    with pytest.raises(ValueError):  # authenticated: an altered token is refused, not decrypted to garbage
+        unseal(KEY, tampered.hex())
+    # AES-SIV (RFC 5297, via `cryptography`): a 16-byte synthetic IV + a ciphertext as long as the text
+    assert len(bytes.fromhex(token)) == 16 + len("MRN-55501234")
+    assert seal(KEY, "MRN-55501235") != token
 
 
 def test_harvest_chunks_are_equal_per_cpu_and_bounded():
