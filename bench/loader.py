@@ -13,12 +13,13 @@ A catalog: any catalog preprocessed with ``-c tiny`` (32³ views of the tiny con
 
 Both sides read the volumes pretraining reads (``select_volumes`` of ``pretrain/tiny``: the train split, newest
 preprocess version) and per volume do the same work: decode ``whole`` and ``mask`` (zstd float16 / uint8), cut
-``patches.patches_per_volume`` same-location view pairs (:func:`~brainiac.models.patches.view_pairs`), augment each view
+``patches.patches_per_volume`` same-location view pairs (:func:`~brainiac.models.patches.view_pairs`) per round, as many
+rounds per decode as the stream cuts to fill ``patches.min_pairs_per_pass`` from a small selection, augment each view
 with the MONAI chain (:class:`~brainiac.models.augment.ViewAugment`, ``augment.device=data``) and hand out batches of
 ``--batch`` pairs as torch tensors:
 
-* **Ray Data**: the real :func:`~brainiac.jobs.pretrain.stream.pair_dataset` (``read_parquet`` of the pinned ``volumes``
-  files + ``map_batches(crop_pairs)``) on a local Ray with ``num_cpus = --cpus``, iterated as the training loop does:
+* **Ray Data**: the real :func:`~brainiac.jobs.pretrain.stream.pair_dataset` (the pinned ``volumes`` Parquet
+  files, each read in ``map_batches(read_pairs)``) on a local Ray with ``num_cpus = --cpus``, iterated as the training loop does:
   ``iter_torch_batches(batch_size, drop_last=True, local_shuffle_buffer_size=patches.shuffle_buffer)``. It reads the
   Parquet files on every pass (and skips the rows of other splits stored in them).
 * **DataLoader**: the same rows read once from the ``volumes`` table into memory, a ``monai.data.Dataset`` whose
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -67,10 +69,11 @@ class DecodeCropAugment:
     functions both call.
     """
 
-    def __init__(self, size: int, patches: Any, augment: Any) -> None:
+    def __init__(self, size: int, patches: Any, augment: Any, repeats: int = 1) -> None:
         self.size = size
         self.patches = patches
         self.augment_cfg = augment
+        self.repeats = repeats
         self._chain = None
 
     def __call__(self, row: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -84,9 +87,11 @@ class DecodeCropAugment:
         shape = [int(s) for s in row["whole_shape"]]
         volume = decode_array(row["whole"], shape, row["dtype"] or "float16")
         mask = decode_array(row["mask"], shape, "uint8")
-        first, second, _ = view_pairs(volume, mask, self.size, self.patches, rng)
-        seed = int(rng.integers(2**31 - len(first)))
-        views = [self._chain.pair(a, b, seed=seed + i) for i, (a, b) in enumerate(zip(first, second, strict=True))]
+        views = []
+        for _ in range(self.repeats):  # the stream's rounds: patches_per_volume pairs each, one decode per volume
+            first, second, _ = view_pairs(volume, mask, self.size, self.patches, rng)
+            seed = int(rng.integers(2**31 - len(first)))
+            views += [self._chain.pair(a, b, seed=seed + i) for i, (a, b) in enumerate(zip(first, second, strict=True))]
         return {
             "view1": torch.from_numpy(np.stack([v[0] for v in views])),
             "view2": torch.from_numpy(np.stack([v[1] for v in views])),
@@ -176,12 +181,15 @@ def main() -> None:
     ids = selection.train_ids
     rows = catalog.select("volumes", sql_in("scan_id", ids), ARRAY_COLUMNS, version=selection.volumes_version)
     rows = rows.to_pylist()
-    per_volume = cfg.patches.patches_per_volume
+    # the stream cuts `repeats` rounds of patches_per_volume pairs per decode when the selection is small
+    # (patches.min_pairs_per_pass); the peer does the same rounds, so both do the same work per volume
+    repeats = max(1, math.ceil(cfg.patches.min_pairs_per_pass / max(1, len(ids) * cfg.patches.patches_per_volume)))
+    per_volume = cfg.patches.patches_per_volume * repeats
     size = cfg.model.img_size
     mb = sum(len(r["whole"]) + len(r["mask"]) for r in rows) / len(rows) / 1e6
     print(
         f"{len(rows)} train volumes of {args.catalog} (preprocess {selection.preprocess_version}), "
-        f"{mb:.2f} MB compressed each, {per_volume} pairs of {size}³ per volume ({len(rows) * per_volume} per pass); "
+        f"{mb:.2f} MB compressed each, {per_volume} pairs of {size}³ per volume ({repeats} rounds; {len(rows) * per_volume} per pass); "
         f"{args.cpus} CPUs, batch {args.batch}, {args.pairs} timed pairs after {args.warmup} warm-up, "
         f"best of {args.rounds}",
         flush=True,
@@ -198,7 +206,7 @@ def main() -> None:
             batch_size=args.batch, drop_last=True, local_shuffle_buffer_size=shuffle
         )
 
-    dataset = Dataset(data=rows, transform=DecodeCropAugment(size, cfg.patches, cfg.augment))
+    dataset = Dataset(data=rows, transform=DecodeCropAugment(size, cfg.patches, cfg.augment, repeats))
     loader = DataLoader(dataset, batch_size=None, shuffle=True, num_workers=args.cpus, persistent_workers=True)
 
     runs: dict[str, list[dict[str, float]]] = {"loader": [], "ray": [], "ray_crop": []}

@@ -1,9 +1,9 @@
 """The pretraining data path: catalog selection → Ray Data stream of view pairs, never materialised in full.
 
 The driver resolves *which* volumes to read from small metadata (``volumes`` ⋈ ``splits`` ⋈ the access check on
-``scans``). Ray Data then reads only those rows' arrays from the ``volumes`` Delta table (``ray.data.read_delta``,
-pinned to one table version, pruned by partition and scan id), decodes them, cuts ``patches_per_volume`` view pairs per
-volume and, when ``augment.device == "data"``, augments each view with MONAI on the CPU. Train workers pull batches with
+``scans``). Ray Data then reads only those rows' arrays from the ``volumes`` Delta table (the Parquet files of the
+pinned table version and preprocess partition, in a fresh random order per pass; rows of other scans skipped), decodes
+them, cuts ``patches_per_volume`` view pairs per volume and, when ``augment.device == "data"``, augments each view with MONAI on the CPU. Train workers pull batches with
 ``get_dataset_shard("train").iter_torch_batches``.
 """
 
@@ -16,17 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from brainiac.ingestion.splits import read_splits
 from brainiac.ingestion.volumes import decode_array, newest_preprocess_version
-from brainiac.platform.catalog import VOLUMES_SCHEMA, Catalog, sql_in, sql_literal
+from brainiac.jobs.pretrain.pairs import ARRAY_COLUMNS
+from brainiac.platform.catalog import Catalog, sql_in, sql_literal
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
 __all__ = ["PretrainSelection", "eval_pairs", "pair_dataset", "select_volumes"]
-
-ARRAY_COLUMNS = ["scan_id", "whole", "whole_shape", "mask", "dtype"]
 
 
 @dataclass
@@ -99,9 +97,10 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
     """The Ray Dataset of view pairs for ``scan_ids``, streamed from ``volumes`` at the selection's table version.
 
     The Parquet files are those of the selection's ``preprocess_version`` partition at the pinned Delta version (what
-    ``ray.data.read_delta`` reads, plus partition pruning); rows of other scans are skipped before decoding. Row-level
-    filters are not pushed into the Parquet reader because pyarrow cannot compare delta-rs' string-view statistics.
-    Scan ids are read as plain strings, since Ray's Arrow block serialiser rejects delta-rs' ``string_view`` columns.
+    ``ray.data.read_delta`` reads, plus partition pruning); each is read inside the map task
+    (:func:`~brainiac.jobs.pretrain.pairs.read_pairs`), its scan ids first, and rows of other scans are skipped before
+    decoding. Only numpy pairs leave the task (delta-rs' ``string_view`` columns never reach Ray's block serialiser,
+    which rejects them).
     """
     import ray.data
 
@@ -112,31 +111,30 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
     if location.is_remote:
         filesystem = location.pyarrow_filesystem()
         files = [f.split("://", 1)[1] if "://" in f else f for f in files]
-    from brainiac.jobs.pretrain.pairs import crop_pairs
+    from brainiac.jobs.pretrain.pairs import read_pairs
     from brainiac.platform.config import config_to_dict
 
-    # A Parquet file of volumes is one read block; its pairs (tens of MB) would leave the map as one block, so the
-    # first batch waited for a whole file. Small output blocks stream pairs to the workers as they are cut.
+    # Small output blocks carry each volume's pairs to the workers as they are cut, not after a whole file.
     ray.data.DataContext.get_current().target_max_block_size = 8 << 20
-
-    # Plain string types: delta-rs writes string_view, which Ray's Arrow block serializer does not handle.
-    schema = pa.schema([VOLUMES_SCHEMA.field(name) for name in ARRAY_COLUMNS])
-    # One pass yields at least min_pairs_per_pass pairs: a small selection cuts more pairs per volume from a single
-    # read, rather than reading the files again (a union of many reads starves Ray Data's CPU share and hangs).
+    # One pass yields at least min_pairs_per_pass pairs: a small selection cuts more rounds of pairs per volume from a
+    # single read, rather than reading the files again (a union of many reads starves Ray Data's CPU share and hangs).
     per_pass = max(1, len(scan_ids) * cfg.patches.patches_per_volume)
     repeats = max(1, math.ceil(cfg.patches.min_pairs_per_pass / per_pass))
-    patches = dataclasses.replace(cfg.patches, patches_per_volume=cfg.patches.patches_per_volume * repeats)
-    ds = ray.data.read_parquet(files, filesystem=filesystem, schema=schema).select_columns(ARRAY_COLUMNS)
-    return ds.map_batches(
-        crop_pairs,
+    # The pinned version's file list is already known, so the stream starts from it: read_parquet would list and
+    # size the files again in a task on every pass (5-10 s before the first batch on this 2-core machine; see
+    # bench/loader.py). A fresh random file order on every pass.
+    paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    return paths.randomize_block_order().map_batches(
+        read_pairs,
         fn_kwargs={
-            "size": cfg.model.img_size,
-            "patches": config_to_dict(patches),
+            "filesystem": filesystem,
             "keep": frozenset(scan_ids),
+            "size": cfg.model.img_size,
+            "patches": config_to_dict(cfg.patches),
             "augment": config_to_dict(cfg.augment) if cfg.augment.device == "data" else None,
+            "repeats": repeats,
         },
         batch_size=1,
-        batch_format="pyarrow",
         num_cpus=0.5,
     )
 
