@@ -4,7 +4,8 @@ SimCLR on whole images pulls two augmentations of one image together; on 3-D bra
 views must show the **same place** (Tak et al.: same location, different augmentation). The pair is cut from a decoded
 ``whole`` volume of the catalog: the first crop is centred on a random brain voxel (so it holds brain, not background),
 the second is the first moved by at most ``jitter_frac`` of the edge per axis while sharing ``min_overlap`` of its
-volume. Pure numpy, used inside the Ray Data stream and by the benchmarks.
+volume. Optionally (``scale_min``/``scale_max``) the crops are larger and resized down: SimCLR's random resized crop.
+Pure numpy (scipy for the resize), used inside the Ray Data stream and by the benchmarks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from brainiac.models.train_config import PatchConfig
 
-__all__ = ["box_overlap", "crop_box", "sample_pair_corners", "view_pairs"]
+__all__ = ["box_overlap", "crop_box", "resize_cube", "sample_pair_corners", "view_pairs"]
 
 
 def box_overlap(first: np.ndarray, second: np.ndarray, size: int) -> float:
@@ -72,14 +73,37 @@ def sample_pair_corners(
     return corners
 
 
+def resize_cube(crop: np.ndarray, size: int) -> np.ndarray:
+    """A cubic ``crop`` resized to ``size``³ by trilinear interpolation (unchanged when it already is), same dtype."""
+    if crop.shape[0] == size:
+        return crop
+    from scipy.ndimage import zoom
+
+    out = zoom(crop.astype(np.float32), size / crop.shape[0], order=1, mode="nearest", prefilter=False)
+    return out[:size, :size, :size].astype(crop.dtype)
+
+
 def view_pairs(
     volume: np.ndarray, mask: np.ndarray, size: int, cfg: PatchConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``cfg.patches_per_volume`` crop pairs of one volume: ``(view1, view2, corners)``, views (n, 1, s, s, s).
 
-    The views keep the volume's dtype (float16 in the catalog); augmentation happens later, per view.
+    With ``cfg.scale_min``/``scale_max`` above 1 each pair is cut at an edge of ``scale · size`` voxels (drawn per
+    pair) and resized to ``size``³; ``corners`` are then (n, 2, 4): the two corners and the crop edge in the last
+    column. The views keep the volume's dtype (float16 in the catalog); augmentation happens later, per view.
     """
-    corners = sample_pair_corners(mask, size, cfg.patches_per_volume, cfg, rng)
-    first = np.stack([crop_box(volume, c[0], size) for c in corners])[:, None]
-    second = np.stack([crop_box(volume, c[1], size) for c in corners])[:, None]
-    return first, second, corners
+    if cfg.scale_min > cfg.scale_max:
+        raise ValueError(f"patches.scale_min {cfg.scale_min} is above patches.scale_max {cfg.scale_max}")
+    if cfg.scale_min == cfg.scale_max == 1.0:
+        corners = sample_pair_corners(mask, size, cfg.patches_per_volume, cfg, rng)
+        first = np.stack([crop_box(volume, c[0], size) for c in corners])[:, None]
+        second = np.stack([crop_box(volume, c[1], size) for c in corners])[:, None]
+        return first, second, corners
+    edges = np.maximum(1, np.round(size * rng.uniform(cfg.scale_min, cfg.scale_max, cfg.patches_per_volume)))
+    firsts, seconds, placed = [], [], []
+    for edge in edges.astype(int):
+        pair = sample_pair_corners(mask, int(edge), 1, cfg, rng)[0]
+        firsts.append(resize_cube(crop_box(volume, pair[0], int(edge)), size))
+        seconds.append(resize_cube(crop_box(volume, pair[1], int(edge)), size))
+        placed.append(np.concatenate([pair, np.full((2, 1), edge)], axis=1))
+    return np.stack(firsts)[:, None], np.stack(seconds)[:, None], np.stack(placed)
