@@ -4,7 +4,7 @@ SimCLR on whole images pulls two augmentations of one image together; on 3-D bra
 views must show the **same place** (Tak et al.: same location, different augmentation). The pair is cut from a decoded
 ``whole`` volume of the catalog: the first crop is centred on a random brain voxel (so it holds brain, not background),
 the second is the first moved by at most ``jitter_frac`` of the edge per axis while sharing ``min_overlap`` of its
-volume. Optionally (``scale_min``/``scale_max``) the crops are larger and resized down: SimCLR's random resized crop.
+volume. Optionally (``crop_fraction_min``/``crop_fraction_max``) a crop spans a fraction of the brain and is resized: SimCLR's random resized crop.
 Pure numpy (scipy for the resize), used inside the Ray Data stream and by the benchmarks.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from brainiac.models.train_config import PatchConfig
 
-__all__ = ["box_overlap", "crop_box", "resize_cube", "sample_pair_corners", "view_pairs"]
+__all__ = ["box_overlap", "brain_extent", "crop_box", "resize_cube", "sample_pair_corners", "view_pairs"]
 
 
 def box_overlap(first: np.ndarray, second: np.ndarray, size: int) -> float:
@@ -83,27 +83,38 @@ def resize_cube(crop: np.ndarray, size: int) -> np.ndarray:
     return out[:size, :size, :size].astype(crop.dtype)
 
 
+def brain_extent(mask: np.ndarray) -> int:
+    """Longest edge in voxels of the bounding box of ``mask > 0`` (of the whole volume when the mask is empty)."""
+    brain = np.argwhere(mask > 0)
+    if not len(brain):
+        return int(max(mask.shape))
+    return int((brain.max(axis=0) - brain.min(axis=0) + 1).max())
+
+
 def view_pairs(
     volume: np.ndarray, mask: np.ndarray, size: int, cfg: PatchConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``cfg.patches_per_volume`` crop pairs of one volume: ``(view1, view2, corners)``, views (n, 1, s, s, s).
 
-    With ``cfg.scale_min``/``scale_max`` above 1 each pair is cut at an edge of ``scale · size`` voxels (drawn per
-    pair) and resized to ``size``³; ``corners`` are then (n, 2, 4): the two corners and the crop edge in the last
-    column. The views keep the volume's dtype (float16 in the catalog); augmentation happens later, per view.
+    With ``cfg.crop_fraction_min``/``crop_fraction_max`` set, each pair is cut at an edge of that fraction (drawn per
+    pair) of the brain's longest extent and resized to ``size``³; ``corners`` are then (n, 2, 4): the two corners and
+    the crop edge in the last column. The views keep the volume's dtype (float16 in the catalog); augmentation happens
+    later, per view.
     """
-    if cfg.scale_min > cfg.scale_max:
-        raise ValueError(f"patches.scale_min {cfg.scale_min} is above patches.scale_max {cfg.scale_max}")
-    if cfg.scale_min == cfg.scale_max == 1.0:
+    if cfg.crop_fraction_min is None and cfg.crop_fraction_max is None:
         corners = sample_pair_corners(mask, size, cfg.patches_per_volume, cfg, rng)
         first = np.stack([crop_box(volume, c[0], size) for c in corners])[:, None]
         second = np.stack([crop_box(volume, c[1], size) for c in corners])[:, None]
         return first, second, corners
-    edges = np.maximum(1, np.round(size * rng.uniform(cfg.scale_min, cfg.scale_max, cfg.patches_per_volume)))
+    low = cfg.crop_fraction_min if cfg.crop_fraction_min is not None else cfg.crop_fraction_max
+    high = cfg.crop_fraction_max if cfg.crop_fraction_max is not None else cfg.crop_fraction_min
+    if low > high:
+        raise ValueError(f"patches.crop_fraction_min {low} is above patches.crop_fraction_max {high}")
+    edges = np.maximum(2, np.round(brain_extent(mask) * rng.uniform(low, high, cfg.patches_per_volume)))
     firsts, seconds, placed = [], [], []
-    for edge in edges.astype(int):
-        pair = sample_pair_corners(mask, int(edge), 1, cfg, rng)[0]
-        firsts.append(resize_cube(crop_box(volume, pair[0], int(edge)), size))
-        seconds.append(resize_cube(crop_box(volume, pair[1], int(edge)), size))
+    for edge in edges.astype(int).tolist():
+        pair = sample_pair_corners(mask, edge, 1, cfg, rng)[0]
+        firsts.append(resize_cube(crop_box(volume, pair[0], edge), size))
+        seconds.append(resize_cube(crop_box(volume, pair[1], edge), size))
         placed.append(np.concatenate([pair, np.full((2, 1), edge)], axis=1))
     return np.stack(firsts)[:, None], np.stack(seconds)[:, None], np.stack(placed)

@@ -2,8 +2,9 @@
 
 The model version's tags say which task and preprocess version it belongs to, so evaluating needs only its URI. Results
 go to a new MLflow run linked to the version: the test metrics with 95 % bootstrap CIs, a metric-vs-strength table and
-plot for each imaging artifact, and saliency overlays for a few test cases. On tasks whose signal has a known place
-(the tumour for ``idh`` and ``survival``), the saliency mass inside it is compared with random regions of the same size.
+plot for each imaging artifact, and saliency overlays for a few test cases. On tasks whose spec names where the signal
+lies (``saliency_region``: the tumour for ``idh`` and ``survival``, the hippocampus for ``mci``), the saliency mass
+inside that region is compared with random regions of the same size (:func:`brainiac.models.tasks.saliency.mass_ratio`).
 """
 
 from __future__ import annotations
@@ -11,23 +12,30 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from brainiac.jobs.finetune.data import load_task_data
+from brainiac.jobs.finetune.data import TaskData, load_task_data
 from brainiac.jobs.finetune.engine import TargetScale, predict, score
 from brainiac.models.export import model_version
 from brainiac.models.tasks.spec import TaskSpec, task_spec
-from brainiac.platform.catalog import Catalog
+from brainiac.platform.catalog import Catalog, sql_in, sql_literal
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
-__all__ = ["EvaluationSummary", "evaluate", "metric_cis"]
-
-TUMOUR_TASKS = ("idh", "survival")
+__all__ = [
+    "REGION_PROVIDERS",
+    "EvaluationSummary",
+    "evaluate",
+    "hippocampus_masks",
+    "metric_cis",
+    "region_ratios",
+    "tumour_masks",
+]
 
 
 @dataclass
@@ -41,6 +49,12 @@ class EvaluationSummary:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     robustness: list[dict[str, Any]] = field(default_factory=list)
     saliency_mass_ratio: float | None = None
+    """Mean saliency mass inside ``saliency_region`` over the explained test cases, relative to random regions."""
+    saliency_region: str | None = None
+    """The spec's region the ratio is about (``tumour``, ``hippocampus``); ``None`` when the task names none or no
+    saliency ran."""
+    saliency_region_cases: int = 0
+    """Explained test cases with a non-empty region and a non-zero map: the ratio's n."""
     saliency_pngs: list[str] = field(default_factory=list)
     mlflow_run_id: str | None = None
     seconds: float = 0.0
@@ -49,13 +63,76 @@ class EvaluationSummary:
         return asdict(self)
 
 
-def _tumour_masks(catalog: Catalog, cfg: Config, version: str) -> dict[str, np.ndarray]:
-    """Whole-tumour masks on the fixed grid by case id (subject/session), from the segmentation task's data."""
+RegionProvider = Callable[[Catalog, Config, TaskData, Sequence[str]], dict[str, np.ndarray]]
+"""(catalog, config, task data, case ids) → boolean region mask on the model-input grid, by case id."""
+
+
+def tumour_masks(catalog: Catalog, cfg: Config, data: TaskData, cases: Sequence[str]) -> dict[str, np.ndarray]:
+    """Whole-tumour masks on the fixed grid by case id (subject/session), from the segmentation task's data (read at
+    the same preprocess version and Delta table versions as ``data``)."""
     try:
-        seg = load_task_data(catalog, cfg, task_spec("segmentation"), preprocess_version=version)
+        seg = load_task_data(catalog, cfg, task_spec("segmentation"), preprocess_version=data.preprocess_version,
+                             table_versions=data.table_versions)  # fmt: skip
     except UserError:
         return {}
-    return dict(zip(seg.case_ids, seg.targets, strict=True))
+    wanted = set(cases)
+    return {c: m.astype(bool) for c, m in zip(seg.case_ids, seg.targets, strict=True) if c in wanted}
+
+
+def hippocampus_masks(catalog: Catalog, cfg: Config, data: TaskData, cases: Sequence[str]) -> dict[str, np.ndarray]:
+    """The synthetic generator's medial-temporal region on each case's fixed grid, by case id.
+
+    Each case's first channel (the spec's first sequence) gives the grid (``fixed_affine``, ``fixed_shape``) and the
+    head size (``brain_volume_ml``, see :func:`brainiac.models.tasks.regions.head_scale`); ``scans`` and ``volumes``
+    are read at the Delta versions the task data was read at."""
+    from brainiac.models.tasks.regions import head_scale, hippocampus_mask
+
+    spec = data.spec
+    versions = data.table_versions
+    query = catalog.scans(
+        sequence=spec.sequences[0], allowed_access=cfg.catalog.allowed_access, version=versions.get("scans")
+    )
+    wanted = set(cases)
+    scan_of = {}
+    for r in query.to_arrow(["scan_id", "subject_id", "session"]).to_pylist():
+        case = r["scan_id"] if spec.per_scan else f"{r['subject_id']}/{r.get('session') or ''}"
+        if case in wanted:
+            scan_of[r["scan_id"]] = case
+    if not scan_of:
+        return {}
+    where = f"preprocess_version = {sql_literal(data.preprocess_version)} AND qc_pass AND {sql_in('scan_id', list(scan_of))}"
+    columns = ["scan_id", "fixed_affine", "fixed_shape", "brain_volume_ml"]
+    rows = catalog.select("volumes", where, columns, version=versions.get("volumes")).to_pylist()
+    return {
+        scan_of[r["scan_id"]]: hippocampus_mask(
+            np.asarray(r["fixed_affine"]).reshape(4, 4), tuple(r["fixed_shape"]), scale=head_scale(r["brain_volume_ml"])
+        )
+        for r in rows
+    }
+
+
+def region_ratios(maps: np.ndarray, inputs: np.ndarray, regions: Sequence[np.ndarray | None]) -> list[float]:
+    """Per case, the saliency mass ratio of ``maps[j]`` in ``regions[j]``
+    (:func:`~brainiac.models.tasks.saliency.mass_ratio`); cases without a region or with an all-zero map are left out.
+
+    The random translations stay within the brain's box (the non-zero voxels of the case's input channels): in the
+    background occlusion changes nothing, so translations landing there would make any model look focused.
+    """
+    from brainiac.models.tasks.saliency import mass_ratio
+
+    ratios = []
+    for j, region in enumerate(regions):
+        if region is None or region.shape != maps[j].shape or not region.any():
+            continue
+        brain = np.any(np.asarray(inputs[j]) != 0, axis=0)
+        ratio = mass_ratio(maps[j][None], region[None], np.random.default_rng(j), brain_mask=brain[None])
+        if np.isfinite(ratio):  # NaN: an all-zero map (no occlusion lowered the score)
+            ratios.append(float(ratio))
+    return ratios
+
+
+REGION_PROVIDERS: dict[str, RegionProvider] = {"tumour": tumour_masks, "hippocampus": hippocampus_masks}
+"""Region masks for each value of :attr:`TaskSpec.saliency_region`."""
 
 
 def metric_cis(
@@ -133,24 +210,23 @@ def evaluate(
             robustness_plot(summary.robustness, spec, folder / "robustness.png")
             client.log_artifact(run_id, str(folder / "robustness.png"), "robustness")
         if saliency_cases and spec.kind != "segmentation":
-            from brainiac.models.tasks.saliency import mass_ratio, overlay_png, saliency_maps
+            from brainiac.models.tasks.saliency import overlay_png, saliency_maps
 
             chosen = list(range(min(saliency_cases, len(test))))
             maps = saliency_maps(model, spec, x[chosen], method="occlusion")
-            masks = _tumour_masks(catalog, cfg, data.preprocess_version) if spec.name in TUMOUR_TASKS else {}
-            ratios = []
-            for j, i in enumerate(chosen):
-                case = data.case_ids[test[i]]
-                region = masks.get(case)
+            cases = [data.case_ids[test[i]] for i in chosen]
+            region_name = summary.saliency_region = spec.saliency_region
+            masks = REGION_PROVIDERS[region_name](catalog, cfg, data, cases) if region_name else {}
+            for j, (i, case) in enumerate(zip(chosen, cases, strict=True)):
                 png = folder / f"saliency_{j}.png"
-                overlay_png(x[i, 0], maps[j], png, region=region)
+                overlay_png(x[i, 0], maps[j], png, region=masks.get(case))
                 client.log_artifact(run_id, str(png), "saliency")
                 summary.saliency_pngs.append(f"saliency/{png.name}")
-                if region is not None and region.any():
-                    ratios.append(mass_ratio(maps[j][None], region[None].astype(bool), np.random.default_rng(j)))
+            ratios = region_ratios(maps, x[chosen], [masks.get(case) for case in cases])
             if ratios:
+                summary.saliency_region_cases = len(ratios)
                 summary.saliency_mass_ratio = float(np.mean(ratios))
-                client.log_metric(run_id, "saliency_mass_ratio_tumour", summary.saliency_mass_ratio)
+                client.log_metric(run_id, f"saliency_mass_ratio_{region_name}", summary.saliency_mass_ratio)
     client.log_dict(run_id, summary.as_dict(), "evaluation.json")
     client.set_terminated(run_id, status="FINISHED")
     summary.mlflow_run_id = run_id

@@ -253,7 +253,7 @@ def _register(cfg: Config, spec: TaskSpec, client, run_id: str, model, scale, da
     tags = {"task": spec.name, "strategy": cfg.finetune.strategy, "regime": _regime(cfg), "init": init,
             "preprocess_version": data.preprocess_version, "volumes_table_version": str(data.volumes_version),
             "access": ",".join(data.access_levels), "target_mean": str(scale.mean), "target_std": str(scale.std),
-            "units": spec.units}  # fmt: skip
+            "units": spec.units, "task_spec": spec.fingerprint()}  # fmt: skip
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:

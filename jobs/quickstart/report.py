@@ -648,16 +648,17 @@ def _saliency(inputs: ReportInputs, tmp: Path) -> Markup:
     parts: list[str] = [
         _tag(
             "p",
-            "Occlusion saliency over a few test cases: where hiding the image changes the prediction most. On tumour "
-            "tasks the mass ratio compares the saliency inside the tumour with random regions of the same size "
-            "(above 1: the model looks at the tumour).",
+            "Occlusion saliency over a few test cases: where hiding the image changes the prediction most. On tasks "
+            "whose signal has a known place (the tumour for idh and survival, the hippocampus for mci) the mass ratio "
+            "compares the saliency inside it with random regions of the same size (above 1: the model looks there).",
         )
     ]
     for i, ev in enumerate(evaluations):
         task, run_id = str(ev.get("task", "?")), ev.get("mlflow_run_id")
         ratio = ev.get("saliency_mass_ratio")
         heading = f"{task} · version {ev.get('version', '?')}"
-        parts.append(_tag("h3", heading + (f" · tumour mass ratio {_num(ratio)}" if _finite(ratio) else "")))
+        region = ev.get("saliency_region") or "region"
+        parts.append(_tag("h3", heading + (f" · {region} mass ratio {_num(ratio)}" if _finite(ratio) else "")))
         if not run_id:
             parts.append(_not_run("the evaluation has no MLflow run"))
             continue

@@ -51,6 +51,10 @@ class TaskSpec:
     """Segmentation: the ``volumes.label_name`` whose map is the target (non-zero = foreground)."""
     regression_bins: int = field(default=4)
     """Few-shot regression: K shots per quantile bin of the label."""
+    saliency_region: Literal["tumour", "hippocampus"] | None = None
+    """Where the task's signal lies, for the saliency mass check of ``brainiac evaluate``: ``tumour`` (the case's
+    whole-tumour mask), ``hippocampus`` (the medial temporal lobe where the synthetic generator puts MCI atrophy), or
+    none. An evaluation setting: it does not enter :meth:`fingerprint`."""
 
     @property
     def higher_is_better(self) -> bool:
@@ -66,12 +70,13 @@ class TaskSpec:
 
     def fingerprint(self) -> str:
         """12 hex digits of the spec's content (label, classes, threshold, inputs, loss...): a registered model records
-        it, so promotion can tell a model of this task definition from one of an older, different one."""
+        it, so promotion can tell a model of this task definition from one of an older, different one. The description
+        and the evaluation-only ``saliency_region`` are left out: they do not change what a model of the task is."""
         import hashlib
         import json
         from dataclasses import asdict
 
-        body = {k: v for k, v in asdict(self).items() if k != "description"}
+        body = {k: v for k, v in asdict(self).items() if k not in ("description", "saliency_region")}
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def __post_init__(self) -> None:

@@ -21,8 +21,9 @@ def evaluate(
 ) -> None:
     """Score a registered task model on its task's test split: each metric with a 95 % bootstrap CI, then the same
     under gamma/contrast shift, bias field, Gibbs ringing, Rician noise, motion ghosting and a resolution drop at
-    several strengths (a table and a plot), and occlusion saliency overlays for a few cases. Everything is logged to
-    a new MLflow run that names the model version.
+    several strengths (a table and a plot), and occlusion saliency overlays for a few cases; where the task spec names
+    the signal's region (tumour, hippocampus), the saliency mass inside it against random regions of the same size.
+    Everything is logged to a new MLflow run that names the model version.
 
       [b]brainiac evaluate --model models:/brainiac-idh@challenger[/b]
     """
@@ -46,5 +47,8 @@ def evaluate(
             rob.add_row(str(row["artifact"]), f"{row['strength']:g}", f"{row.get(metric, float('nan')):.3f}")
         console.print(rob)
     if s.saliency_mass_ratio is not None:
-        console.print(f"saliency mass in the tumour vs random regions: {s.saliency_mass_ratio:.2f}×")
+        console.print(
+            f"saliency mass in the {s.saliency_region} vs random regions: {s.saliency_mass_ratio:.2f}× "
+            f"({s.saliency_region_cases} case{'s' if s.saliency_region_cases != 1 else ''})"
+        )
     console.print(f"MLflow run {s.mlflow_run_id} · {s.seconds:.1f} s")

@@ -18,7 +18,7 @@ from brainiac.jobs.finetune.data import load_task_data, regime_subjects
 from brainiac.jobs.finetune.engine import predict, score, train_trial
 from brainiac.models.export import load_encoder
 from brainiac.models.tasks.model import encoder_of
-from brainiac.models.tasks.spec import load_specs
+from brainiac.models.tasks.spec import load_specs, task_spec
 
 HP = {"lr": 1e-3, "weight_decay": 1e-4, "dropout": 0.1, "encoder_lr_mult": 0.1, "freeze_depth": 0, "seed": 0}
 
@@ -111,6 +111,7 @@ def test_tune_sweep_logs_child_runs_and_registers_a_challenger(pipeline, tmp_pat
     assert len(children) == 3 and all("val_balanced_accuracy" in c.data.metrics for c in children)
     version = client.get_model_version_by_alias("brainiac-sequence", "challenger")
     assert version.run_id == s.mlflow_run_id and version.tags["strategy"] == "full"
+    assert version.tags["task_spec"] == task_spec("sequence").fingerprint()  # what the lineage gate of promote checks
     mlflow.set_registry_uri(uri)
     model = mlflow.pytorch.load_model("models:/brainiac-sequence@challenger")
     out = model(torch.zeros(2, 1, 32, 32, 32))
@@ -162,3 +163,26 @@ def test_evaluate_scores_the_challenger_with_cis_robustness_and_saliency(pipelin
         a.path for folder in ("robustness", "saliency") for a in client.list_artifacts(s.mlflow_run_id, folder)
     }
     assert "robustness/robustness.png" in artifacts and len([a for a in artifacts if a.startswith("saliency/")]) == 2
+
+
+@pytest.mark.timeout(900)
+def test_evaluate_mci_logs_the_saliency_mass_ratio_in_the_hippocampus(pipeline, tmp_path):
+    """The mci spec names the hippocampus as its signal region: evaluate compares the saliency there with random
+    regions of the same size and logs ``saliency_mass_ratio_hippocampus`` (the tiny cohort has one mci test case)."""
+    from brainiac.jobs.finetune.evaluate import evaluate
+    from brainiac.jobs.finetune.run import finetune
+
+    uri = f"sqlite:///{pipeline.root / 'mlflow.db'}"
+    cfg = pipeline.pretrain_config(
+        "finetune.task=mci", "finetune.strategy=linear", f"finetune.init={pipeline.encoder.model_uri}",
+        "finetune.max_epochs=2", "finetune.bootstrap=200", "finetune.alias=evaluated",
+        f"finetune.storage_path={tmp_path / 'runs'}",
+    )  # fmt: skip
+    trained = finetune(cfg, progress=False)
+    s = evaluate(cfg, trained.model_uri, robustness=False, saliency_cases=2, bootstrap=200)
+    assert s.task == "mci" and s.test_cases >= 1
+    assert s.saliency_region == "hippocampus" and s.saliency_region_cases == min(2, s.test_cases)
+    assert s.saliency_mass_ratio is not None and np.isfinite(s.saliency_mass_ratio) and s.saliency_mass_ratio >= 0
+    run = mlflow.MlflowClient(uri, registry_uri=uri).get_run(s.mlflow_run_id)
+    assert run.data.metrics["saliency_mass_ratio_hippocampus"] == pytest.approx(s.saliency_mass_ratio)
+    assert "saliency_mass_ratio_tumour" not in run.data.metrics

@@ -9,7 +9,14 @@ import torch
 
 from brainiac.models.config import AugmentConfig, BackboneConfig, ProjectionConfig, SSLConfig
 from brainiac.models.export import load_encoder, save_encoder
-from brainiac.models.patches import box_overlap, crop_box, resize_cube, sample_pair_corners, view_pairs
+from brainiac.models.patches import (
+    box_overlap,
+    brain_extent,
+    crop_box,
+    resize_cube,
+    sample_pair_corners,
+    view_pairs,
+)
 from brainiac.models.simclr import LARS, SimCLRModel, SimCLRStep, build_optimizer, warmup_cosine
 from brainiac.models.train_config import OptimConfig, PatchConfig, PretrainConfig
 from brainiac.platform.config import load_config
@@ -41,13 +48,14 @@ def test_view_pairs_are_same_location_crops_within_jitter_and_overlap():
         np.testing.assert_array_equal(second[i, 0], crop_box(volume, b, 16))
 
 
-def test_resized_crops_cover_more_anatomy_at_the_model_size():
-    volume, mask = _brain()
-    cfg = PatchConfig(patches_per_volume=16, scale_min=1.5, scale_max=2.0, jitter_frac=0.25, min_overlap=0.5)
+def test_resized_crops_span_a_fraction_of_the_brain_at_the_model_size():
+    volume, mask = _brain()  # brain box 24 x 28 x 24 voxels
+    assert brain_extent(mask) == 28 and brain_extent(np.zeros((5, 7, 6))) == 7
+    cfg = PatchConfig(patches_per_volume=16, crop_fraction_min=0.8, crop_fraction_max=1.0, min_overlap=0.5)
     first, second, placed = view_pairs(volume, mask, 16, cfg, np.random.default_rng(2))
     assert first.shape == second.shape == (16, 1, 16, 16, 16) and first.dtype == np.float16
     edges = placed[:, 0, 3]
-    assert (placed[:, 1, 3] == edges).all() and edges.min() >= 24 and edges.max() <= 32 and len(set(edges)) > 1
+    assert (placed[:, 1, 3] == edges).all() and edges.min() >= 22 and edges.max() <= 28 and len(set(edges)) > 1
     for i, (a, b) in enumerate(placed):  # each view is its edge³ crop, resized down (not a plain 16³ crop)
         edge = int(a[3])
         assert box_overlap(a[:3], b[:3], edge) >= 0.5
@@ -56,8 +64,10 @@ def test_resized_crops_cover_more_anatomy_at_the_model_size():
     ramp = np.broadcast_to(np.arange(32, dtype=np.float32)[:, None, None], (32, 32, 32))
     small = resize_cube(ramp, 16)
     assert small.shape == (16, 16, 16) and np.all(np.diff(small[:, 8, 8]) > 0)
-    with pytest.raises(ValueError, match="scale_min"):
-        view_pairs(volume, mask, 16, PatchConfig(scale_min=2.0, scale_max=1.5), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="crop_fraction_min"):
+        view_pairs(
+            volume, mask, 16, PatchConfig(crop_fraction_min=0.9, crop_fraction_max=0.5), np.random.default_rng(0)
+        )
 
 
 def test_crops_of_a_volume_smaller_than_the_patch_are_centred_and_padded():
