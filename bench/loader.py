@@ -2,7 +2,7 @@
 same decode, crop and augment on the same volumes, measured in the same run, as a ratio. Target: Ray / DataLoader
 >= 1.0x.
 
-    .venv/bin/python bench/loader.py --catalog CATALOG [--pairs 512] [--batch 16] [--cpus N] [--rounds 2]
+    .venv/bin/python bench/loader.py --catalog CATALOG [--pairs N] [--batch 16] [--cpus N] [--rounds 2]
 
 A catalog: any catalog preprocessed with ``-c tiny`` (32³ views of the tiny config), e.g.::
 
@@ -27,15 +27,15 @@ with the MONAI chain (:class:`~brainiac.models.augment.ViewAugment`, ``augment.d
   persistent_workers=True, batch_size=None)``, re-batched to ``--batch`` pairs in the main process (what
   ``iter_torch_batches`` does for Ray).
 
-Timing: each side first runs an untimed warm-up pass of ``--warmup`` pairs (worker processes start and import MONAI);
-then a new pass over the data is timed from creating the iterator until ``--pairs`` pairs have been handed out (a pass
-shorter than that is followed by another one, inside the timing). Beside the rate each side prints the seconds to the
-timed pass's first batch and the rate after it: a pipeline that hands out large blocks shows a long first wait and then
-pairs it had already made, so the rate after the first batch is delivery, not production. Times below one pass
-(``--pairs`` under the pairs per pass printed first) weigh the per-pass start-up and, for Ray Data, the work done
-ahead on blocks the timing never drains; ``--pairs`` of about one pass gives the rate of a training epoch. With
-``--rounds N`` the sides alternate and the best rate of each is kept, since a neighbour's load on a shared machine only
-ever makes a run slower. For reference the Ray pipeline is also timed without augmentation (``augment.device=worker``:
+Timing: each side first runs one whole untimed warm-up pass (worker processes start and import MONAI; a whole pass,
+because a Ray Data pass left unfinished force-cancels its running tasks, which kills their worker processes, so the
+next pass would pay the imports again; training finishes its passes). Then a new pass is timed from creating the
+iterator until ``--pairs`` pairs have been handed out (default 0: the whole pass, the rate of a training epoch; a
+longer count continues into further passes, inside the timing). Beside the rate each side prints the seconds to the
+timed pass's first batch and the rate after it: a pipeline that hands out large blocks shows a long first wait and
+then pairs it had already made, so the rate after the first batch is delivery, not production. With ``--rounds N``
+the sides alternate and the best rate of each is kept, since a neighbour's load on a shared machine only ever makes a
+run slower. For reference the Ray pipeline is also timed without augmentation (``augment.device=worker``:
 the stream only decodes and crops; the batched augmentation then runs on the training worker, outside this bench).
 """
 
@@ -117,31 +117,34 @@ def rebatch(volumes: Iterator[dict[str, torch.Tensor]], batch: int) -> Iterator[
 # Timing
 
 
-def timed(make_pass: Callable[[], Iterator[dict[str, torch.Tensor]]], pairs: int, warmup: int) -> dict[str, float]:
-    """Hand out ``pairs`` pairs from fresh passes after an untimed warm-up pass of ``warmup`` pairs.
+def timed(make_pass: Callable[[], Iterator[dict[str, torch.Tensor]]], pairs: int) -> dict[str, float]:
+    """Hand out ``pairs`` pairs (0: one whole pass) from fresh passes after one whole untimed warm-up pass.
 
     Returns ``rate`` (pairs/s over the whole timed span), ``first_s`` (seconds from creating the timed pass's iterator
     to its first batch: the per-pass start-up) and ``steady`` (pairs/s after that first batch).
     """
     marks: list[float] = []
 
-    def consume(count: int) -> int:
+    def consume(count: int | None) -> int:
+        """``count`` pairs, or one whole pass for ``None``."""
         got = 0
-        while got < count:
+        while count is None or got < count:
             before = got
             for batch in make_pass():
                 got += len(batch["view1"])
                 marks.append(time.perf_counter())
-                if got >= count:
+                if count is not None and got >= count:
                     break
             if got == before:
                 raise SystemExit("a pass over the data gave no batch: lower --batch or select more volumes")
+            if count is None:
+                break
         return got
 
-    consume(warmup)
+    consume(None)
     marks.clear()
     started = time.perf_counter()
-    got = consume(pairs)
+    got = consume(pairs or None)
     ended = time.perf_counter()
     first = len(marks) and (got / len(marks))  # pairs per batch
     return {
@@ -155,8 +158,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--catalog", required=True, help="a catalog preprocessed with -c tiny (see above)")
     ap.add_argument("--config", default="pretrain/tiny", help="pretraining config (patch sizes, augmentation)")
-    ap.add_argument("--pairs", type=int, default=512, help="timed view pairs per measurement")
-    ap.add_argument("--warmup", type=int, default=128, help="untimed pairs first, on each side")
+    ap.add_argument("--pairs", type=int, default=0, help="timed view pairs per measurement (0: one whole pass)")
     ap.add_argument("--batch", type=int, default=16, help="pairs per batch handed out")
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="Ray num_cpus and DataLoader num_workers")
     ap.add_argument("--rounds", type=int, default=1, help="alternating DataLoader/Ray rounds; best rate per side kept")
@@ -190,7 +192,7 @@ def main() -> None:
     print(
         f"{len(rows)} train volumes of {args.catalog} (preprocess {selection.preprocess_version}), "
         f"{mb:.2f} MB compressed each, {per_volume} pairs of {size}³ per volume ({repeats} rounds; {len(rows) * per_volume} per pass); "
-        f"{args.cpus} CPUs, batch {args.batch}, {args.pairs} timed pairs after {args.warmup} warm-up, "
+        f"{args.cpus} CPUs, batch {args.batch}, {args.pairs or 'one pass of'} timed pairs after a whole warm-up pass, "
         f"best of {args.rounds}",
         flush=True,
     )
@@ -212,9 +214,9 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {"loader": [], "ray": [], "ray_crop": []}
     try:
         for r in range(args.rounds):
-            runs["loader"].append(timed(lambda: rebatch(iter(loader), args.batch), args.pairs, args.warmup))
-            runs["ray"].append(timed(ray_pass(cfg), args.pairs, args.warmup))
-            runs["ray_crop"].append(timed(ray_pass(cfg_crop), args.pairs, args.warmup))
+            runs["loader"].append(timed(lambda: rebatch(iter(loader), args.batch), args.pairs))
+            runs["ray"].append(timed(ray_pass(cfg), args.pairs))
+            runs["ray_crop"].append(timed(ray_pass(cfg_crop), args.pairs))
             print(
                 f"  round {r + 1}: DataLoader {runs['loader'][-1]['rate']:.1f}, "
                 f"Ray Data {runs['ray'][-1]['rate']:.1f}, "

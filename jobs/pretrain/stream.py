@@ -135,7 +135,10 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
             "repeats": repeats,
         },
         batch_size=1,
-        num_cpus=0.5,
+        # One CPU per task: at most as many map workers as CPUs, so Ray keeps them between passes (above its idle soft
+        # limit it kills workers, and a fresh one pays the torch/MONAI import again, seconds on a small machine); less
+        # only when Ray Data's whole CPU share (pretrain.data_cpus) is smaller, or no task could ever start.
+        num_cpus=min(1.0, cfg.pretrain.data_cpus or 1.0),
     )
 
 
