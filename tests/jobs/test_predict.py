@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -115,10 +116,18 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
     return out
 
 
+# A line Ray's log monitor forwards from an actor of the session's Ray (e.g. a finished Train run's
+# PlacementGroupCleaner) to this driver process's stderr, at any moment: "(ActorName pid=123) ..." in ANSI colour.
+RAY_FORWARDED = re.compile(r"^(\x1b\[\d+m)?\([\w.:-]+ pid=\d+(, ip=[\d.]+)?\)")
+
+
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the CLI in this process; stderr without the lines Ray forwards from other work of the test session (predict
+    itself never starts Ray; run as a command it would not share a process with a Ray driver)."""
     code = main(argv)
     captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    err = "".join(line for line in captured.err.splitlines(keepends=True) if not RAY_FORWARDED.match(line))
+    return code, captured.out, err
 
 
 @pytest.mark.timeout(900)
