@@ -57,9 +57,12 @@ def build_catalog(work: Path, catalog: Path, subjects: int, seed: int) -> None:
     build(work, catalog, subjects, seed)
 
 
-def case_ratios(model: torch.nn.Module, cfg, model_uri: str, tracking_uri: str, cases: int) -> dict[str, Any]:
-    """Per-case saliency mass ratios of ``model`` on the first ``cases`` test cases of the task ``model_uri`` was
-    trained for, exactly as evaluate computes them (same inputs, occlusion maps, region masks and random seeds)."""
+def case_ratios(
+    models: dict[str, torch.nn.Module], cfg, model_uri: str, tracking_uri: str, cases: int
+) -> dict[str, Any]:
+    """Per-case saliency mass ratios of each of ``models`` on the first ``cases`` test cases of the task ``model_uri``
+    was trained for, exactly as evaluate computes them (same inputs, occlusion maps, region masks and random seeds).
+    The task data and the region masks are read once for all models."""
     from brainiac.jobs.finetune.data import load_task_data
     from brainiac.jobs.finetune.evaluate import REGION_PROVIDERS, region_ratios
     from brainiac.models.export import model_version
@@ -74,11 +77,15 @@ def case_ratios(model: torch.nn.Module, cfg, model_uri: str, tracking_uri: str, 
     test = data.indices("test")
     chosen = list(range(min(cases, len(test))))
     if not spec.saliency_region or not chosen:
-        return {"ratios": [], "region": spec.saliency_region}
+        return {"ratios": {name: [] for name in models}, "region": spec.saliency_region}
     names = [data.case_ids[test[i]] for i in chosen]
-    maps = saliency_maps(model, spec, data.inputs[test[chosen]], method="occlusion")
+    inputs = data.inputs[test[chosen]]
     masks = REGION_PROVIDERS[spec.saliency_region](catalog, cfg, data, names)
-    ratios = region_ratios(maps, data.inputs[test[chosen]], [masks.get(name) for name in names])
+    regions = [masks.get(name) for name in names]
+    ratios = {
+        name: region_ratios(saliency_maps(model, spec, inputs, method="occlusion"), inputs, regions)
+        for name, model in models.items()
+    }
     return {"ratios": ratios, "region": spec.saliency_region}
 
 
@@ -125,8 +132,10 @@ def run_task(args, catalog: Path, tracking_uri: str, task: str) -> dict[str, Any
     mlflow.set_registry_uri(tracking_uri)
     model = mlflow.pytorch.load_model(trained.model_uri).eval()
     t = time.perf_counter()
-    mine = case_ratios(model, cfg, trained.model_uri, tracking_uri, args.cases)
-    peer = case_ratios(untrained(model), cfg, trained.model_uri, tracking_uri, args.cases)
+    both = case_ratios(
+        {"trained": model, "untrained": untrained(model)}, cfg, trained.model_uri, tracking_uri, args.cases
+    )
+    mine, peer = both["ratios"]["trained"], both["ratios"]["untrained"]
     peer_s = time.perf_counter() - t
     from brainiac.models.tasks.spec import task_spec
 
@@ -137,12 +146,12 @@ def run_task(args, catalog: Path, tracking_uri: str, task: str) -> dict[str, Any
         "model_uri": trained.model_uri,
         "cases": trained.cases,
         "test_cases": summary.test_cases,
-        "region": summary.saliency_region or mine["region"],
+        "region": summary.saliency_region or both["region"],
         "n": summary.saliency_region_cases,
         "ratio": summary.saliency_mass_ratio,
-        "case_ratios": mine["ratios"],
-        "peer_ratio": float(np.mean(peer["ratios"])) if peer["ratios"] else None,
-        "peer_case_ratios": peer["ratios"],
+        "case_ratios": mine,
+        "peer_ratio": float(np.mean(peer)) if peer else None,
+        "peer_case_ratios": peer,
         "select_metric": select,
         "test_metric": summary.metrics.get(select),
         "evaluate_run": summary.mlflow_run_id,

@@ -39,6 +39,8 @@ class TaskData:
 
     spec: TaskSpec
     case_ids: list[str]
+    scan_ids: list[str]
+    """Per case, the scan of its first channel (the spec's first sequence): where its grid and geometry come from."""
     subjects: list[str]
     datasets: list[str]
     split: list[str]
@@ -141,7 +143,9 @@ def load_task_data(
         key = (r["scan_id"],) if spec.per_scan else (r["subject_id"], r.get("session") or "")
         cases.setdefault(key, {})[r["sequence"]] = r
     split_of = read_splits(catalog, cfg.splits.seed, version=used["splits"])
-    out: dict[str, list] = {k: [] for k in ("case_ids", "subjects", "datasets", "split", "inputs", "targets", "raw")}
+    out: dict[str, list] = {
+        k: [] for k in ("case_ids", "scan_ids", "subjects", "datasets", "split", "inputs", "targets", "raw")
+    }
     for key, by_sequence in sorted(cases.items()):
         if spec.per_scan:
             (row,) = by_sequence.values()
@@ -166,6 +170,7 @@ def load_task_data(
         else:
             target = first["target"]
         out["case_ids"].append("/".join(str(k) for k in key))
+        out["scan_ids"].append(first["scan_id"])
         out["subjects"].append(first["subject_id"])
         out["datasets"].append(first["dataset"])
         out["split"].append(split)
@@ -183,6 +188,7 @@ def load_task_data(
     return TaskData(
         spec=spec,
         case_ids=out["case_ids"],
+        scan_ids=out["scan_ids"],
         subjects=out["subjects"],
         datasets=out["datasets"],
         split=out["split"],

@@ -82,29 +82,20 @@ def tumour_masks(catalog: Catalog, cfg: Config, data: TaskData, cases: Sequence[
 def hippocampus_masks(catalog: Catalog, cfg: Config, data: TaskData, cases: Sequence[str]) -> dict[str, np.ndarray]:
     """The synthetic generator's medial-temporal region on each case's fixed grid, by case id.
 
-    Each case's first channel (the spec's first sequence) gives the grid (``fixed_affine``, ``fixed_shape``) and the
-    head size (``brain_volume_ml``, see :func:`brainiac.models.tasks.regions.head_scale`); ``scans`` and ``volumes``
-    are read at the Delta versions the task data was read at."""
+    Each case's first channel (``data.scan_ids``) gives the grid (``fixed_affine``, ``fixed_shape``) and the head size
+    (``brain_volume_ml``, see :func:`brainiac.models.tasks.regions.head_scale`), read from ``volumes`` at the Delta
+    version the task data was read at."""
     from brainiac.models.tasks.regions import head_scale, hippocampus_mask
 
-    spec = data.spec
-    versions = data.table_versions
-    query = catalog.scans(
-        sequence=spec.sequences[0], allowed_access=cfg.catalog.allowed_access, version=versions.get("scans")
-    )
     wanted = set(cases)
-    scan_of = {}
-    for r in query.to_arrow(["scan_id", "subject_id", "session"]).to_pylist():
-        case = r["scan_id"] if spec.per_scan else f"{r['subject_id']}/{r.get('session') or ''}"
-        if case in wanted:
-            scan_of[r["scan_id"]] = case
-    if not scan_of:
+    case_of = {scan: case for case, scan in zip(data.case_ids, data.scan_ids, strict=True) if case in wanted}
+    if not case_of:
         return {}
-    where = f"preprocess_version = {sql_literal(data.preprocess_version)} AND qc_pass AND {sql_in('scan_id', list(scan_of))}"
+    where = f"preprocess_version = {sql_literal(data.preprocess_version)} AND {sql_in('scan_id', list(case_of))}"
     columns = ["scan_id", "fixed_affine", "fixed_shape", "brain_volume_ml"]
-    rows = catalog.select("volumes", where, columns, version=versions.get("volumes")).to_pylist()
+    rows = catalog.select("volumes", where, columns, version=data.volumes_version).to_pylist()
     return {
-        scan_of[r["scan_id"]]: hippocampus_mask(
+        case_of[r["scan_id"]]: hippocampus_mask(
             np.asarray(r["fixed_affine"]).reshape(4, 4), tuple(r["fixed_shape"]), scale=head_scale(r["brain_volume_ml"])
         )
         for r in rows

@@ -90,10 +90,9 @@ def read_pairs(
     import pyarrow.parquet as pq
 
     for path in batch["path"]:
-        path = str(path)
-        ids = pq.read_table(path, columns=["scan_id"], filesystem=filesystem).column("scan_id").to_pylist()
-        if not keep.intersection(ids):
+        parquet = pq.ParquetFile(str(path), filesystem=filesystem)  # the footer is read once for both reads
+        if not keep.intersection(parquet.read(columns=["scan_id"]).column("scan_id").to_pylist()):
             continue
-        table = pq.read_table(path, columns=ARRAY_COLUMNS, filesystem=filesystem)
+        table = parquet.read(columns=ARRAY_COLUMNS)
         for i in range(table.num_rows):
             yield from crop_pairs(table.slice(i, 1), keep=keep, **crop)

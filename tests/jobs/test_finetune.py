@@ -134,20 +134,26 @@ def test_finetune_cli_errors_are_one_line_and_exit_2(tmp_path):
         assert expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def _linear_probe_model(pipeline, tmp_path, task: str):
+    """(config, FinetuneSummary) of a 2-epoch linear model of ``task`` on the pipeline encoder, aliased ``evaluated``."""
+    from brainiac.jobs.finetune.run import finetune
+
+    cfg = pipeline.pretrain_config(
+        f"finetune.task={task}", "finetune.strategy=linear", f"finetune.init={pipeline.encoder.model_uri}",
+        "finetune.max_epochs=2", "finetune.bootstrap=200", "finetune.alias=evaluated",
+        f"finetune.storage_path={tmp_path / 'runs'}",
+    )  # fmt: skip
+    return cfg, finetune(cfg, progress=False)
+
+
 @pytest.mark.timeout(900)
 def test_evaluate_scores_the_challenger_with_cis_robustness_and_saliency(pipeline, tmp_path):
     """``brainiac evaluate`` on a registered model: test metrics with CIs, every artifact at every strength, overlays."""
     from brainiac.jobs.finetune.evaluate import evaluate
-    from brainiac.jobs.finetune.run import finetune
     from brainiac.models.tasks.robustness import ARTIFACTS
 
     uri = f"sqlite:///{pipeline.root / 'mlflow.db'}"
-    cfg = pipeline.pretrain_config(
-        "finetune.task=sequence", "finetune.strategy=linear", f"finetune.init={pipeline.encoder.model_uri}",
-        "finetune.max_epochs=2", "finetune.bootstrap=200", "finetune.alias=evaluated",
-        f"finetune.storage_path={tmp_path / 'runs'}",
-    )  # fmt: skip
-    trained = finetune(cfg, progress=False)
+    cfg, trained = _linear_probe_model(pipeline, tmp_path, "sequence")
     s = evaluate(cfg, trained.model_uri, saliency_cases=2, bootstrap=200)
     assert s.task == "sequence" and s.version == trained.model_version and s.test_cases > 0
     assert set(s.metrics) == {"balanced_accuracy", "macro_auc"}
@@ -170,15 +176,9 @@ def test_evaluate_mci_logs_the_saliency_mass_ratio_in_the_hippocampus(pipeline, 
     """The mci spec names the hippocampus as its signal region: evaluate compares the saliency there with random
     regions of the same size and logs ``saliency_mass_ratio_hippocampus`` (the tiny cohort has one mci test case)."""
     from brainiac.jobs.finetune.evaluate import evaluate
-    from brainiac.jobs.finetune.run import finetune
 
     uri = f"sqlite:///{pipeline.root / 'mlflow.db'}"
-    cfg = pipeline.pretrain_config(
-        "finetune.task=mci", "finetune.strategy=linear", f"finetune.init={pipeline.encoder.model_uri}",
-        "finetune.max_epochs=2", "finetune.bootstrap=200", "finetune.alias=evaluated",
-        f"finetune.storage_path={tmp_path / 'runs'}",
-    )  # fmt: skip
-    trained = finetune(cfg, progress=False)
+    cfg, trained = _linear_probe_model(pipeline, tmp_path, "mci")
     s = evaluate(cfg, trained.model_uri, robustness=False, saliency_cases=2, bootstrap=200)
     assert s.task == "mci" and s.test_cases >= 1
     assert s.saliency_region == "hippocampus" and s.saliency_region_cases == min(2, s.test_cases)
