@@ -18,10 +18,11 @@ rounds per decode as the stream cuts to fill ``patches.min_pairs_per_pass`` from
 with the MONAI chain (:class:`~brainiac.models.augment.ViewAugment`, ``augment.device=data``) and hand out batches of
 ``--batch`` pairs as torch tensors:
 
-* **Ray Data**: the real :func:`~brainiac.jobs.pretrain.stream.pair_dataset` (the pinned ``volumes`` Parquet
-  files, each read in ``map_batches(read_pairs)``) on a local Ray with ``num_cpus = --cpus``, iterated as the training loop does:
-  ``iter_torch_batches(batch_size, drop_last=True, local_shuffle_buffer_size=patches.shuffle_buffer)``. It reads the
-  Parquet files on every pass (and skips the rows of other splits stored in them).
+* **Ray Data**: the real :func:`~brainiac.jobs.pretrain.stream.pair_dataset` on a local Ray with ``num_cpus = --cpus``
+  (work units of one volume each, from the pinned ``volumes`` Parquet files, ``pretrain.data_tasks_per_cpu`` map
+  tasks per CPU, each reading its volume's row in ``map_batches(read_pairs)``), iterated as the training loop does:
+  ``iter_torch_batches(batch_size, drop_last=True, local_shuffle_buffer_size=patches.shuffle_buffer)``. It reads its
+  rows from the Parquet files on every pass.
 * **DataLoader**: the same rows read once from the ``volumes`` table into memory, a ``monai.data.Dataset`` whose
   transform decodes, crops and augments one volume into its pairs, ``DataLoader(num_workers = --cpus, shuffle=True,
   persistent_workers=True, batch_size=None)``, re-batched to ``--batch`` pairs in the main process (what
@@ -227,6 +228,7 @@ def main() -> None:
         ray.shutdown()
     loader_run, ray_run, crop_run = (max(runs[k], key=lambda m: m["rate"]) for k in ("loader", "ray", "ray_crop"))
     ratio = ray_run["rate"] / loader_run["rate"]
+    paired = sorted(r["rate"] / d["rate"] for r, d in zip(runs["ray"], runs["loader"], strict=True))
     verdict = "meets" if ratio >= 1.0 else "BELOW"
 
     def detail(m: dict[str, float]) -> str:
@@ -236,6 +238,10 @@ def main() -> None:
         (f"MONAI Dataset + DataLoader ({args.cpus} workers), decode+crop+augment", detail(loader_run)),
         (f"Ray Data pair_dataset ({args.cpus} CPUs), decode+crop+augment", detail(ray_run)),
         ("ratio Ray Data / DataLoader", f"{ratio:8.2f}x  ({verdict} the 1.0x target)"),
+        (
+            "ratio within each round (neighbours' load moves both within minutes)",
+            ", ".join(f"{x:.2f}x" for x in paired),
+        ),
         ("Ray Data, decode+crop only (augment.device=worker), reference", detail(crop_run)),
         ("wall time", f"{time.perf_counter() - started:8.0f} s"),
     ]

@@ -141,6 +141,12 @@ class PretrainConfig:
     stops the stream from taking the CPUs Train needs, and leaving it room stops it from starving (a hang, not an
     error, in Ray)."""
 
+    data_tasks_per_cpu: int = field(default=2, metadata=_range(ge=1, le=8))
+    """Map tasks of the stream in flight per CPU of Ray Data's share, like a DataLoader's ``prefetch_factor``: with
+    one, a CPU idles between a finished task and the next (Ray Data notices the end of a task up to 0.1 s late, then
+    starts the next; with one-volume tasks about 15 % of the time). Keep ``cluster.workers_per_cpu`` at least as
+    large, or Ray kills the extra workers between passes and each new pass pays their imports again."""
+
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     """How workers are placed on nodes; ``STRICT_SPREAD`` puts every worker on a different node."""
 

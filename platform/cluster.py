@@ -79,6 +79,8 @@ def init_ray(cfg: ClusterConfig | None = None, *, address: str | None = None) ->
             kwargs["num_cpus"] = cfg.num_cpus
         if cfg.object_store_memory_mb is not None:
             kwargs["object_store_memory"] = cfg.object_store_memory_mb << 20
+        cpus = cfg.num_cpus or os.cpu_count() or 1
+        kwargs["_system_config"] = {"num_workers_soft_limit": int(cpus * cfg.workers_per_cpu)}
     log.info("connecting to Ray at %s", target)
     ray.init(**kwargs)
     res = ray.cluster_resources()

@@ -122,6 +122,12 @@ class ClusterConfig:
     include_dashboard: bool = False
     """Start the dashboard with a local Ray (it binds 127.0.0.1)."""
 
+    workers_per_cpu: int = field(default=2, metadata=_range(ge=1, le=8))
+    """Idle worker processes a local Ray keeps per logical CPU (Ray's ``num_workers_soft_limit``, which by default
+    keeps one). The pretraining stream runs ``pretrain.data_tasks_per_cpu`` map tasks per CPU; workers above the limit
+    are killed when idle, and every new pass would pay their torch/MONAI import again. A cluster started with
+    ``ray start`` takes it from ``RAY_num_workers_soft_limit`` on each node (infra/cluster-launcher/cluster.env)."""
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     """Level of Ray's own driver-side logging."""
 

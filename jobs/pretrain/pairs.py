@@ -17,10 +17,13 @@ from brainiac.ingestion.volumes import decode_array
 from brainiac.models.patches import view_pairs
 from brainiac.models.train_config import PatchConfig
 
-__all__ = ["crop_pairs", "read_pairs"]
+__all__ = ["crop_pairs", "read_pairs", "read_rows"]
 
 ARRAY_COLUMNS = ["scan_id", "whole", "whole_shape", "mask", "dtype"]
 """The ``volumes`` columns a pair is cut from."""
+
+AUGMENTED_BLOCK_PAIRS = 16
+"""Augmented pairs per output block: one tiny-config batch, a fraction of a second of MONAI work on one CPU."""
 
 _AUGMENTS: dict[str, Any] = {}
 
@@ -51,9 +54,10 @@ def crop_pairs(
 
     ``batch`` arrives as Arrow (delta-rs may write ``string_view`` columns, which Ray's numpy conversion rejects).
 
-    Yields one ``{"view1", "view2"}`` per round, each (``patches_per_volume``, 1, size, size, size) float16, as soon as
-    it is cut: Ray Data ships each yield as its own block, so the first batch waits for one round, not for every pair of
-    the volume. Rows of other scans yield nothing (an empty 5-D array would not convert to an Arrow tensor column and
+    Yields ``{"view1", "view2"}``, each (n, 1, size, size, size) float16, as soon as it is ready: a whole round when
+    only cropping, and :data:`AUGMENTED_BLOCK_PAIRS` pairs at a time when augmenting (augmenting a round is the slow
+    part). Ray Data ships each yield as its own block, so the first batch of a pass waits for one block, not for every
+    pair of the volume. Rows of other scans yield nothing (an empty 5-D array would not convert to an Arrow tensor column and
     Ray would fall back to pickling the column). Locations come from a fresh OS-seeded generator, so every pass over
     the data draws new ones.
     """
@@ -71,28 +75,43 @@ def crop_pairs(
             first, second, _ = view_pairs(volume, mask, size, cfg, rng)
             if chain is not None:
                 seed = int(rng.integers(2**31 - len(first)))
-                views = [chain.pair(a, b, seed=seed + i) for i, (a, b) in enumerate(zip(first, second, strict=True))]
-                first = np.stack([v[0] for v in views])
-                second = np.stack([v[1] for v in views])
-            yield {"view1": first, "view2": second}
+                for start in range(0, len(first), AUGMENTED_BLOCK_PAIRS):
+                    pairs = range(start, min(start + AUGMENTED_BLOCK_PAIRS, len(first)))
+                    views = [chain.pair(first[i], second[i], seed=seed + i) for i in pairs]
+                    yield {"view1": np.stack([v[0] for v in views]), "view2": np.stack([v[1] for v in views])}
+            else:
+                yield {"view1": first, "view2": second}
 
 
 def read_pairs(
     batch: dict[str, np.ndarray], *, filesystem: Any = None, keep: frozenset[str], **crop: Any
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Read the ``volumes`` Parquet files named in ``batch["path"]`` and yield the view pairs of their rows in ``keep``
+    """Read the work units of ``batch`` (``path``: a ``volumes`` Parquet file, ``rows``: row positions in it, from
+    :func:`~brainiac.jobs.pretrain.stream.work_units`) and yield the view pairs of their rows in ``keep``
     (:func:`crop_pairs` with ``crop``), volume by volume.
 
-    The scan id column is read first, so a file holding only other splits' volumes costs a few bytes; the array
-    columns are read only for files with something to cut. ``filesystem`` is a pyarrow filesystem for remote paths
-    (``None``: local).
+    Only the row groups holding ``rows`` are read, and only the array columns. ``filesystem`` is a pyarrow filesystem
+    for remote paths (``None``: local).
     """
-    import pyarrow.parquet as pq
-
-    for path in batch["path"]:
-        parquet = pq.ParquetFile(str(path), filesystem=filesystem)  # the footer is read once for both reads
-        if not keep.intersection(parquet.read(columns=["scan_id"]).column("scan_id").to_pylist()):
-            continue
-        table = parquet.read(columns=ARRAY_COLUMNS)
+    for path, rows in zip(batch["path"], batch["rows"], strict=True):
+        table = read_rows(str(path), [int(r) for r in rows], filesystem)
         for i in range(table.num_rows):
             yield from crop_pairs(table.slice(i, 1), keep=keep, **crop)
+
+
+def read_rows(path: str, rows: list[int], filesystem: Any = None) -> pa.Table:
+    """The :data:`ARRAY_COLUMNS` of rows ``rows`` (positions in the file, in this order) of one Parquet file, reading
+    only the row groups that hold them."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path, filesystem=filesystem)
+    if not rows:
+        return parquet.read_row_groups([], columns=ARRAY_COLUMNS)
+    sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+    starts = np.cumsum([0, *sizes])
+    group_of = (np.searchsorted(starts, rows, side="right") - 1).tolist()
+    groups = sorted(set(group_of))
+    read_start = dict(zip(groups, np.cumsum([0, *(sizes[g] for g in groups[:-1])]).tolist(), strict=True))
+    local = [read_start[g] + r - int(starts[g]) for r, g in zip(rows, group_of, strict=True)]
+    table = parquet.read_row_groups(groups, columns=ARRAY_COLUMNS)
+    return pa.concat_tables([table.slice(i, 1) for i in local])  # no `take`: it has no kernel for string_view

@@ -2,8 +2,8 @@
 
 The driver resolves *which* volumes to read from small metadata (``volumes`` ⋈ ``splits`` ⋈ the access check on
 ``scans``). Ray Data then reads only those rows' arrays from the ``volumes`` Delta table (the Parquet files of the
-pinned table version and preprocess partition, in a fresh random order per pass; rows of other scans skipped), decodes
-them, cuts ``patches_per_volume`` view pairs per volume and, when ``augment.device == "data"``, augments each view with MONAI on the CPU. Train workers pull batches with
+pinned table version and preprocess partition, split into work units of about one volume each, in a fresh random
+order per pass), decodes them, cuts ``patches_per_volume`` view pairs per volume and, when ``augment.device == "data"``, augments each view with MONAI on the CPU. Train workers pull batches with
 ``get_dataset_shard("train").iter_torch_batches``.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +20,15 @@ import numpy as np
 
 from brainiac.ingestion.splits import read_splits
 from brainiac.ingestion.volumes import decode_array, newest_preprocess_version
-from brainiac.jobs.pretrain.pairs import ARRAY_COLUMNS
+from brainiac.jobs.pretrain.pairs import ARRAY_COLUMNS, AUGMENTED_BLOCK_PAIRS
 from brainiac.platform.catalog import Catalog, sql_in, sql_literal
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
-__all__ = ["PretrainSelection", "eval_pairs", "pair_dataset", "select_volumes"]
+__all__ = ["PretrainSelection", "eval_pairs", "pair_dataset", "select_volumes", "work_units"]
+
+MAX_UNITS = 4096
+"""At most this many work units (map tasks) per pass: one volume each up to this many volumes, then a few each."""
 
 
 @dataclass
@@ -97,10 +101,10 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
     """The Ray Dataset of view pairs for ``scan_ids``, streamed from ``volumes`` at the selection's table version.
 
     The Parquet files are those of the selection's ``preprocess_version`` partition at the pinned Delta version (what
-    ``ray.data.read_delta`` reads, plus partition pruning); each is read inside the map task
-    (:func:`~brainiac.jobs.pretrain.pairs.read_pairs`), its scan ids first, and rows of other scans are skipped before
-    decoding. Only numpy pairs leave the task (delta-rs' ``string_view`` columns never reach Ray's block serialiser,
-    which rejects them).
+    ``ray.data.read_delta`` reads, plus partition pruning). The driver finds the rows of ``scan_ids`` in them once
+    (:func:`work_units`); each pass then maps those units in a fresh random order, each read inside its map task
+    (:func:`~brainiac.jobs.pretrain.pairs.read_pairs`). Only numpy pairs leave the task (delta-rs' ``string_view``
+    columns never reach Ray's block serialiser, which rejects them).
     """
     import ray.data
 
@@ -114,17 +118,29 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
     from brainiac.jobs.pretrain.pairs import read_pairs
     from brainiac.platform.config import config_to_dict
 
-    # Small output blocks carry each volume's pairs to the workers as they are cut, not after a whole file.
-    ray.data.DataContext.get_current().target_max_block_size = 8 << 20
+    # Every yield of the map leaves as its own block, as soon as it is made: Ray Data buffers a task's yields until
+    # they pass target_max_block_size, so with the 8 MiB used before, a pass's first batch waited for a whole volume
+    # (64 augmented 32³ pairs, ~1.5 s on a shared CPU). Three quarters of one augmented block's bytes: a block is
+    # emitted at each yield and not sliced (Ray slices blocks above 1.5x the target); larger crop-only rounds are
+    # sliced into blocks of about that size.
+    block_bytes = AUGMENTED_BLOCK_PAIRS * 2 * cfg.model.img_size**3 * np.dtype(np.float16).itemsize
+    ray.data.DataContext.get_current().target_max_block_size = block_bytes * 3 // 4
     # One pass yields at least min_pairs_per_pass pairs: a small selection cuts more rounds of pairs per volume from a
     # single read, rather than reading the files again (a union of many reads starves Ray Data's CPU share and hangs).
     per_pass = max(1, len(scan_ids) * cfg.patches.patches_per_volume)
     repeats = max(1, math.ceil(cfg.patches.min_pairs_per_pass / per_pass))
-    # The pinned version's file list is already known, so the stream starts from it: read_parquet would list and
-    # size the files again in a task on every pass (5-10 s before the first batch on this 2-core machine; see
-    # bench/loader.py). A fresh random file order on every pass.
-    paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-    return paths.randomize_block_order().map_batches(
+    # Work units of about one volume, not one Parquet file: a file holds a dozen volumes or more, so with a file per
+    # task the last files of a pass ran on one CPU while the others idled (see bench/loader.py). The units come from
+    # the pinned file list, so no pass lists or sizes the files again (what read_parquet does in a task on every pass,
+    # seconds before the first batch). A fresh random order on every pass.
+    units = work_units(files, set(scan_ids), filesystem)
+    if not units:
+        raise UserError(
+            f"none of the {len(scan_ids)} selected volumes is in the volumes table's files at version "
+            f"{selection.volumes_version}"
+        )
+    items = ray.data.from_items(units, override_num_blocks=len(units))
+    return items.randomize_block_order().map_batches(
         read_pairs,
         fn_kwargs={
             "filesystem": filesystem,
@@ -135,11 +151,38 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
             "repeats": repeats,
         },
         batch_size=1,
-        # One CPU per task: at most as many map workers as CPUs, so Ray keeps them between passes (above its idle soft
-        # limit it kills workers, and a fresh one pays the torch/MONAI import again, seconds on a small machine); less
-        # only when Ray Data's whole CPU share (pretrain.data_cpus) is smaller, or no task could ever start.
-        num_cpus=min(1.0, cfg.pretrain.data_cpus or 1.0),
+        # data_tasks_per_cpu tasks per CPU (of Ray Data's share pretrain.data_cpus where that is under one CPU): a
+        # queued task takes over the moment one ends. The local Ray keeps that many workers between passes
+        # (cluster.workers_per_cpu); above its idle limit Ray kills workers, and a fresh one pays the torch/MONAI
+        # import again, seconds on a small machine.
+        num_cpus=min(1.0, cfg.pretrain.data_cpus or 1.0) / cfg.pretrain.data_tasks_per_cpu,
     )
+
+
+def work_units(
+    files: list[str], keep: set[str], filesystem: Any = None, max_units: int = MAX_UNITS
+) -> list[dict[str, Any]]:
+    """The map tasks of one pass: ``{"path": file, "rows": [positions]}``, covering every row of ``files`` whose
+    ``scan_id`` is in ``keep`` exactly once, never mixing files, with ``ceil(rows / max_units)`` rows per unit (the
+    last unit of a file may hold fewer).
+
+    Small units balance the CPUs at the end of a pass; ``max_units`` bounds the tasks of a very large catalog. The
+    ``scan_id`` column of every file is read once, a few files at a time (on ``s3://`` each costs a request).
+    """
+    import pyarrow.parquet as pq
+
+    def scan_ids_of(path: str) -> list[str]:
+        return pq.read_table(path, columns=["scan_id"], filesystem=filesystem).column("scan_id").to_pylist()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        columns = list(pool.map(scan_ids_of, files))
+    wanted = {path: [i for i, scan in enumerate(ids) if scan in keep] for path, ids in zip(files, columns, strict=True)}
+    per_unit = max(1, math.ceil(sum(map(len, wanted.values())) / max(1, max_units)))
+    return [
+        {"path": path, "rows": rows[start : start + per_unit]}
+        for path, rows in wanted.items()
+        for start in range(0, len(rows), per_unit)
+    ]
 
 
 def eval_pairs(
