@@ -30,6 +30,9 @@ __all__ = ["PretrainSelection", "eval_pairs", "pair_dataset", "select_volumes", 
 MAX_UNITS = 4096
 """At most this many work units (map tasks) per pass: one volume each up to this many volumes, then a few each."""
 
+CROP_ONLY_VOLUMES_PER_TASK = 8
+"""Volumes per map task when the stream only decodes and crops (augmentation on the training worker)."""
+
 
 @dataclass
 class PretrainSelection:
@@ -133,7 +136,9 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
     # task the last files of a pass ran on one CPU while the others idled (see bench/loader.py). The units come from
     # the pinned file list, so no pass lists or sizes the files again (what read_parquet does in a task on every pass,
     # seconds before the first batch). A fresh random order on every pass.
-    units = work_units(files, set(scan_ids), filesystem)
+    # Cropping alone is ~1 ms a pair: a task of one volume would be mostly Ray Data's per-task cost, so it takes more.
+    rows_per_unit = 1 if cfg.augment.device == "data" else CROP_ONLY_VOLUMES_PER_TASK
+    units = work_units(files, set(scan_ids), filesystem, rows_per_unit=rows_per_unit)
     if not units:
         raise UserError(
             f"none of the {len(scan_ids)} selected volumes is in the volumes table's files at version "
@@ -160,11 +165,11 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
 
 
 def work_units(
-    files: list[str], keep: set[str], filesystem: Any = None, max_units: int = MAX_UNITS
+    files: list[str], keep: set[str], filesystem: Any = None, max_units: int = MAX_UNITS, rows_per_unit: int = 1
 ) -> list[dict[str, Any]]:
     """The map tasks of one pass: ``{"path": file, "rows": [positions]}``, covering every row of ``files`` whose
-    ``scan_id`` is in ``keep`` exactly once, never mixing files, with ``ceil(rows / max_units)`` rows per unit (the
-    last unit of a file may hold fewer).
+    ``scan_id`` is in ``keep`` exactly once, never mixing files, with ``rows_per_unit`` rows per unit, or
+    ``ceil(rows / max_units)`` where that is more (the last unit of a file may hold fewer).
 
     Small units balance the CPUs at the end of a pass; ``max_units`` bounds the tasks of a very large catalog. The
     ``scan_id`` column of every file is read once, a few files at a time (on ``s3://`` each costs a request).
@@ -177,7 +182,7 @@ def work_units(
     with ThreadPoolExecutor(max_workers=8) as pool:
         columns = list(pool.map(scan_ids_of, files))
     wanted = {path: [i for i, scan in enumerate(ids) if scan in keep] for path, ids in zip(files, columns, strict=True)}
-    per_unit = max(1, math.ceil(sum(map(len, wanted.values())) / max(1, max_units)))
+    per_unit = max(1, rows_per_unit, math.ceil(sum(map(len, wanted.values())) / max(1, max_units)))
     return [
         {"path": path, "rows": rows[start : start + per_unit]}
         for path, rows in wanted.items()

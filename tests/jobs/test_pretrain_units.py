@@ -56,9 +56,11 @@ def test_units_cover_each_kept_row_once_within_its_file(tmp_path):
 
     capped = work_units(files, keep, max_units=4)
     assert max(len(u["rows"]) for u in capped) == 3, "ceil(11 kept rows / 4 units) rows per unit"
-    assert sorted(r for u in capped for r in zip([u["path"]] * len(u["rows"]), u["rows"])) == sorted(
+    assert sorted((u["path"], r) for u in capped for r in u["rows"]) == sorted(
         (u["path"], r) for u in units for r in u["rows"]
     )
+    grouped = work_units(files, keep, rows_per_unit=3)  # what a crop-only stream asks for
+    assert [len(u["rows"]) for u in grouped] == [3, 2, 2, 3], "3 rows a unit, never across files"
     assert work_units(files, {"not-there"}) == []
 
 
