@@ -45,29 +45,24 @@ def crop_pairs(
     *,
     size: int,
     patches: dict[str, Any],
-    keep: frozenset[str],
     augment: dict[str, Any] | None = None,
     repeats: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Decode each ``volumes`` row of ``batch`` whose scan id is in ``keep`` and cut its view pairs, ``repeats`` rounds
-    of ``patches_per_volume`` pairs from one decode.
+    """Decode each ``volumes`` row of ``batch`` and cut its view pairs, ``repeats`` rounds of ``patches_per_volume``
+    pairs from one decode (the rows are the selection's: :func:`~brainiac.jobs.pretrain.stream.work_units` picked them).
 
     ``batch`` arrives as Arrow (delta-rs may write ``string_view`` columns, which Ray's numpy conversion rejects).
 
     Yields ``{"view1", "view2"}``, each (n, 1, size, size, size) float16, as soon as it is ready: a whole round when
     only cropping, and :data:`AUGMENTED_BLOCK_PAIRS` pairs at a time when augmenting (augmenting a round is the slow
     part). Ray Data ships each yield as its own block, so the first batch of a pass waits for one block, not for every
-    pair of the volume. Rows of other scans yield nothing (an empty 5-D array would not convert to an Arrow tensor column and
-    Ray would fall back to pickling the column). Locations come from a fresh OS-seeded generator, so every pass over
-    the data draws new ones.
+    pair of the volume. Locations come from a fresh OS-seeded generator, so every pass over the data draws new ones.
     """
     cfg = PatchConfig(**patches)
     rng = np.random.default_rng()
     chain = _augment(augment) if augment is not None else None
-    columns = [batch.column(name).to_pylist() for name in ("scan_id", "whole", "whole_shape", "mask", "dtype")]
-    for scan_id, blob, shape, mask_blob, dtype in zip(*columns, strict=True):
-        if scan_id not in keep:  # a volume of another split stored in the same Parquet file
-            continue
+    columns = [batch.column(name).to_pylist() for name in ("whole", "whole_shape", "mask", "dtype")]
+    for blob, shape, mask_blob, dtype in zip(*columns, strict=True):
         shape = [int(s) for s in shape]
         volume = decode_array(blob, shape, dtype or "float16")
         mask = decode_array(mask_blob, shape, "uint8")
@@ -83,12 +78,10 @@ def crop_pairs(
                 yield {"view1": first, "view2": second}
 
 
-def read_pairs(
-    batch: dict[str, np.ndarray], *, filesystem: Any = None, keep: frozenset[str], **crop: Any
-) -> Iterator[dict[str, np.ndarray]]:
+def read_pairs(batch: dict[str, np.ndarray], *, filesystem: Any = None, **crop: Any) -> Iterator[dict[str, np.ndarray]]:
     """Read the work units of ``batch`` (``path``: a ``volumes`` Parquet file, ``rows``: row positions in it, from
-    :func:`~brainiac.jobs.pretrain.stream.work_units`) and yield the view pairs of their rows in ``keep``
-    (:func:`crop_pairs` with ``crop``), volume by volume.
+    :func:`~brainiac.jobs.pretrain.stream.work_units`) and yield the view pairs of those rows (:func:`crop_pairs` with
+    ``crop``), volume by volume.
 
     Only the row groups holding ``rows`` are read, and only the array columns. ``filesystem`` is a pyarrow filesystem
     for remote paths (``None``: local).
@@ -96,7 +89,7 @@ def read_pairs(
     for path, rows in zip(batch["path"], batch["rows"], strict=True):
         table = read_rows(str(path), [int(r) for r in rows], filesystem)
         for i in range(table.num_rows):
-            yield from crop_pairs(table.slice(i, 1), keep=keep, **crop)
+            yield from crop_pairs(table.slice(i, 1), **crop)
 
 
 def read_rows(path: str, rows: list[int], filesystem: Any = None) -> pa.Table:

@@ -3,7 +3,8 @@
 The driver resolves *which* volumes to read from small metadata (``volumes`` ⋈ ``splits`` ⋈ the access check on
 ``scans``). Ray Data then reads only those rows' arrays from the ``volumes`` Delta table (the Parquet files of the
 pinned table version and preprocess partition, split into work units of about one volume each, in a fresh random
-order per pass), decodes them, cuts ``patches_per_volume`` view pairs per volume and, when ``augment.device == "data"``, augments each view with MONAI on the CPU. Train workers pull batches with
+order per pass), decodes them, cuts ``patches_per_volume`` view pairs per volume and, when
+``augment.device == "data"``, augments each view with MONAI on the CPU. Train workers pull batches with
 ``get_dataset_shard("train").iter_torch_batches``.
 """
 
@@ -149,7 +150,6 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
         read_pairs,
         fn_kwargs={
             "filesystem": filesystem,
-            "keep": frozenset(scan_ids),
             "size": cfg.model.img_size,
             "patches": config_to_dict(cfg.patches),
             "augment": config_to_dict(cfg.augment) if cfg.augment.device == "data" else None,

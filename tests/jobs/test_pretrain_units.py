@@ -76,12 +76,12 @@ def test_read_pairs_cuts_only_the_units_rows_and_yields_augmented_blocks(tmp_pat
     cfg = load_config("pretrain/tiny", ["model.img_size=16", "patches.patches_per_volume=20", "augment.device=data"])
     crop = {"size": 16, "patches": config_to_dict(cfg.patches), "augment": config_to_dict(cfg.augment), "repeats": 1}
     batch = {"path": np.array([files[0]], dtype=object), "rows": np.array([np.array([2, 5])], dtype=object)}
-    blocks = list(read_pairs(batch, keep=frozenset({"f0-s2", "f0-s5"}), **crop))
+    blocks = list(read_pairs(batch, **crop))
     # 20 pairs per volume leave as blocks of 16 and 4; two volumes
     assert [len(b["view1"]) for b in blocks] == [16, 4, 16, 4]
     assert all(b["view1"].shape[1:] == (1, 16, 16, 16) and b["view1"].dtype == np.float16 for b in blocks)
 
     table = read_rows(files[0], [2])
-    plain = list(crop_pairs(table, keep=frozenset({"f0-s2"}), **{**crop, "augment": None}))
+    plain = list(crop_pairs(table, **{**crop, "augment": None}))
     assert [len(b["view1"]) for b in plain] == [20], "without augmentation a round leaves whole"
     assert np.allclose(plain[0]["view1"][plain[0]["view1"] != 0], 2.0), "the crops come from row 2 (filled with 2)"
