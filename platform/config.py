@@ -120,7 +120,8 @@ class ClusterConfig:
     """Object-store size of a local Ray in MiB; ``None`` lets Ray choose."""
 
     include_dashboard: bool = False
-    """Start the dashboard with a local Ray (it binds 127.0.0.1)."""
+    """Start the dashboard with a local Ray (it binds 127.0.0.1). Without it, a local Ray collects no metrics or task
+    events (nothing would read them)."""
 
     workers_per_cpu: int = field(default=2, metadata=_range(ge=1, le=8))
     """Idle worker processes a local Ray keeps per logical CPU (Ray's ``num_workers_soft_limit``, which by default

@@ -17,13 +17,24 @@ from brainiac.ingestion.volumes import decode_array
 from brainiac.models.patches import view_pairs
 from brainiac.models.train_config import PatchConfig
 
-__all__ = ["crop_pairs", "read_pairs", "read_rows"]
+__all__ = ["augmented_block_pairs", "crop_pairs", "read_pairs", "read_rows"]
 
 ARRAY_COLUMNS = ["scan_id", "whole", "whole_shape", "mask", "dtype"]
 """The ``volumes`` columns a pair is cut from."""
 
-AUGMENTED_BLOCK_PAIRS = 16
-"""Augmented pairs per output block: one tiny-config batch, a fraction of a second of MONAI work on one CPU."""
+AUGMENTED_BLOCK_BYTES = 4 << 20
+"""Bytes of augmented pairs per output block (float16 views): 32 pairs of 32³, one pair of 96³.
+
+Each block costs the driver and the raylet a few milliseconds (an object, a generator report, a scheduling step), so
+blocks far smaller than this cost more than they save: on 2 CPUs, a pass in blocks of 32 tiny pairs took 9.3 CPU-s
+outside the map tasks where blocks of 16 took 12.7, with the first batch no later (profiled beside ``bench/loader.py``). Far larger blocks hold
+the first batch of a pass back, since a block leaves the task only when it is whole."""
+
+
+def augmented_block_pairs(size: int) -> int:
+    """Augmented view pairs per output block for ``size``³ views: :data:`AUGMENTED_BLOCK_BYTES` of them, at least one."""
+    return max(1, AUGMENTED_BLOCK_BYTES // (2 * size**3 * np.dtype(np.float16).itemsize))
+
 
 _AUGMENTS: dict[str, Any] = {}
 
@@ -54,13 +65,14 @@ def crop_pairs(
     ``batch`` arrives as Arrow (delta-rs may write ``string_view`` columns, which Ray's numpy conversion rejects).
 
     Yields ``{"view1", "view2"}``, each (n, 1, size, size, size) float16, as soon as it is ready: a whole round when
-    only cropping, and :data:`AUGMENTED_BLOCK_PAIRS` pairs at a time when augmenting (augmenting a round is the slow
+    only cropping, and :func:`augmented_block_pairs` pairs at a time when augmenting (augmenting a round is the slow
     part). Ray Data ships each yield as its own block, so the first batch of a pass waits for one block, not for every
     pair of the volume. Locations come from a fresh OS-seeded generator, so every pass over the data draws new ones.
     """
     cfg = PatchConfig(**patches)
     rng = np.random.default_rng()
     chain = _augment(augment) if augment is not None else None
+    block = augmented_block_pairs(size)
     columns = [batch.column(name).to_pylist() for name in ("whole", "whole_shape", "mask", "dtype")]
     for blob, shape, mask_blob, dtype in zip(*columns, strict=True):
         shape = [int(s) for s in shape]
@@ -70,8 +82,8 @@ def crop_pairs(
             first, second, _ = view_pairs(volume, mask, size, cfg, rng)
             if chain is not None:
                 seed = int(rng.integers(2**31 - len(first)))
-                for start in range(0, len(first), AUGMENTED_BLOCK_PAIRS):
-                    pairs = range(start, min(start + AUGMENTED_BLOCK_PAIRS, len(first)))
+                for start in range(0, len(first), block):
+                    pairs = range(start, min(start + block, len(first)))
                     views = [chain.pair(first[i], second[i], seed=seed + i) for i in pairs]
                     yield {"view1": np.stack([v[0] for v in views]), "view2": np.stack([v[1] for v in views])}
             else:

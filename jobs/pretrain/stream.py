@@ -21,7 +21,7 @@ import numpy as np
 
 from brainiac.ingestion.splits import read_splits
 from brainiac.ingestion.volumes import decode_array, newest_preprocess_version
-from brainiac.jobs.pretrain.pairs import ARRAY_COLUMNS, AUGMENTED_BLOCK_PAIRS
+from brainiac.jobs.pretrain.pairs import ARRAY_COLUMNS, augmented_block_pairs
 from brainiac.platform.catalog import Catalog, sql_in, sql_literal
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
@@ -122,13 +122,6 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
     from brainiac.jobs.pretrain.pairs import read_pairs
     from brainiac.platform.config import config_to_dict
 
-    # Every yield of the map leaves as its own block, as soon as it is made: Ray Data buffers a task's yields until
-    # they pass target_max_block_size, so with the 8 MiB used before, a pass's first batch waited for a whole volume
-    # (64 augmented 32³ pairs, ~1.5 s on a shared CPU). Three quarters of one augmented block's bytes: a block is
-    # emitted at each yield and not sliced (Ray slices blocks above 1.5x the target); larger crop-only rounds are
-    # sliced into blocks of about that size.
-    block_bytes = AUGMENTED_BLOCK_PAIRS * 2 * cfg.model.img_size**3 * np.dtype(np.float16).itemsize
-    ray.data.DataContext.get_current().target_max_block_size = block_bytes * 3 // 4
     # One pass yields at least min_pairs_per_pass pairs: a small selection cuts more rounds of pairs per volume from a
     # single read, rather than reading the files again (a union of many reads starves Ray Data's CPU share and hangs).
     per_pass = max(1, len(scan_ids) * cfg.patches.patches_per_volume)
@@ -146,6 +139,19 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
             f"{selection.volumes_version}"
         )
     items = ray.data.from_items(units, override_num_blocks=len(units))
+    # Settings of this dataset's own DataContext (from_items copies the current one; the pipeline shares it):
+    # - Every yield of the map leaves as its own block, as soon as it is made. Ray Data buffers a task's yields until
+    #   they pass target_max_block_size, so with the 8 MiB used before, a pass's first batch waited for a whole volume
+    #   (64 augmented 32³ pairs, ~1.5 s on a shared CPU). Three quarters of one augmented block's bytes: a block is
+    #   emitted at each yield and not sliced (Ray slices blocks above 1.5x the target); crop-only rounds are sliced into
+    #   blocks of about that size.
+    # - No per-operator resource reservation: it admitted one map task at the start of every pass and the others
+    #   about a second later, and it cost the driver CPU on every scheduling step. This pipeline has a single map
+    #   whose CPU share is capped anyway (pretrain.data_cpus through the Train DataConfig's resource limits).
+    context = items.context
+    pair_bytes = 2 * cfg.model.img_size**3 * np.dtype(np.float16).itemsize
+    context.target_max_block_size = augmented_block_pairs(cfg.model.img_size) * pair_bytes * 3 // 4
+    context.op_resource_reservation_enabled = False
     return items.randomize_block_order().map_batches(
         read_pairs,
         fn_kwargs={

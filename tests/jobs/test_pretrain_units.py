@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from brainiac.ingestion.volumes import encode_array
-from brainiac.jobs.pretrain.pairs import ARRAY_COLUMNS, crop_pairs, read_pairs, read_rows
+from brainiac.jobs.pretrain.pairs import ARRAY_COLUMNS, augmented_block_pairs, crop_pairs, read_pairs, read_rows
 from brainiac.jobs.pretrain.stream import work_units
 from brainiac.platform.config import config_to_dict, load_config
 
@@ -71,7 +71,11 @@ def test_read_rows_returns_the_asked_rows_in_order_across_row_groups(tmp_path):
     assert read_rows(files[0], []).num_rows == 0
 
 
-def test_read_pairs_cuts_only_the_units_rows_and_yields_augmented_blocks(tmp_path):
+def test_read_pairs_cuts_only_the_units_rows_and_yields_augmented_blocks(tmp_path, monkeypatch):
+    import brainiac.jobs.pretrain.pairs as pairs_module
+
+    assert augmented_block_pairs(32) == 32 and augmented_block_pairs(96) == 1  # 4 MiB of float16 pairs, at least one
+    monkeypatch.setattr(pairs_module, "AUGMENTED_BLOCK_BYTES", 16 * 2 * 16**3 * 2)  # blocks of 16 pairs of 16³
     files, _ = _files(tmp_path)
     cfg = load_config("pretrain/tiny", ["model.img_size=16", "patches.patches_per_volume=20", "augment.device=data"])
     crop = {"size": 16, "patches": config_to_dict(cfg.patches), "augment": config_to_dict(cfg.augment), "repeats": 1}

@@ -27,6 +27,11 @@ def test_local_ray_runs_tasks_with_the_configured_cpus(ray_session):
     for key in RAY_ENV_DEFAULTS:
         assert key in os.environ
     assert os.environ["RAY_AUTH_MODE"] in {"disabled", "token"}
+    # the system settings init_ray gave the local Ray (Ray keeps them on its node object)
+    system = ray._private.worker._global_node._config
+    assert system["num_workers_soft_limit"] == 4 * 2  # cluster.workers_per_cpu idle workers per CPU
+    # no dashboard: no metrics or task events are collected for it
+    assert system["enable_metrics_collection"] is False and system["task_events_report_interval_ms"] == 0
 
 
 @pytest.mark.ray
