@@ -83,7 +83,8 @@ def init_ray(cfg: ClusterConfig | None = None, *, address: str | None = None) ->
         system: dict[str, object] = {"num_workers_soft_limit": int(cpus * cfg.workers_per_cpu)}
         if not cfg.include_dashboard:
             # Without a dashboard nothing reads Ray's metrics or task events; sending them cost ~1.5 CPU-seconds a
-            # minute (dashboard agent, GCS, every worker), a few per cent of a small machine (bench/loader.py).
+            # minute (dashboard agent, GCS, every worker): over 1 % of a 2-core machine (measured beside
+            # bench/loader.py).
             system |= {"enable_metrics_collection": False, "task_events_report_interval_ms": 0}
         kwargs["_system_config"] = system
     log.info("connecting to Ray at %s", target)

@@ -27,8 +27,8 @@ AUGMENTED_BLOCK_BYTES = 4 << 20
 
 Each block costs the driver and the raylet a few milliseconds (an object, a generator report, a scheduling step), so
 blocks far smaller than this cost more than they save: on 2 CPUs, a pass in blocks of 32 tiny pairs took 9.3 CPU-s
-outside the map tasks where blocks of 16 took 12.7, with the first batch no later (profiled beside ``bench/loader.py``). Far larger blocks hold
-the first batch of a pass back, since a block leaves the task only when it is whole."""
+outside the map tasks where blocks of 16 took 12.7, and its first batch came no later (profiled beside
+``bench/loader.py``). Far larger blocks hold the first batch of a pass back: a block leaves its task only when whole."""
 
 
 def augmented_block_pairs(size: int) -> int:

@@ -26,6 +26,28 @@ def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float, int]]:
     return sorted(((m.step, m.value, m.timestamp) for m in points), key=lambda p: (p[2], p[0]))
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_stream_settings_live_on_its_own_data_context(pipeline, ray_session):
+    """The stream's block size and its switched-off operator reservation apply to its dataset, not to every dataset
+    of the process (other jobs in the same driver keep Ray Data's defaults)."""
+    import ray
+
+    from brainiac.jobs.pretrain.pairs import augmented_block_pairs
+    from brainiac.jobs.pretrain.stream import pair_dataset, select_volumes
+
+    cfg = pipeline.pretrain_config()
+    selection = select_volumes(pipeline.catalog, cfg)
+    process_wide = ray.data.DataContext.get_current()
+    before = (process_wide.target_max_block_size, process_wide.op_resource_reservation_enabled)
+    dataset = pair_dataset(pipeline.catalog, cfg, selection, selection.train_ids)
+    size = cfg.model.img_size
+    assert dataset.context.op_resource_reservation_enabled is False
+    assert dataset.context.target_max_block_size == augmented_block_pairs(size) * 2 * size**3 * 2 * 3 // 4
+    assert (process_wide.target_max_block_size, process_wide.op_resource_reservation_enabled) == before
+    assert before[1] is True, "Ray Data's default reserves resources per operator"
+
+
 @pytest.mark.timeout(900)
 def test_pretrain_registers_an_encoder_that_beats_random_init(pipeline):
     s = pipeline.encoder
