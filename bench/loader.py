@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -173,7 +172,7 @@ def main() -> None:
     from monai.data import Dataset
     from torch.utils.data import DataLoader
 
-    from brainiac.jobs.pretrain.stream import ARRAY_COLUMNS, pair_dataset, select_volumes
+    from brainiac.jobs.pretrain.stream import ARRAY_COLUMNS, pair_dataset, rounds_per_decode, select_volumes
     from brainiac.platform.catalog import Catalog, sql_in
     from brainiac.platform.cluster import init_ray
     from brainiac.platform.config import load_config
@@ -186,9 +185,9 @@ def main() -> None:
     ids = selection.train_ids
     rows = catalog.select("volumes", sql_in("scan_id", ids), ARRAY_COLUMNS, version=selection.volumes_version)
     rows = rows.to_pylist()
-    # the stream cuts `repeats` rounds of patches_per_volume pairs per decode when the selection is small
-    # (patches.min_pairs_per_pass); the peer does the same rounds, so both do the same work per volume
-    repeats = max(1, math.ceil(cfg.patches.min_pairs_per_pass / max(1, len(ids) * cfg.patches.patches_per_volume)))
+    # the stream cuts several rounds of patches_per_volume pairs per decode when the selection is small; the peer cuts
+    # the same rounds, so both do the same work per volume
+    repeats = rounds_per_decode(cfg.patches, len(ids))
     per_volume = cfg.patches.patches_per_volume * repeats
     size = cfg.model.img_size
     mb = sum(len(r["whole"]) + len(r["mask"]) for r in rows) / len(rows) / 1e6
@@ -214,15 +213,12 @@ def main() -> None:
     dataset = Dataset(data=rows, transform=DecodeCropAugment(size, cfg.patches, cfg.augment, repeats))
     loader = DataLoader(dataset, batch_size=None, shuffle=True, num_workers=args.cpus, persistent_workers=True)
 
+    passes = {"loader": lambda: rebatch(iter(loader), args.batch), "ray": ray_pass(cfg)}
     runs: dict[str, list[dict[str, float]]] = {"loader": [], "ray": [], "ray_crop": []}
     try:
         for r in range(args.rounds):
-            sides = ("loader", "ray") if r % 2 == 0 else ("ray", "loader")  # neither side always runs first
-            for side in sides:
-                if side == "loader":
-                    runs["loader"].append(timed(lambda: rebatch(iter(loader), args.batch), args.pairs))
-                else:
-                    runs["ray"].append(timed(ray_pass(cfg), args.pairs))
+            for side in ("loader", "ray") if r % 2 == 0 else ("ray", "loader"):  # neither side always runs first
+                runs[side].append(timed(passes[side], args.pairs))
             runs["ray_crop"].append(timed(ray_pass(cfg_crop), args.pairs))
             print(
                 f"  round {r + 1}: DataLoader {runs['loader'][-1]['rate']:.1f}, "

@@ -17,7 +17,7 @@ from brainiac.ingestion.volumes import decode_array
 from brainiac.models.patches import view_pairs
 from brainiac.models.train_config import PatchConfig
 
-__all__ = ["augmented_block_pairs", "crop_pairs", "read_pairs", "read_rows"]
+__all__ = ["augmented_block_pairs", "crop_pairs", "read_pairs", "read_rows", "view_pair_bytes"]
 
 ARRAY_COLUMNS = ["scan_id", "whole", "whole_shape", "mask", "dtype"]
 """The ``volumes`` columns a pair is cut from."""
@@ -31,9 +31,14 @@ outside the map tasks where blocks of 16 took 12.7, and its first batch came no 
 ``bench/loader.py``). Far larger blocks hold the first batch of a pass back: a block leaves its task only when whole."""
 
 
+def view_pair_bytes(size: int) -> int:
+    """Bytes of one pair of ``size``³ float16 views, as the map yields them."""
+    return 2 * size**3 * np.dtype(np.float16).itemsize
+
+
 def augmented_block_pairs(size: int) -> int:
     """Augmented view pairs per output block for ``size``³ views: :data:`AUGMENTED_BLOCK_BYTES` of them, at least one."""
-    return max(1, AUGMENTED_BLOCK_BYTES // (2 * size**3 * np.dtype(np.float16).itemsize))
+    return max(1, AUGMENTED_BLOCK_BYTES // view_pair_bytes(size))
 
 
 _AUGMENTS: dict[str, Any] = {}

@@ -21,12 +21,13 @@ import numpy as np
 
 from brainiac.ingestion.splits import read_splits
 from brainiac.ingestion.volumes import decode_array, newest_preprocess_version
-from brainiac.jobs.pretrain.pairs import ARRAY_COLUMNS, augmented_block_pairs
+from brainiac.jobs.pretrain.pairs import ARRAY_COLUMNS, augmented_block_pairs, view_pair_bytes
+from brainiac.models.train_config import PatchConfig
 from brainiac.platform.catalog import Catalog, sql_in, sql_literal
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
-__all__ = ["PretrainSelection", "eval_pairs", "pair_dataset", "select_volumes", "work_units"]
+__all__ = ["PretrainSelection", "eval_pairs", "pair_dataset", "rounds_per_decode", "select_volumes", "work_units"]
 
 MAX_UNITS = 4096
 """At most this many work units (map tasks) per pass: one volume each up to this many volumes, then a few each."""
@@ -122,10 +123,7 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
     from brainiac.jobs.pretrain.pairs import read_pairs
     from brainiac.platform.config import config_to_dict
 
-    # One pass yields at least min_pairs_per_pass pairs: a small selection cuts more rounds of pairs per volume from a
-    # single read, rather than reading the files again (a union of many reads starves Ray Data's CPU share and hangs).
-    per_pass = max(1, len(scan_ids) * cfg.patches.patches_per_volume)
-    repeats = max(1, math.ceil(cfg.patches.min_pairs_per_pass / per_pass))
+    repeats = rounds_per_decode(cfg.patches, len(scan_ids))
     # Work units of about one volume, not one Parquet file: a file holds a dozen volumes or more, so with a file per
     # task the last files of a pass ran on one CPU while the others idled (see bench/loader.py). The units come from
     # the pinned file list, so no pass lists or sizes the files again (what read_parquet does in a task on every pass,
@@ -149,8 +147,8 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
     #   about a second later, and it cost the driver CPU on every scheduling step. This pipeline has a single map
     #   whose CPU share is capped anyway (pretrain.data_cpus through the Train DataConfig's resource limits).
     context = items.context
-    pair_bytes = 2 * cfg.model.img_size**3 * np.dtype(np.float16).itemsize
-    context.target_max_block_size = augmented_block_pairs(cfg.model.img_size) * pair_bytes * 3 // 4
+    size = cfg.model.img_size
+    context.target_max_block_size = augmented_block_pairs(size) * view_pair_bytes(size) * 3 // 4
     context.op_resource_reservation_enabled = False
     return items.randomize_block_order().map_batches(
         read_pairs,
@@ -168,6 +166,13 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
         # import again, seconds on a small machine.
         num_cpus=min(1.0, cfg.pretrain.data_cpus or 1.0) / cfg.pretrain.data_tasks_per_cpu,
     )
+
+
+def rounds_per_decode(patches: PatchConfig, volumes: int) -> int:
+    """Rounds of ``patches_per_volume`` pairs cut from each decoded volume, so that one pass over ``volumes`` volumes
+    yields at least ``min_pairs_per_pass`` pairs: a small selection cuts more rounds from a single read rather than
+    reading the files again (a union of many reads starves Ray Data's CPU share and hangs)."""
+    return max(1, math.ceil(patches.min_pairs_per_pass / max(1, volumes * patches.patches_per_volume)))
 
 
 def work_units(

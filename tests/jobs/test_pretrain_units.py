@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from brainiac.ingestion.volumes import encode_array
 from brainiac.jobs.pretrain.pairs import ARRAY_COLUMNS, augmented_block_pairs, crop_pairs, read_pairs, read_rows
-from brainiac.jobs.pretrain.stream import work_units
+from brainiac.jobs.pretrain.stream import rounds_per_decode, work_units
 from brainiac.platform.config import config_to_dict, load_config
 
 
@@ -89,3 +89,11 @@ def test_read_pairs_cuts_only_the_units_rows_and_yields_augmented_blocks(tmp_pat
     plain = list(crop_pairs(table, **{**crop, "augment": None}))
     assert [len(b["view1"]) for b in plain] == [20], "without augmentation a round leaves whole"
     assert np.allclose(plain[0]["view1"][plain[0]["view1"] != 0], 2.0), "the crops come from row 2 (filled with 2)"
+
+
+def test_rounds_per_decode_fills_a_pass_from_a_small_selection():
+    from brainiac.models.train_config import PatchConfig
+
+    patches = PatchConfig(patches_per_volume=32, min_pairs_per_pass=4096)
+    assert rounds_per_decode(patches, 98) == 2  # 98 x 32 = 3,136 pairs < 4,096: two rounds per decode
+    assert rounds_per_decode(patches, 200) == 1 and rounds_per_decode(patches, 1) == 128
