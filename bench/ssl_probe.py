@@ -95,14 +95,14 @@ def probe_rows(catalog_uri: str, cfg):
 
     from brainiac.ingestion.splits import read_splits
     from brainiac.jobs.pretrain.stream import select_volumes
-    from brainiac.platform.catalog import Catalog, sql_in, sql_literal
+    from brainiac.platform.catalog import Catalog, sql_literal
 
     catalog = Catalog.open(catalog_uri)
     selection = select_volumes(catalog, cfg)  # the version pretraining reads, and the same access check
     where = f"preprocess_version = {sql_literal(selection.preprocess_version)} AND qc_pass"
     cols = ["scan_id", "dataset", "subject_id", "sequence", "fixed", "fixed_shape", "dtype"]
     vols = catalog.select("volumes", where, cols, version=selection.volumes_version).to_pandas()
-    ages = catalog.select("scans", sql_in("scan_id", list(vols["scan_id"])), ["scan_id", "age_years"]).to_pandas()
+    ages = catalog.select_keys("scans", "scan_id", list(vols["scan_id"]), ["scan_id", "age_years"]).to_pandas()
     ages = ages.drop_duplicates("scan_id")
     rows = vols.merge(ages, on="scan_id", how="left")
     rows["split"] = rows["subject_id"].map(read_splits(catalog, cfg.splits.seed, sorted(rows["subject_id"].unique())))

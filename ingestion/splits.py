@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from brainiac.ingestion.graph import connected_components
 from brainiac.ingestion.splits_config import SplitConfig
-from brainiac.platform.catalog import SPLITS_SCHEMA, Catalog, merge_with_retry, sql_in
+from brainiac.platform.catalog import SPLITS_SCHEMA, Catalog, merge_with_retry
 
 __all__ = ["SPLITS_SCHEMA", "SplitConfig", "assign", "draw_fraction", "draw_shots", "subject_groups", "write_splits"]
 
@@ -152,8 +152,12 @@ def read_splits(
     catalog: Catalog, seed: int, subjects: Sequence[str] | None = None, version: int | None = None
 ) -> dict[str, str]:
     """subject_id → split for ``seed`` (optionally only for ``subjects``; ``version`` time-travels the table)."""
-    where = f"seed = {int(seed)}" + (f" AND {sql_in('subject_id', list(subjects))}" if subjects is not None else "")
-    t = catalog.select("splits", where, ["subject_id", "split"], version=version)
+    where = f"seed = {int(seed)}"
+    columns = ["subject_id", "split"]
+    if subjects is None:
+        t = catalog.select("splits", where, columns, version=version)
+    else:
+        t = catalog.select_keys("splits", "subject_id", subjects, columns, where=where, version=version)
     return dict(zip(t["subject_id"].to_pylist(), t["split"].to_pylist(), strict=True))
 
 

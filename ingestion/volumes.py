@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from brainiac.platform.catalog import Catalog, sql_in, sql_literal
+from brainiac.platform.catalog import Catalog, sql_literal
 
 __all__ = ["decode_array", "encode_array", "newest_preprocess_version", "read_volumes"]
 
@@ -45,7 +45,7 @@ def read_volumes(
     if qc_pass_only:
         where += " AND qc_pass"
     if scan_ids is not None:
-        where += f" AND {sql_in('scan_id', list(scan_ids))}"
+        return catalog.select_keys("volumes", "scan_id", scan_ids, columns, where=where)
     return catalog.select("volumes", where, columns)
 
 

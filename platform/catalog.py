@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from brainiac.platform.errors import UserError
 from brainiac.platform.storage import StorageLocation
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PREPROCESS_CONFIGS_SCHEMA",
+    "ROW_GROUP_ROWS",
     "SCHEMAS",
     "SPLITS_SCHEMA",
     "VOLUMES_SCHEMA",
@@ -179,6 +182,10 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 PARTITIONS: dict[str, list[str]] = {"scans": ["dataset"], "volumes": ["preprocess_version"], "embeddings": ["model"]}
 TABLE_CONFIGURATION = {"delta.enableDeletionVectors": "false"}
+ROW_GROUP_ROWS: dict[str, int] = {"volumes": 1}
+"""Rows per Parquet row group where a table's rows are large: one ``volumes`` row (a few MB of arrays) per group, so
+a reader of one volume reads about one volume (:meth:`Catalog.select_keys`, the pretraining stream). Writers and
+compaction keep it."""
 
 
 def sql_literal(value: Any) -> str:
@@ -192,8 +199,22 @@ def sql_literal(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+SQL_IN_MAX_VALUES = 256
+""":func:`sql_in` is for short lists from a config or a vocabulary (datasets, sequences, reason codes); a list that
+grows with the data (ids) goes through :meth:`Catalog.select_keys` instead."""
+
+
 def sql_in(column: str, values: Sequence[Any]) -> str:
-    """``column IN (...)`` (or FALSE for no values)."""
+    """``column IN (...)`` (or FALSE for no values) for a short list of at most :data:`SQL_IN_MAX_VALUES` values.
+
+    Raises:
+        ValueError: more values than that: select by a key array with :meth:`Catalog.select_keys` (a literal list of
+            ~20,000 values overflows the stack of deltalake's native SQL planner and kills the process).
+    """
+    if len(values) > SQL_IN_MAX_VALUES:
+        raise ValueError(
+            f"sql_in on '{column}' with {len(values)} values (max {SQL_IN_MAX_VALUES}); use Catalog.select_keys"
+        )
     if not values:
         return "FALSE"
     return f'"{column}" IN ({", ".join(sql_literal(v) for v in values)})'
@@ -212,6 +233,52 @@ def _plain_types(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
         else:
             fields.append(f)
     return table.cast(pa.schema(fields))
+
+
+def _plain_batch(batch: pa.RecordBatch, schema: pa.Schema | None) -> pa.RecordBatch:
+    table = _plain_types(pa.Table.from_batches([batch]), schema)
+    return table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
+
+
+def _key_array(values: Iterable[Any] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The distinct keys as one plain Arrow array (the value set of a semi-join)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if not isinstance(values, pa.Array):
+        values = pa.array(list(values))
+    if pa.types.is_string_view(values.type) or pa.types.is_large_string(values.type):
+        values = values.cast(pa.string())
+    return pc.unique(values)
+
+
+def _empty_like(dt: DeltaTable, columns: Sequence[str]) -> pa.Table:
+    schema = pa.schema(dt.schema().to_arrow())  # type: ignore[arg-type]
+    return schema.empty_table().select(list(columns))
+
+
+def _read_keyed_rows(
+    path: str, column: str, keys: set[str], columns: Sequence[str], filesystem: Any
+) -> pa.Table | None:
+    """The ``columns`` of the rows of one Parquet file whose ``column`` is in ``keys``, reading the key column and
+    then only the row groups that hold a match (``None`` when no row matches)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path, filesystem=filesystem)
+    key_column = parquet.read(columns=[column]).column(column)
+    if pa.types.is_string_view(key_column.type):
+        key_column = key_column.cast(pa.string())
+    rows = np.flatnonzero(pc.is_in(key_column, value_set=pa.array(sorted(keys), key_column.type)).to_numpy(False))
+    if rows.size == 0:
+        return None
+    sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+    starts = np.cumsum([0, *sizes])
+    group_of = np.searchsorted(starts, rows, side="right") - 1
+    groups = sorted(set(group_of.tolist()))
+    read_start = dict(zip(groups, np.cumsum([0, *(sizes[g] for g in groups[:-1])]).tolist(), strict=True))
+    local = [read_start[g] + int(r - starts[g]) for r, g in zip(rows.tolist(), group_of.tolist(), strict=True)]
+    table = parquet.read_row_groups(groups, columns=list(columns) or [column])
+    return _plain_types(table, None).take(pa.array(local, pa.int64()))
 
 
 def _first_line(exc: Exception) -> str:
@@ -328,6 +395,110 @@ class Catalog:
         )
         return _plain_types(_to_pyarrow(QueryBuilder().register(name, dt).execute(sql)), schema)
 
+    def select_keys(
+        self,
+        name: str,
+        column: str,
+        values: Iterable[Any] | pa.Array | pa.ChunkedArray,
+        columns: Sequence[str] | None = None,
+        *,
+        where: str | None = None,
+        version: int | None = None,
+    ) -> pa.Table:
+        """Rows of ``name`` whose ``column`` is one of ``values`` (and that match the SQL ``where``), read in time and
+        memory that grow with the table and the selection, never with their product.
+
+        The selection is a semi-join against an Arrow array of keys, never a SQL literal list (a 20,000-value
+        ``IN (...)`` overflows deltalake's native stack, and at 19,000 values a 1M-row scan took 20 s):
+
+        1. the narrow pass reads ``column`` and the partition columns (through DataFusion, with ``where`` pushed down
+           to partitions and statistics) and keeps the rows whose key is in ``values``;
+        2. the wide pass reads, file by file (8 at a time), only the key column and then only the row groups that hold
+           a kept row, projecting ``columns``. A reader of a few volumes reads about those volumes.
+
+        Rows come in file order; the row order of ``values`` is not kept.
+        """
+        dt = self.table(name, version)
+        schema = SCHEMAS.get(name)
+        wanted = list(columns) if columns else (list(schema.names) if schema is not None else None)
+        if dt is None:
+            empty = (schema or pa.schema([])).empty_table()
+            return empty.select(wanted) if wanted else empty
+        keys = _key_array(values)
+        partitions = list(dt.metadata().partition_columns)
+        narrow = self._stream(name, dt, [column, *[p for p in partitions if p != column]], where)
+        kept: dict[tuple, set[str]] = {}
+        for batch in narrow:
+            hit = batch.filter(pc.is_in(batch.column(column), value_set=keys))
+            if hit.num_rows == 0:
+                continue
+            parts = [hit.column(p).to_pylist() for p in partitions] if partitions else []
+            for i, key in enumerate(hit.column(column).to_pylist()):
+                kept.setdefault(tuple(str(p[i]) for p in parts), set()).add(key)
+        if wanted is None:
+            wanted = list(dt.schema().to_arrow().names)  # type: ignore[union-attr]
+        if not kept:
+            return _plain_types(_empty_like(dt, wanted), schema)
+        files = self._files(dt, name, partitions, set(kept))
+        file_columns = [c for c in wanted if c not in partitions]
+        location = self.table_location(name)
+        filesystem = location.pyarrow_filesystem() if location.is_remote else None
+
+        def read(item: tuple[str, tuple]) -> pa.Table | None:
+            path, part = item
+            allowed = kept[part]
+            table = _read_keyed_rows(path, column, allowed, file_columns, filesystem)
+            if table is None:
+                return None
+            for p, value in zip(partitions, part, strict=True):
+                if p in wanted:
+                    table = table.append_column(p, pa.array([value] * table.num_rows, pa.string()))
+            return table.select(wanted)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            pieces = [t for t in pool.map(read, files) if t is not None]
+        if not pieces:
+            return _plain_types(_empty_like(dt, wanted), schema)
+        return _plain_types(pa.concat_tables([_plain_types(t, schema) for t in pieces]), schema)
+
+    def scan_batches(
+        self, name: str, columns: Sequence[str] | None = None, where: str | None = None, version: int | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """Record batches of ``SELECT columns FROM name WHERE where``, streamed: memory holds one batch, not the table."""
+        dt = self.table(name, version)
+        if dt is None:
+            return iter(())
+        return self._stream(name, dt, list(columns) if columns else None, where)
+
+    def _stream(
+        self, name: str, dt: DeltaTable, columns: Sequence[str] | None, where: str | None
+    ) -> Iterator[pa.RecordBatch]:
+        from deltalake import QueryBuilder
+
+        cols = ", ".join(f'"{c}"' for c in columns) if columns else "*"
+        sql = f'SELECT {cols} FROM "{name}"' + (f" WHERE {where}" if where else "")
+        reader = pa.RecordBatchReader.from_stream(QueryBuilder().register(name, dt).execute(sql))
+        schema = SCHEMAS.get(name)
+        for batch in reader:
+            yield _plain_batch(batch, schema)
+
+    def _files(self, dt: DeltaTable, name: str, partitions: list[str], wanted: set[tuple]) -> list[tuple[str, tuple]]:
+        """Data files of ``dt`` (absolute paths, as the table's pyarrow filesystem names them) in the partitions
+        ``wanted``, with each file's partition values."""
+        from urllib.parse import unquote
+
+        actions = pa.table(dt.get_add_actions(flatten=True))
+        paths = actions.column("path").to_pylist()
+        values = [actions.column(f"partition.{p}").to_pylist() for p in partitions]
+        location = self.table_location(name)
+        root = location.path.rstrip("/")
+        out = []
+        for i, path in enumerate(paths):
+            part = tuple(str(v[i]) for v in values)
+            if part in wanted:
+                out.append((f"{root}/{unquote(path)}", part))
+        return out
+
     def read(self, name: str, version: int | None = None, columns: Sequence[str] | None = None) -> pa.Table:
         """A whole table as Arrow (empty with the right schema if the table does not exist)."""
         dt = self.table(name, version)
@@ -364,11 +535,42 @@ class Catalog:
     # -- queries ---------------------------------------------------------------------------------------------------------
     def sql(self, query: str, as_of: int | None = None) -> pa.Table:
         """Run SQL (DataFusion dialect) over every table of the catalog; ``as_of`` time-travels each table to that
-        version (tables that did not exist yet are left out).
+        version (tables that did not exist yet are left out). The whole result is collected: for large results use
+        :meth:`sql_batches`.
 
         Raises:
             UserError: bad SQL, an unknown table or column; the message is one line.
         """
+        reader = self._sql_reader(query, as_of)
+        try:
+            return _plain_types(reader.read_all(), None)
+        except Exception as exc:  # DataFusion raises at planning or at execution time
+            raise UserError(f"SQL error: {_first_line(exc)}") from None
+
+    def sql_batches(self, query: str, as_of: int | None = None, limit: int | None = None) -> Iterator[pa.RecordBatch]:
+        """:meth:`sql`, streamed batch by batch; ``limit`` wraps the query so DataFusion stops the scan there.
+
+        Raises:
+            UserError: bad SQL, an unknown table or column, a negative limit; the message is one line.
+        """
+        if limit is not None and limit < 0:
+            raise UserError(f"--limit must be >= 0, got {limit}")
+        text = query.strip().rstrip(";")
+        if limit is not None:
+            text = f"SELECT * FROM ({text}) AS limited LIMIT {int(limit)}"
+        reader = self._sql_reader(text, as_of)
+        try:
+            empty = True
+            for batch in reader:
+                empty = False
+                yield _plain_batch(batch, None)
+            if empty:  # no rows: one empty batch still tells the columns (a CSV header)
+                yield _plain_batch(pa.RecordBatch.from_pylist([], schema=reader.schema), None)
+        except Exception as exc:  # DataFusion raises at execution time too
+            raise UserError(f"SQL error: {_first_line(exc)}") from None
+
+    def _sql_reader(self, query: str, as_of: int | None) -> pa.RecordBatchReader:
+        """A streaming reader of ``query`` over every table that exists (at ``as_of``)."""
         from deltalake import QueryBuilder
 
         qb = QueryBuilder()
@@ -384,8 +586,8 @@ class Catalog:
         if registered == 0:
             raise UserError(f"catalog {self.uri} has no tables yet; run `brainiac ingest` first")
         try:
-            return _plain_types(_to_pyarrow(qb.execute(query)), None)
-        except Exception as exc:  # DataFusion raises at planning or at execution time
+            return pa.RecordBatchReader.from_stream(qb.execute(query))
+        except Exception as exc:  # DataFusion raises at planning time
             raise UserError(f"SQL error: {_first_line(exc)}") from None
 
     def scans(

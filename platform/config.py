@@ -39,6 +39,7 @@ __all__ = [
     "CatalogConfig",
     "ClusterConfig",
     "Config",
+    "IngestConfig",
     "SynthConfig",
     "TrackingConfig",
     "apply_overrides",
@@ -134,6 +135,15 @@ class ClusterConfig:
 
 
 @dataclass
+class IngestConfig:
+    """How ``brainiac ingest`` commits what it harvests."""
+
+    commit_scans: int = field(default=4096, metadata=_range(ge=1))
+    """Harvested scans per commit to ``scans`` and ``quarantine``: a crash keeps every commit made before it, and the
+    driver holds at most about this many rows."""
+
+
+@dataclass
 class SynthConfig:
     """The synthetic multi-site cohort (``brainiac synth``); the generator is ``brainiac.ingestion.synthetic``."""
 
@@ -154,6 +164,7 @@ class Config:
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     splits: SplitConfig = field(default_factory=SplitConfig)

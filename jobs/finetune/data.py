@@ -18,7 +18,7 @@ import numpy as np
 from brainiac.ingestion.splits import draw_fraction, draw_shots, read_splits
 from brainiac.ingestion.volumes import decode_array, newest_preprocess_version
 from brainiac.models.tasks.spec import TaskSpec
-from brainiac.platform.catalog import Catalog, sql_in, sql_literal
+from brainiac.platform.catalog import Catalog, sql_literal
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
@@ -133,8 +133,9 @@ def load_task_data(
 
     columns = ["scan_id", "fixed", "fixed_shape", "dtype", "labels_fixed", "label_name"]
     ids = [r["scan_id"] for r in labelled]
-    where = f"preprocess_version = {sql_literal(version)} AND qc_pass AND {sql_in('scan_id', ids)}"
-    volumes = {v["scan_id"]: v for v in catalog.select("volumes", where, columns, version=volumes_version).to_pylist()}
+    where = f"preprocess_version = {sql_literal(version)} AND qc_pass"
+    selected = catalog.select_keys("volumes", "scan_id", ids, columns, where=where, version=volumes_version)
+    volumes = {v["scan_id"]: v for v in selected.to_pylist()}
 
     cases: dict[tuple, dict[str, dict]] = {}
     for r in labelled:

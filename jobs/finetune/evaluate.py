@@ -23,7 +23,7 @@ from brainiac.jobs.finetune.data import TaskData, load_task_data
 from brainiac.jobs.finetune.engine import TargetScale, predict, score
 from brainiac.models.export import model_version
 from brainiac.models.tasks.spec import TaskSpec, task_spec
-from brainiac.platform.catalog import Catalog, sql_in, sql_literal
+from brainiac.platform.catalog import Catalog, sql_literal
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
@@ -91,9 +91,11 @@ def hippocampus_masks(catalog: Catalog, cfg: Config, data: TaskData, cases: Sequ
     case_of = {scan: case for case, scan in zip(data.case_ids, data.scan_ids, strict=True) if case in wanted}
     if not case_of:
         return {}
-    where = f"preprocess_version = {sql_literal(data.preprocess_version)} AND {sql_in('scan_id', list(case_of))}"
+    where = f"preprocess_version = {sql_literal(data.preprocess_version)}"
     columns = ["scan_id", "fixed_affine", "fixed_shape", "brain_volume_ml"]
-    rows = catalog.select("volumes", where, columns, version=data.volumes_version).to_pylist()
+    rows = catalog.select_keys(
+        "volumes", "scan_id", list(case_of), columns, where=where, version=data.volumes_version
+    ).to_pylist()
     return {
         case_of[r["scan_id"]]: hippocampus_mask(
             np.asarray(r["fixed_affine"]).reshape(4, 4), tuple(r["fixed_shape"]), scale=head_scale(r["brain_volume_ml"])

@@ -39,7 +39,13 @@ def query(
     as_of: Annotated[
         int | None, typer.Option("--as-of", help="Time travel: read every table at this Delta version.")
     ] = None,
-    limit: Annotated[int, typer.Option(help="Rows shown in table format (json/csv print all).")] = 50,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            help="At most this many rows; the limit reaches the scan, so `SELECT * FROM volumes` stops early. "
+            "Default: 50 in table format, no limit for json/csv (streamed batch by batch)."
+        ),
+    ] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -48,24 +54,90 @@ def query(
     [b]brainiac catalog query "SELECT dataset, sequence, count(*) FROM scans GROUP BY 1,2" --format csv[/b]
 
     Superseded rows stay in [b]scans[/b] with status = 'superseded'; filter on status = 'current' for today's view.
+    Results stream: json and csv print each batch as it arrives, so exporting a large table holds one batch in memory.
     """
     cat = _open(config, set_, catalog)
-    result = cat.sql(sql, as_of=as_of)
-    df = result.to_pandas()
-    if format_ == "json":
-        sys.stdout.write(df.to_json(orient="records", lines=True, default_handler=str))
-    elif format_ == "csv":
-        df.to_csv(sys.stdout, index=False)
-    else:
-        from rich.console import Console
-        from rich.table import Table
+    if format_ == "table" and limit is None:
+        limit = TABLE_ROWS
+    batches = cat.sql_batches(sql, as_of=as_of, limit=limit)
+    if format_ in ("json", "csv"):
+        header = True
+        for batch in batches:
+            df = batch.to_pandas()
+            if format_ == "json":
+                if len(df):
+                    text = df.to_json(orient="records", lines=True, default_handler=str)
+                    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+            else:
+                df.to_csv(sys.stdout, index=False, header=header)
+                header = False
+        return
+    from rich.console import Console
+    from rich.table import Table
 
-        table = Table(title=f"{len(df)} rows" + (f" (first {limit})" if len(df) > limit else ""))
-        for col in df.columns:
-            table.add_column(str(col))
-        for row in df.head(limit).itertuples(index=False):
-            table.add_row(*[str(v) for v in row])
-        Console().print(table)
+    rows, columns = [], None
+    for batch in batches:
+        columns = batch.schema.names
+        rows.extend(batch.to_pylist())
+    shown = f"{len(rows)} rows" + (
+        " (the limit; --limit N shows more)" if limit is not None and len(rows) >= limit else ""
+    )
+    table = Table(title=shown)
+    for col in columns or []:
+        table.add_column(str(col))
+    for row in rows:
+        table.add_row(*[_cell(v) for v in row.values()])
+    Console().print(table)
+
+
+TABLE_ROWS = 50
+"""Rows a table-format query shows unless told ``--limit``."""
+
+
+def _cell(value: object) -> str:
+    """A table cell: binary columns (volume arrays) as their size, long text cut."""
+    if isinstance(value, bytes | bytearray):
+        return f"<{len(value):,} bytes>"
+    text = str(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+@app.command()
+def optimize(
+    table: Annotated[
+        list[str] | None, typer.Option("--table", "-t", help="Only this table (repeatable). Default: every table.")
+    ] = None,
+    retain_hours: Annotated[
+        int,
+        typer.Option(
+            help="Vacuum keeps every file a version younger than this needs (time travel and pinned readers). "
+            "Under 168 (Delta's 7 days) is allowed but may break a long job reading a pinned older version."
+        ),
+    ] = 168,
+    dry_run: Annotated[bool, typer.Option(help="Report what vacuum would remove; change nothing.")] = False,
+    catalog: CatalogOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Compact small files (keeping each table's row-group layout), vacuum old files, and checkpoint the Delta log.
+
+    Batched writers (ingest, preprocess, embed) leave many small files and log entries; run this after large jobs:
+
+    [b]brainiac catalog optimize --catalog s3://lake/catalog[/b]
+    """
+    from brainiac.platform.maintenance import optimize_catalog
+
+    cat = _open(config, set_, catalog)
+    reports = optimize_catalog(cat, table, retention_hours=retain_hours, dry_run=dry_run)
+    for r in reports:
+        typer.echo(
+            f"{r.table:<20} v{r.version_before} -> v{r.version_after}  files {r.files_before} -> {r.files_after}  "
+            f"compacted {r.files_compacted}  vacuumed {r.files_vacuumed}"
+            + ("  checkpoint" if r.checkpoint else "")
+            + ("  (dry run)" if dry_run else "")
+        )
+    if not reports:
+        typer.echo(f"catalog {cat.uri} has no tables yet")
 
 
 @app.command()

@@ -65,7 +65,7 @@ def test_hippocampus_masks_on_the_tiny_pipeline_follow_each_subjects_true_pose_a
     from brainiac.jobs.finetune.data import load_task_data
     from brainiac.jobs.finetune.evaluate import hippocampus_masks
     from brainiac.models.tasks.spec import task_spec
-    from brainiac.platform.catalog import sql_in, sql_literal
+    from brainiac.platform.catalog import sql_literal
 
     version = pipeline.volumes.preprocess_version
     catalog, cfg = pipeline.catalog, pipeline.config
@@ -78,8 +78,9 @@ def test_hippocampus_masks_on_the_tiny_pipeline_follow_each_subjects_true_pose_a
     scans["case"] = scans["subject_id"] + "/" + scans["session"].fillna("")
     scans = scans[scans["case"].isin(masks)]
     columns = ["scan_id", "fixed_affine", "fixed_shape", "brain_volume_ml", "transform"]
-    where = f"preprocess_version = {sql_literal(version)} AND qc_pass AND {sql_in('scan_id', list(scans['scan_id']))}"
-    rows = catalog.select("volumes", where, columns).to_pandas().merge(scans, on="scan_id")
+    where = f"preprocess_version = {sql_literal(version)} AND qc_pass"
+    rows = catalog.select_keys("volumes", "scan_id", list(scans["scan_id"]), columns, where=where)
+    rows = rows.to_pandas().merge(scans, on="scan_id")
     rows = rows.merge(pipeline.truth, left_on=["dataset", "relative_path"], right_on=["dataset", "path"])
     assert sorted(rows["case"]) == sorted(masks)
     for _, r in rows.iterrows():
