@@ -7,7 +7,7 @@ hashlib, fsspec), not pandas, deltalake and the adapters: worker start-up is a f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -16,7 +16,7 @@ from brainiac.ingestion.adapters.listing import split
 from brainiac.ingestion.headers import HarvestError, harvest_nifti
 from brainiac.platform.storage import StorageLocation
 
-__all__ = ["harvest_all"]
+__all__ = ["harvest_all", "harvest_stream"]
 
 
 def _harvest_one(scan: SourceScan, options: dict[str, str], raw_area_uri: str, out_name: str) -> dict[str, Any]:
@@ -52,7 +52,16 @@ def _harvest_one(scan: SourceScan, options: dict[str, str], raw_area_uri: str, o
 def _harvest_chunk(
     items: list[tuple[SourceScan, str]], options: dict[str, str], raw_area_uri: str
 ) -> list[dict[str, Any]]:
-    return [_harvest_one(scan, options, raw_area_uri, name) for scan, name in items]
+    return [_harvest_guarded(scan, options, raw_area_uri, name) for scan, name in items]
+
+
+def _harvest_guarded(scan: SourceScan, options: dict[str, str], raw_area_uri: str, out_name: str) -> dict[str, Any]:
+    """One scan's harvest; an unexpected error quarantines that scan (with the error's type, never its text, which
+    may quote header values) instead of failing its whole chunk and the run."""
+    try:
+        return _harvest_one(scan, options, raw_area_uri, out_name)
+    except Exception as exc:  # anything a corrupt or exotic file can raise in a reader
+        return {"problem": _failed(scan, f"unexpected {type(exc).__name__} while reading")}
 
 
 CHUNKS_PER_CPU = 8
@@ -60,6 +69,9 @@ CHUNKS_PER_CPU = 8
 absorb uneven workers (a noisy neighbour, a slow disk)."""
 MAX_CHUNK = 64
 """Scans per harvest task, at most (about half a second of work for a 7 MB ``.nii.gz``)."""
+
+IN_FLIGHT_PER_CPU = 2
+"""Harvest chunks pending per Ray CPU: one running, one queued behind it."""
 
 _REMOTE: list[Any] = []
 
@@ -70,31 +82,70 @@ def harvest_chunks(n: int, cpus: int) -> int:
     return min(n, cpus * per_cpu)
 
 
-def harvest_all(
-    scans: Sequence[SourceScan], names: Sequence[str], options: dict[str, str], raw_area_uri: str, *, progress: bool
-) -> list[dict[str, Any]]:
-    """Harvest every scan on Ray, in chunks, keeping input order."""
+def harvest_stream(
+    scans: Sequence[SourceScan],
+    names: Sequence[str],
+    options: dict[str, str],
+    raw_area_uri: str,
+    *,
+    progress: bool,
+    in_flight_per_cpu: int = IN_FLIGHT_PER_CPU,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Harvest every scan on Ray, in chunks, yielding ``(index into scans, result)`` as each chunk completes.
+
+    At most ``in_flight_per_cpu`` chunks per CPU are pending at a time, so the driver holds a bounded number of
+    references and results however large the pool (``ray.wait`` over tens of thousands of pending refs costs ~0.2 s a
+    call). A chunk whose task fails for good (after Ray's retries) yields a ``harvest_failed`` problem for each of its
+    scans instead of aborting the run.
+    """
     import ray
 
     if not scans:
-        return []
+        return
     if not _REMOTE:
         _REMOTE.append(ray.remote(num_cpus=1)(_harvest_chunk).options(name="brainiac.harvest"))
     remote = _REMOTE[0]
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    chunks = split(list(zip(scans, names, strict=True)), harvest_chunks(len(scans), cpus))
-    refs = [remote.remote(chunk, options, raw_area_uri) for chunk in chunks]
-    index = {ref: i for i, ref in enumerate(refs)}
-    results: list[list[dict[str, Any]] | None] = [None] * len(refs)
+    chunks = split(list(range(len(scans))), harvest_chunks(len(scans), cpus))
+    window = max(1, cpus * in_flight_per_cpu)
     bar = _progress(len(scans), "harvest", progress)
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        for ref in done:
-            results[index[ref]] = ray.get(ref)
-            bar.update(len(chunks[index[ref]]))
-    bar.close()
-    return [r for chunk in results for r in (chunk or [])]
+    pending: dict[Any, list[int]] = {}
+    queue = iter(chunks)
+    try:
+        while True:
+            while len(pending) < window and (chunk := next(queue, None)) is not None:
+                ref = remote.remote([(scans[i], names[i]) for i in chunk], options, raw_area_uri)
+                pending[ref] = chunk
+            if not pending:
+                break
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                chunk = pending.pop(ref)
+                try:
+                    results = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    detail = f"harvest task failed: {type(exc).__name__}"
+                    results = [{"problem": _failed(scans[i], detail)} for i in chunk]
+                yield from zip(chunk, results, strict=True)
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        for ref in pending:
+            ray.cancel(ref)
+
+
+def harvest_all(
+    scans: Sequence[SourceScan], names: Sequence[str], options: dict[str, str], raw_area_uri: str, *, progress: bool
+) -> list[dict[str, Any]]:
+    """Harvest every scan on Ray, keeping input order (all results in memory: for small runs and tests)."""
+    results: list[dict[str, Any] | None] = [None] * len(scans)
+    for i, result in harvest_stream(scans, names, options, raw_area_uri, progress=progress):
+        results[i] = result
+    return [r for r in results if r is not None]
+
+
+def _failed(scan: SourceScan, detail: str) -> dict[str, Any]:
+    return {"dataset": scan.dataset, "source_uri": scan.source_uri, "reason": "harvest_failed", "detail": detail}
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -34,7 +34,7 @@ from brainiac.ingestion.adapters.common import read_table
 from brainiac.ingestion.adapters.listing import cached_listings
 from brainiac.ingestion.adapters.manifest import ManifestAdapter
 from brainiac.ingestion.cards import DatasetCard, card_for, load_card, normalize_case_id
-from brainiac.ingestion.harvest import harvest_all
+from brainiac.ingestion.harvest import harvest_stream
 from brainiac.ingestion.rows import INGEST_VERSION, build_row, label_lookup
 from brainiac.platform.catalog import QUARANTINE_SCHEMA, SCANS_SCHEMA, Catalog, merge_with_retry, sql_in
 from brainiac.platform.config import Config
@@ -79,6 +79,11 @@ class IngestSummary:
     """dataset → layout used."""
     duplicate_groups: int = 0
     """Groups of copies (same image, other bytes) found involving this run's new scans."""
+    commits: int = 0
+    """Commits that wrote harvested scans or quarantine rows (one per ``ingest.commit_scans`` harvested scans)."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase: ``list`` (discovery), ``harvest`` (waiting for harvest tasks), ``write`` (the commits),
+    ``duplicates``, ``summary``."""
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -102,10 +107,12 @@ def write_scans(catalog: Catalog, rows: list[dict[str, Any]]) -> tuple[int, int,
         dt_ = catalog.create_if_missing("scans")
         sources = sorted({r["source_uri"] for r in rows})
         datasets = sorted({r["dataset"] for r in rows})
-        current = catalog.select(
+        current = catalog.select_keys(
             "scans",
-            f"{sql_in('dataset', datasets)} AND {sql_in('source_uri', sources)} AND status = 'current'",
+            "source_uri",
+            sources,
             ["scan_id", "source_uri", "status", "dataset", "ingest_version"],
+            where=f"{sql_in('dataset', datasets)} AND status = 'current'",
         )
         versions = {
             (s, i): v
@@ -167,9 +174,7 @@ def write_quarantine(catalog: Catalog, problems: Iterable[Problem], now: dt.date
 
     def attempt() -> int:
         dt_ = catalog.create_if_missing("quarantine")
-        existing = catalog.select(
-            "quarantine", sql_in("source_uri", sorted({k[0] for k in rows})), ["source_uri", "reason"]
-        )
+        existing = catalog.select_keys("quarantine", "source_uri", {k[0] for k in rows}, ["source_uri", "reason"])
         have = set(zip(existing["source_uri"].to_pylist(), existing["reason"].to_pylist(), strict=True))
         new = [p for key, p in rows.items() if key not in have]
         if not new:
@@ -201,20 +206,28 @@ DUPLICATE_COLUMNS = ["scan_id", "dataset", "subject_id", "sequence", "affine", "
 """Columns of the current scans that duplicate search needs (they include what the run summary counts)."""
 
 
-def link_duplicates(
-    catalog: Catalog, new_ids: set[str], options: dict[str, str], current: list[dict[str, Any]] | None = None
-) -> int:
-    """Search the whole catalog for copies of the scans just added and record them; returns the number of groups.
-
-    ``current``: the current scans' :data:`DUPLICATE_COLUMNS`, when the caller has read them already.
-    """
+def link_duplicates(catalog: Catalog, new_ids: set[str], options: dict[str, str]) -> int:
+    """Search the whole catalog for copies of the scans just added and record them; returns the number of groups."""
     from brainiac.ingestion.duplicates import find_duplicates, record_duplicates
 
-    if current is None:
-        current = catalog.scans().to_arrow(columns=DUPLICATE_COLUMNS).to_pylist()
+    current = catalog.scans().to_arrow(columns=DUPLICATE_COLUMNS).to_pylist()
     groups = find_duplicates(current, options or None, involving=new_ids)
     record_duplicates(catalog, current, groups)
     return len(groups)
+
+
+def current_counts(catalog: Catalog, datasets: Sequence[str]) -> dict[str, dict[str, int]]:
+    """dataset → sequence → current rows, counted by DataFusion (the driver receives the counts, not the rows)."""
+    table = catalog.sql(
+        f"SELECT dataset, sequence, count(*) AS n FROM scans WHERE {sql_in('dataset', list(datasets))} "
+        "AND status = 'current' GROUP BY dataset, sequence"
+    )
+    counts: dict[str, dict[str, int]] = {}
+    for d, seq, n in zip(
+        table["dataset"].to_pylist(), table["sequence"].to_pylist(), table["n"].to_pylist(), strict=True
+    ):
+        counts.setdefault(d, {})[seq] = int(n)
+    return {d: dict(sorted(c.items())) for d, c in sorted(counts.items())}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -322,50 +335,74 @@ def ingest(
                 else:
                     plans.append((item, card, level, tables))
     summary.discovered = len(plans)
+    summary.phases["list"] = round(time.perf_counter() - started, 2)
 
+    # Harvest and commit progressively: every `commit_scans` harvested scans are merged into `scans` (and their problems
+    # into `quarantine`), so a crash or a kill keeps every commit made before it and a re-run skips those scans.
     raw_area = catalog.location.join("raw")
     names = []
     for scan, _, _, _ in plans:
         digest = hmac.new(pseudonymizer.key, f"raw\x1f{scan.source_uri}".encode(), hashlib.sha256).hexdigest()[:24]
         names.append(f"{scan.dataset}/{digest}.nii.gz")
-    results = harvest_all([p[0] for p in plans], names, options, raw_area.uri, progress=progress)
+    phase = dict.fromkeys(("harvest", "write"), 0.0)
+    new_ids: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    pending_problems: list[Problem] = list(problems)
+    quarantined: Counter = Counter(p.reason for p in problems)
 
-    rows = []
-    for (scan, card, level, tables), result in zip(plans, results, strict=True):
+    def commit() -> None:
+        tick = time.perf_counter()
+        inserted, superseded, unchanged = write_scans(catalog, rows)
+        summary.inserted += inserted
+        summary.superseded += superseded
+        summary.unchanged += unchanged
+        if inserted:
+            new_ids.update(r["scan_id"] for r in rows)
+        if write_quarantine(catalog, pending_problems, now) or inserted or superseded:
+            summary.commits += 1
+        rows.clear()
+        pending_problems.clear()
+        phase["write"] += time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    stream = harvest_stream([p[0] for p in plans], names, options, raw_area.uri, progress=progress)
+    for index, result in stream:
+        scan, card, level, tables = plans[index]
         if "problem" in result:
-            problems.append(Problem(**result["problem"]))
-            continue
-        root_uri = scan.source_uri[: len(scan.source_uri) - len(scan.relative_path)].rstrip("/")
-        masks = {
-            k[: -len("_relative_path")]: f"{root_uri}/{v}"
-            for k, v in scan.labels.items()
-            if k.endswith("_relative_path")
-        }
-        rows.append(
-            build_row(
-                scan, result["facts"], card=card, access=level, pseudonymizer=pseudonymizer,
-                extra_labels=label_lookup(card, tables, scan.subject), mask_uris=masks, now=now,
-            )
-        )  # fmt: skip
+            problem = Problem(**result["problem"])
+            pending_problems.append(problem)
+            quarantined[problem.reason] += 1
+        else:
+            root_uri = scan.source_uri[: len(scan.source_uri) - len(scan.relative_path)].rstrip("/")
+            masks = {
+                k[: -len("_relative_path")]: f"{root_uri}/{v}"
+                for k, v in scan.labels.items()
+                if k.endswith("_relative_path")
+            }
+            rows.append(
+                build_row(
+                    scan, result["facts"], card=card, access=level, pseudonymizer=pseudonymizer,
+                    extra_labels=label_lookup(card, tables, scan.subject), mask_uris=masks, now=now,
+                )
+            )  # fmt: skip
+        if len(rows) + len(pending_problems) >= cfg.ingest.commit_scans:
+            phase["harvest"] += time.perf_counter() - tick
+            commit()
+            tick = time.perf_counter()
+    phase["harvest"] += time.perf_counter() - tick
+    commit()
+    summary.phases.update({k: round(v, 2) for k, v in phase.items()})
 
-    summary.inserted, summary.superseded, summary.unchanged = write_scans(catalog, rows)
-    write_quarantine(catalog, problems, now)
-    everything = None
-    if summary.inserted:  # one read of the current scans serves the duplicate search and the summary's counts
-        everything = catalog.scans().to_arrow(columns=DUPLICATE_COLUMNS)
-        summary.duplicate_groups = link_duplicates(
-            catalog, {r["scan_id"] for r in rows}, options, current=everything.to_pylist()
-        )
-    summary.quarantined = dict(Counter(p.reason for p in problems))
+    tick = time.perf_counter()
+    if new_ids:
+        summary.duplicate_groups = link_duplicates(catalog, new_ids, options)
+    summary.phases["duplicates"] = round(time.perf_counter() - tick, 2)
+    tick = time.perf_counter()
+    summary.quarantined = dict(quarantined)
     summary.scans_version = catalog.version("scans")
     summary.quarantine_version = catalog.version("quarantine")
     if summary.datasets and summary.scans_version is not None:
-        if everything is None:
-            everything = catalog.scans(dataset=list(summary.datasets)).to_arrow(columns=["dataset", "sequence"])
-        counts: dict[str, Counter] = {}
-        for d, s in zip(everything["dataset"].to_pylist(), everything["sequence"].to_pylist(), strict=True):
-            if d in summary.datasets:
-                counts.setdefault(d, Counter())[s] += 1
-        summary.counts = {d: dict(sorted(c.items())) for d, c in sorted(counts.items())}
+        summary.counts = current_counts(catalog, list(summary.datasets))
+    summary.phases["summary"] = round(time.perf_counter() - tick, 2)
     summary.seconds = round(time.perf_counter() - started, 2)
     return summary

@@ -157,3 +157,36 @@ def test_new_ingest_version_refreshes_derived_columns_in_place(pipeline, tmp_pat
     assert (after["ingest_version"] == "test-next").all() and (after["status"] == "current").all()
     assert cat.version("scans") == v + 1
     assert ingest(cfg, [str(src)], progress=False).inserted == 0 and cat.version("scans") == v + 1
+
+
+def test_ingest_commits_progressively_and_a_crash_keeps_finished_commits(pipeline, tmp_path, monkeypatch):
+    """With ``ingest.commit_scans`` = 4, a run commits every 4 harvested scans; a crash in the third commit leaves the
+    first two in the table, and the re-run adds only the rest, with no duplicate rows."""
+    import brainiac.ingestion.ingest as ingest_module
+
+    src = pipeline.cohort.out_dir / pipeline.cohort.cohorts["adni"]
+    expected = int((pipeline.truth["dataset"] == "synth-adni").sum())
+    assert expected > 8
+    cfg = _config(str(tmp_path / "catalog"))
+    cfg.ingest.commit_scans = 4
+    real_write, calls = ingest_module.write_scans, []
+
+    def crashing(catalog, rows):
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash during the third commit")
+        return real_write(catalog, rows)
+
+    monkeypatch.setattr(ingest_module, "write_scans", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ingest(cfg, [str(src)], progress=False)
+    cat = Catalog.open(cfg.catalog.uri)
+    kept = len(cat.scans().to_pandas())
+    assert kept == calls[0] + calls[1] >= 6  # the two commits before the crash survived it
+    monkeypatch.setattr(ingest_module, "write_scans", real_write)
+    summary = ingest(cfg, [str(src)], progress=False)
+    assert (summary.inserted, summary.unchanged) == (expected - kept, kept)
+    assert -(-(expected - kept) // 4) <= summary.commits <= -(-expected // 4)
+    assert set(summary.phases) >= {"list", "harvest", "write", "duplicates", "summary"}
+    table = cat.scans().to_pandas()
+    assert len(table) == expected and not table.duplicated(["source_uri", "scan_id"]).any()
