@@ -190,3 +190,28 @@ def test_ingest_commits_progressively_and_a_crash_keeps_finished_commits(pipelin
     assert set(summary.phases) >= {"list", "harvest", "write", "duplicates", "summary"}
     table = cat.scans().to_pandas()
     assert len(table) == expected and not table.duplicated(["source_uri", "scan_id"]).any()
+
+
+def test_an_unexpected_reader_error_quarantines_that_scan_only(tmp_path, monkeypatch):
+    """A reader bug on one exotic file used to fail its whole harvest chunk and abort the run; now that scan alone is
+    quarantined as ``harvest_failed``, with the error's type and never its text (which may quote header values)."""
+    import brainiac.ingestion.harvest as harvest_module
+    from brainiac.ingestion.adapters.base import SourceScan
+
+    real = harvest_module.harvest_nifti
+
+    def flaky(location):
+        if location.uri.endswith("bad.nii.gz"):
+            raise KeyError("PatientName=Doe^Jane")
+        return real(location)
+
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), good)
+    scans = [
+        SourceScan("ds", "bids", str(tmp_path / name), name, "s1", format="nifti")
+        for name in ("good.nii.gz", "bad.nii.gz")
+    ]
+    monkeypatch.setattr(harvest_module, "harvest_nifti", flaky)
+    out = harvest_module._harvest_chunk([(s, "x.nii.gz") for s in scans], {}, str(tmp_path / "raw"))
+    assert "facts" in out[0] and out[1]["problem"]["reason"] == "harvest_failed"
+    assert "KeyError" in out[1]["problem"]["detail"] and "Doe" not in out[1]["problem"]["detail"]
