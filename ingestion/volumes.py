@@ -69,8 +69,13 @@ def newest_preprocess_version(catalog: Catalog) -> str:
     """
     from brainiac.platform.errors import UserError
 
-    table = catalog.select("volumes", "qc_pass", ["preprocess_version", "preprocessed_at"]).to_pandas()
-    if table.empty:
+    table = None
+    if catalog.version("volumes") is not None:
+        table = catalog.sql(  # the newest per version, aggregated where the rows are: the driver receives a few rows
+            "SELECT preprocess_version, max(preprocessed_at) AS preprocessed_at FROM volumes WHERE qc_pass "
+            "GROUP BY preprocess_version"
+        ).to_pandas()
+    if table is None or table.empty:
         raise UserError(
             f"the catalog {catalog.uri} has no preprocessed volumes; run `brainiac preprocess --catalog {catalog.uri}` first"
         )
