@@ -1,8 +1,13 @@
 """BIDS layout: entity parsing (sub, ses, acq, ce, rec, run, suffix), sidecar inheritance, participants.tsv.
 
 We parse names ourselves instead of indexing with pybids: its database is the slow part at scale (REFERENCE.md).
-Sidecar inheritance follows the BIDS inheritance principle: a JSON applies to an image when its entities are a subset
-of the image's and its suffix matches; deeper files override shallower ones.
+Sidecar inheritance follows the BIDS inheritance principle: a JSON applies to an image when it sits in the image's folder
+or an ancestor, its entities are a subset of the image's and its suffix matches; deeper files override shallower ones.
+
+At pool scale (tens of thousands of images, as many sidecars) discovery stays linear: the sidecars are read by the Ray
+tasks that list their folders (:func:`~brainiac.ingestion.adapters.listing.find_files_with_contents`), and matched
+through a :class:`SidecarIndex` built once, keyed by folder, suffix and subject, so each image looks only at the few
+sidecars in its own folder and its ancestors instead of at every sidecar of the dataset.
 """
 
 from __future__ import annotations
@@ -10,14 +15,20 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from brainiac.ingestion.adapters.base import Problem, SourceScan
-from brainiac.ingestion.adapters.common import is_nifti, list_files, read_table, strip_nifti_suffix
+from brainiac.ingestion.adapters.common import SKIP_DIRS, is_nifti, list_files, read_table, strip_nifti_suffix
+from brainiac.ingestion.adapters.listing import find_files_with_contents
 from brainiac.platform.storage import StorageLocation
 
-__all__ = ["BidsAdapter", "parse_entities"]
+__all__ = ["MATCH_STATS", "BidsAdapter", "SidecarIndex", "parse_entities"]
+
+MATCH_STATS: Counter[str] = Counter()
+"""``indexes``: sidecar indexes built; ``checks``: (image, sidecar) entity comparisons made. Discovery of N images with
+one sidecar each makes about N checks and builds one index per dataset (a test holds it to that)."""
 
 ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "part", "chunk")
 _ENTITY = re.compile(r"^([a-zA-Z]+)-([a-zA-Z0-9]+)$")
@@ -51,6 +62,68 @@ def _first(row: dict[str, Any], names: tuple[str, ...], override: str | None) ->
         if name and name in row and row[name] not in (None, ""):
             return row[name]
     return None
+
+
+Sidecar = tuple[str, dict[str, str], str, dict[str, Any]]
+"""(folder relative to the root, entities, suffix, parsed JSON) of one sidecar."""
+
+
+def _ancestors(directory: str) -> list[str]:
+    """``a/b/c`` → ``["a/b/c", "a/b", "a", ""]``: the folders whose sidecars an image in ``directory`` inherits."""
+    out = [directory]
+    while directory:
+        directory = posixpath.dirname(directory)
+        out.append(directory)
+    return out
+
+
+class SidecarIndex:
+    """The dataset's JSON sidecars indexed once by (folder, suffix, ``sub`` entity or None).
+
+    :meth:`metadata` applies the inheritance principle to one image by looking up its own folder and each ancestor,
+    for sidecars of its subject and subject-less ones: a handful of candidates, whatever the dataset's size.
+    """
+
+    def __init__(self, sidecars: Iterable[Sidecar]) -> None:
+        self._by_key: dict[tuple[str, str, str | None], list[tuple[int, dict[str, str], dict[str, Any]]]] = {}
+        for order, (folder, entities, suffix, data) in enumerate(sidecars):
+            self._by_key.setdefault((folder, suffix, entities.get("sub")), []).append((order, entities, data))
+        MATCH_STATS["indexes"] += 1
+
+    def metadata(self, directory: str, entities: dict[str, str], suffix: str) -> dict[str, Any]:
+        """The merged sidecar metadata of an image in ``directory``: shallow → deep, fewer → more entities (then file
+        order), later values overriding earlier ones."""
+        applicable = []
+        subjects = (entities["sub"], None) if entities.get("sub") is not None else (None,)
+        checks = 0
+        for folder in _ancestors(directory):
+            depth = folder.count("/") + (folder != "")
+            for sub in subjects:
+                for order, ents, data in self._by_key.get((folder, suffix, sub), ()):
+                    checks += 1
+                    if all(entities.get(k) == v for k, v in ents.items()):
+                        applicable.append(((depth, len(ents), order), data))
+        MATCH_STATS["checks"] += checks
+        meta: dict[str, Any] = {}
+        for _, data in sorted(applicable, key=lambda a: a[0]):
+            meta.update(data)
+        return meta
+
+
+def _relative_files(root: StorageLocation, full_paths: Iterable[str]) -> list[str]:
+    """What :func:`~brainiac.ingestion.adapters.common.list_files` returns, from an existing listing."""
+    base = root.path.rstrip("/")
+    prefix = base + "/"
+    out = []
+    for full in full_paths:
+        if full.startswith(prefix):
+            rel = full[len(prefix) :]
+        else:
+            rel = posixpath.relpath(full, base) if not root.is_remote else full[len(base) + 1 :]
+        if any(p in SKIP_DIRS or p.startswith(".") for p in rel.split("/")):
+            continue
+        out.append(rel)
+    return sorted(out)
 
 
 class BidsAdapter:
@@ -88,22 +161,26 @@ class BidsAdapter:
         return out
 
     def _sidecars(
-        self, root: StorageLocation, files: list[str], dataset: str
-    ) -> tuple[list[tuple[str, dict[str, str], str, dict[str, Any]]], list[Problem]]:
+        self, root: StorageLocation, files: list[str], dataset: str, contents: dict[str, bytes] | None = None
+    ) -> tuple[list[Sidecar], list[Problem]]:
+        """Every parseable sidecar (in file order) and a problem per unreadable one. ``contents``: bytes already read
+        by the listing tasks, by fsspec path; a sidecar missing from it is read here."""
         out, problems = [], []
+        contents = contents or {}
+        base = root.path.rstrip("/")
         for rel in files:
             if not rel.endswith(".json") or rel in ("dataset_description.json", "participants.json"):
                 continue
             parsed = parse_entities(posixpath.basename(rel))
             if parsed is None:
                 continue
-            loc = root.join(rel)
             try:
-                data = json.loads(loc.read_text())
+                raw = contents.get(f"{base}/{rel}")
+                data = json.loads(raw.decode("utf-8") if raw is not None else root.join(rel).read_text())
                 if not isinstance(data, dict):
                     raise ValueError("top level is not an object")
             except (ValueError, UnicodeDecodeError) as exc:
-                problems.append(Problem(dataset, loc.uri, "bad_sidecar", f"{rel}: {exc}"))
+                problems.append(Problem(dataset, root.join(rel).uri, "bad_sidecar", f"{rel}: {exc}"))
                 continue
             out.append((posixpath.dirname(rel), parsed[0], parsed[1], data))
         return out, problems
@@ -125,12 +202,18 @@ class BidsAdapter:
         return out
 
     def discover(self, root: StorageLocation, dataset: str, card: Any | None = None) -> Iterator[SourceScan | Problem]:
-        files = list_files(root)
+        # One listing, in Ray tasks when Ray runs, that also reads the sidecars (list_files' filter applied here).
+        listed, contents = find_files_with_contents(
+            root, read_suffixes=(".json",), skip_top=SKIP_DIRS, skip_hidden=True
+        )
+        files = _relative_files(root, listed)
         masks = self._derivative_masks(
             root, set((getattr(card, "label_maps", {}) or {}).keys()) | {"mask", "dseg", "roi"}
         )
         participants = self._participants(root, files, card)
-        sidecars, problems = self._sidecars(root, files, dataset)
+        sidecars, problems = self._sidecars(root, files, dataset, contents)
+        del contents
+        index = SidecarIndex(sidecars)
         yield from problems
         label_suffixes = set((getattr(card, "label_maps", {}) or {}).keys())
         for rel in files:
@@ -142,16 +225,7 @@ class BidsAdapter:
             entities, suffix = parsed
             if suffix in label_suffixes or suffix in ("mask", "dseg", "label", "roi"):
                 continue  # label maps are attached to scans, not catalogued as scans
-            directory = posixpath.dirname(rel)
-            meta: dict[str, Any] = {}
-            # Inheritance: shallow → deep, each applying sidecar must be an ancestor folder with a subset of entities.
-            applicable = [
-                s for s in sidecars
-                if s[2] == suffix and (directory == s[0] or directory.startswith(s[0] + "/") or s[0] == "")
-                and all(entities.get(k) == v for k, v in s[1].items())
-            ]  # fmt: skip
-            for _, _, _, data in sorted(applicable, key=lambda s: (s[0].count("/") + (s[0] != ""), len(s[1]))):
-                meta.update(data)
+            meta = index.metadata(posixpath.dirname(rel), entities, suffix)
             person = participants.get(entities["sub"], {})
             yield SourceScan(
                 dataset=dataset,

@@ -7,6 +7,10 @@ most, so a small dataset costs one task and a big one never hundreds of tiny one
 ``fs.find`` (with :data:`REMOTE_THREADS` threads on S3, where listing waits on the network). The union is exactly what
 ``fs.find(root)`` returns in the driver, which is what happens when Ray is not running (unit tests of an adapter).
 
+:func:`find_files_with_contents` also reads small files of given suffixes (BIDS JSON sidecars) in the same tasks, right
+after listing them: tens of thousands of sidecars read one by one in the driver cost seconds locally and a round trip
+each on S3.
+
 Like :mod:`brainiac.ingestion.harvest`, this module is imported by Ray workers and so imports only light modules
 (fsspec and the storage helpers): no pandas, no deltalake.
 
@@ -33,6 +37,7 @@ __all__ = [
     "WORKER_PIDS",
     "cached_listings",
     "find_files",
+    "find_files_with_contents",
     "ray_cpus",
     "ray_ready",
     "run_chunks",
@@ -44,13 +49,15 @@ TASKS_PER_CPU = 2
 """Tasks per Ray CPU, at most, for one listing or one pass over DICOM headers."""
 REMOTE_THREADS = 16
 """Concurrent listing calls inside one task on S3."""
+READ_MAX_BYTES = 1 << 20
+"""Files larger than this are not read by :func:`find_files_with_contents` (a sidecar is a few hundred bytes)."""
 
 TASK_STATS: Counter[str] = Counter()
 """Ray tasks run by this driver process, by kind (``list_files``, ``dicom_headers``)."""
 WORKER_PIDS: dict[str, set[int]] = {}
 """Process ids of the Ray workers that ran each kind of task."""
 
-_CACHE: contextvars.ContextVar[dict[tuple[Any, ...], dict[str, int]] | None] = contextvars.ContextVar(
+_CACHE: contextvars.ContextVar[dict[tuple[Any, ...], Any] | None] = contextvars.ContextVar(
     "brainiac_listing_cache", default=None
 )
 
@@ -139,10 +146,39 @@ def _entries(listing: dict[str, Any], files_only: bool) -> dict[str, int]:
     }
 
 
+def _wanted(sizes: dict[str, int], read_suffixes: tuple[str, ...], max_bytes: int) -> list[str]:
+    if not read_suffixes:
+        return []
+    return [p for p, size in sizes.items() if size <= max_bytes and p.lower().endswith(read_suffixes)]
+
+
+def _read_files(fs: Any, paths: list[str], threads: int) -> dict[str, bytes]:
+    """``{path: bytes}`` of ``paths``; a file that vanished or cannot be read is left out (its reader reports it)."""
+
+    def read(path: str) -> bytes | None:
+        try:
+            return fs.cat_file(path)
+        except OSError:
+            return None
+
+    if threads > 1 and len(paths) > 1:
+        with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
+            data = list(pool.map(read, paths))
+    else:
+        data = [read(p) for p in paths]
+    return {p: d for p, d in zip(paths, data, strict=True) if d is not None}
+
+
 def _list_folders(
-    folders: list[str], uri: str, options: dict[str, str], files_only: bool
-) -> tuple[int, dict[str, int]]:
-    """Ray task: every file under ``folders`` (fsspec paths below the root ``uri``), as ``{path: size}``."""
+    folders: list[str],
+    uri: str,
+    options: dict[str, str],
+    files_only: bool,
+    read_suffixes: tuple[str, ...] = (),
+    max_bytes: int = READ_MAX_BYTES,
+) -> tuple[int, tuple[dict[str, int], dict[str, bytes]]]:
+    """Ray task: every file under ``folders`` (fsspec paths below the root ``uri``) as ``{path: size}``, and the bytes
+    of those ending with one of ``read_suffixes`` (at most ``max_bytes`` each) as ``{path: bytes}``."""
     loc = StorageLocation.resolve(uri, options or None)
     fs = loc.fsspec()
     out: dict[str, int] = {}
@@ -154,7 +190,50 @@ def _list_folders(
     else:
         for folder in folders:
             out.update(_entries(fs.find(folder, detail=True), files_only))
-    return os.getpid(), out
+    wanted = _wanted(out, read_suffixes, max_bytes)
+    contents = _read_files(fs, wanted, REMOTE_THREADS if loc.is_remote else 1)
+    return os.getpid(), (out, contents)
+
+
+def _find(
+    root: StorageLocation,
+    skip: frozenset[str],
+    skip_hidden: bool,
+    files_only: bool,
+    read_suffixes: tuple[str, ...],
+    max_bytes: int,
+) -> tuple[dict[str, int], dict[str, bytes]]:
+    fs = root.fsspec()
+    base = root.path.rstrip("/")
+    if ray_ready():
+        try:
+            top = fs.ls(base, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            top = None  # not a folder: fs.find below says what it is
+        if top is not None:
+            out: dict[str, int] = {}
+            folders = []
+            for info in top:
+                name = info["name"].rstrip("/")
+                if info.get("type") == "directory":
+                    leaf = name.rsplit("/", 1)[-1]
+                    if name != base and leaf not in skip and not (skip_hidden and leaf.startswith(".")):
+                        folders.append(name)
+                else:
+                    out.update(_entries({name: info}, files_only))
+            # The root's own files (a few) are read here; everything below it in the tasks that list it.
+            contents = _read_files(fs, _wanted(out, read_suffixes, max_bytes), 1)
+            chunks = split(sorted(folders), chunk_count(len(folders), DIRS_PER_TASK, ray_cpus()))
+            options = dict(root.options)
+            for sizes, data in run_chunks(
+                "list_files", _list_folders, chunks, root.uri, options, files_only, read_suffixes, max_bytes
+            ):
+                out.update(sizes)
+                contents.update(data)
+            return out, contents
+    out = _entries(fs.find(base, detail=True), files_only)
+    wanted = _wanted(out, read_suffixes, max_bytes)
+    return out, _read_files(fs, wanted, REMOTE_THREADS if root.is_remote else 1)
 
 
 def find_files(
@@ -179,31 +258,39 @@ def find_files(
     key = (root.uri, skip, skip_hidden, files_only)
     if cache is not None and key in cache:
         return dict(cache[key])
-    fs = root.fsspec()
-    base = root.path.rstrip("/")
-    out: dict[str, int] | None = None
-    if ray_ready():
-        try:
-            top = fs.ls(base, detail=True)
-        except (FileNotFoundError, NotADirectoryError):
-            top = None  # not a folder: fs.find below says what it is
-        if top is not None:
-            out = {}
-            folders = []
-            for info in top:
-                name = info["name"].rstrip("/")
-                if info.get("type") == "directory":
-                    leaf = name.rsplit("/", 1)[-1]
-                    if name != base and leaf not in skip and not (skip_hidden and leaf.startswith(".")):
-                        folders.append(name)
-                else:
-                    out.update(_entries({name: info}, files_only))
-            chunks = split(sorted(folders), chunk_count(len(folders), DIRS_PER_TASK, ray_cpus()))
-            options = dict(root.options)
-            for part in run_chunks("list_files", _list_folders, chunks, root.uri, options, files_only):
-                out.update(part)
-    if out is None:
-        out = _entries(fs.find(base, detail=True), files_only)
+    out, _ = _find(root, skip, skip_hidden, files_only, (), READ_MAX_BYTES)
     if cache is not None:
         cache[key] = dict(out)
     return out
+
+
+def find_files_with_contents(
+    root: StorageLocation,
+    *,
+    read_suffixes: Iterable[str],
+    max_bytes: int = READ_MAX_BYTES,
+    skip_top: Iterable[str] = (),
+    skip_hidden: bool = False,
+    files_only: bool = False,
+) -> tuple[dict[str, int], dict[str, bytes]]:
+    """:func:`find_files`, plus the bytes of every listed file whose name ends with one of ``read_suffixes``
+    (case-insensitive) and that holds at most ``max_bytes``, as ``{fsspec path: bytes}``.
+
+    The files are read by the tasks that list their folders (with Ray running), so the driver receives them in a few
+    messages instead of opening each one. A file missing from the contents (too large, vanished between listing and
+    reading, unreadable) is the caller's to read or report. Within :func:`cached_listings` the listing is shared with
+    :func:`find_files` calls of the same arguments.
+    """
+    skip = frozenset(skip_top)
+    suffixes = tuple(sorted({s.lower() for s in read_suffixes}))
+    cache = _CACHE.get()
+    key = (root.uri, skip, skip_hidden, files_only)
+    full_key = (*key, suffixes, max_bytes)
+    if cache is not None and full_key in cache:
+        sizes, contents = cache[full_key]
+        return dict(sizes), dict(contents)
+    sizes, contents = _find(root, skip, skip_hidden, files_only, suffixes, max_bytes)
+    if cache is not None:
+        cache[full_key] = (dict(sizes), dict(contents))
+        cache.setdefault(key, dict(sizes))
+    return sizes, contents
