@@ -36,6 +36,7 @@ __all__ = [
     "Catalog",
     "ScanQuery",
     "merge_with_retry",
+    "read_only_statement",
     "sql_in",
     "sql_literal",
 ]
@@ -279,6 +280,63 @@ def _read_keyed_rows(
     local = [read_start[g] + int(r - starts[g]) for r, g in zip(rows.tolist(), group_of.tolist(), strict=True)]
     table = parquet.read_row_groups(groups, columns=list(columns) or [column])
     return _plain_types(table, None).take(pa.array(local, pa.int64()))
+
+
+_WRITE_KEYWORDS = frozenset(
+    [
+        "COPY",
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "MERGE",
+        "CREATE",
+        "DROP",
+        "ALTER",
+        "TRUNCATE",
+        "SET",
+        "RESET",
+        "PREPARE",
+        "EXECUTE",
+        "DEALLOCATE",
+        "ATTACH",
+        "DETACH",
+        "LOAD",
+        "INSTALL",
+        "GRANT",
+        "REVOKE",
+        "VACUUM",
+        "OPTIMIZE",
+    ]
+)
+_READ_STARTS = frozenset({"SELECT", "WITH", "VALUES", "EXPLAIN", "SHOW", "DESCRIBE", "("})
+
+
+def read_only_statement(sql: str) -> str:
+    """``sql`` as one read-only statement (a query), without a trailing semicolon.
+
+    DataFusion executes ``COPY ... TO`` (which writes files anywhere the process may write, on S3 too), DDL and DML, so
+    the catalog's SQL entry points accept a single query and nothing else: a statement that starts with ``SELECT``,
+    ``WITH``, ``VALUES``, ``EXPLAIN``, ``SHOW`` or ``DESCRIBE``, with no write keyword outside string literals and
+    quoted identifiers, and no second statement.
+
+    Raises:
+        UserError: anything else; the message is one line.
+    """
+    import re
+
+    text = sql.strip()
+    # Blank out comments, string literals and quoted identifiers, so that only SQL keywords are left to inspect.
+    bare = re.sub(r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"", " ", text, flags=re.S)
+    body = bare.strip().rstrip(";").strip()
+    if ";" in body:
+        raise UserError("SQL error: one statement at a time (found ';' between statements)")
+    words = re.findall(r"[A-Za-z_]+|\(", body)
+    if not words or words[0].upper() not in _READ_STARTS:
+        raise UserError("SQL error: only read-only queries (SELECT, WITH, VALUES, EXPLAIN, SHOW, DESCRIBE) are allowed")
+    writes = sorted({w.upper() for w in words} & _WRITE_KEYWORDS)
+    if writes:
+        raise UserError(f"SQL error: the catalog is read-only through SQL ({', '.join(writes)} refused)")
+    return text.rstrip().rstrip(";")
 
 
 def _first_line(exc: Exception) -> str:
@@ -541,7 +599,7 @@ class Catalog:
         Raises:
             UserError: bad SQL, an unknown table or column; the message is one line.
         """
-        reader = self._sql_reader(query, as_of)
+        reader = self._sql_reader(read_only_statement(query), as_of)
         try:
             return _plain_types(reader.read_all(), None)
         except Exception as exc:  # DataFusion raises at planning or at execution time
@@ -555,7 +613,7 @@ class Catalog:
         """
         if limit is not None and limit < 0:
             raise UserError(f"--limit must be >= 0, got {limit}")
-        text = query.strip().rstrip(";")
+        text = read_only_statement(query)
         if limit is not None:
             text = f"SELECT * FROM ({text}) AS limited LIMIT {int(limit)}"
         reader = self._sql_reader(text, as_of)

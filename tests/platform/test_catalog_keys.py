@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -152,3 +154,33 @@ def test_optimize_compacts_keeps_row_groups_vacuums_and_checkpoints(tmp_path, ca
     assert len(on_disk) == 1  # retention 0: the six compacted files are gone
     assert list((tmp_path / "catalog" / "volumes" / "_delta_log").glob("*.checkpoint.parquet"))
     assert main(["catalog", "optimize", "--catalog", cat.uri, "--table", "nope"]) == 2
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "COPY (SELECT * FROM scans) TO '/tmp/brainiac-copy-test.csv'",
+        "CREATE TABLE x AS SELECT 1",
+        "DROP TABLE scans",
+        "INSERT INTO scans SELECT * FROM scans",
+        "SELECT 1; COPY (SELECT 1) TO '/tmp/brainiac-copy-test.csv'",
+        "WITH a AS (SELECT 1) DELETE FROM scans",
+        "SET datafusion.execution.batch_size = 1",
+    ],
+)
+def test_catalog_sql_refuses_anything_but_one_query(big_scans, sql, capsys, tmp_path):
+    from brainiac.platform.cli.main import main
+
+    cat, _ = big_scans
+    assert main(["catalog", "query", sql, "--catalog", cat.uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: SQL error") and len(err.splitlines()) == 1
+    assert not Path("/tmp/brainiac-copy-test.csv").exists()
+
+
+def test_read_only_statement_keeps_quoted_keywords_and_comments():
+    from brainiac.platform.catalog import read_only_statement
+
+    sql = "SELECT 'drop; copy' AS \"insert\" FROM scans -- delete\n WHERE dataset = 'a''b';"
+    assert read_only_statement(sql) == sql[:-1]
+    assert read_only_statement("  with t as (select 1 as x) select x from t").startswith("with")
