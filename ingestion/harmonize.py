@@ -21,6 +21,7 @@ __all__ = [
     "canonical_field_strength",
     "canonical_manufacturer",
     "canonical_sex",
+    "coarse_age",
     "infer_sequence",
     "parse_age_years",
 ]
@@ -180,9 +181,11 @@ def canonical_field_strength(value: object) -> float | None:
 
 
 def parse_age_years(value: object, unit: Literal["years", "months", "weeks", "days"] = "years") -> float | None:
-    """Age in **years**, capped at :data:`AGE_CAP_YEARS`.
+    """Age in **years**, capped at :data:`AGE_CAP_YEARS` and coarsened so it cannot single a person out.
 
-    Accepts numbers in ``unit`` and DICOM age strings (``045Y``, ``006M``, ``012W``, ``030D``) whose own unit wins.
+    Accepts numbers in ``unit``, DICOM age strings (``045Y``, ``006M``, ``012W``, ``030D``) whose own unit wins, and
+    censored ages (``89+``, ``90+``, ``>89``: HIPAA's top-coding) read as the cap. Ages are rounded to 0.1 year, and
+    under 2 years to whole months (1/12 year): an age to the day, with a scan date elsewhere, is a birth date.
     Returns ``None`` for missing, negative or unparseable values.
     """
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -190,6 +193,9 @@ def parse_age_years(value: object, unit: Literal["years", "months", "weeks", "da
     text = str(value).strip()
     if not text:
         return None
+    censored = re.fullmatch(r"(?:>\s*=?\s*)?(\d{2,3})\s*(?:Y|years?)?\s*(\+|or older|and older)?", text, re.I)
+    if censored and (text.startswith(">") or censored.group(2)) and float(censored.group(1)) >= 85:
+        return AGE_CAP_YEARS
     dicom = re.fullmatch(r"(\d{1,3})\s*([YMWD])", text, re.I)
     if dicom:
         number, unit_char = float(dicom.group(1)), dicom.group(2).upper()
@@ -201,5 +207,12 @@ def parse_age_years(value: object, unit: Literal["years", "months", "weeks", "da
             return None
     if not math.isfinite(number) or number < 0:
         return None
-    years = number / {"years": 1.0, "months": 12.0, "weeks": 52.1775, "days": 365.25}[unit]
-    return round(min(years, AGE_CAP_YEARS), 3)
+    years = min(number / {"years": 1.0, "months": 12.0, "weeks": 52.1775, "days": 365.25}[unit], AGE_CAP_YEARS)
+    return coarse_age(years)
+
+
+def coarse_age(years: float) -> float:
+    """Whole months (as years, 3 decimals) under 2 years, else 0.1 year."""
+    if years < 2.0:
+        return round(round(years * 12) / 12, 3)
+    return round(years, 1)

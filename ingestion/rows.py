@@ -15,6 +15,7 @@ from brainiac.ingestion.harmonize import (
     canonical_field_strength,
     canonical_manufacturer,
     canonical_sex,
+    coarse_age,
     infer_sequence,
     parse_age_years,
 )
@@ -22,8 +23,8 @@ from brainiac.platform.pseudonym import Pseudonymizer
 
 __all__ = ["INGEST_VERSION", "LABEL_KEYS", "build_row", "parse_idh"]
 
-INGEST_VERSION = "2"
-"""Bumped when the row semantics change, so rows from older ingests can be found and rebuilt."""
+INGEST_VERSION = "3"
+"""Bumped when the row semantics change, so rows from older ingests can be found and rebuilt (3: ages coarsened)."""
 
 LABEL_KEYS = ("idh", "survival_days", "stroke_onset_days", "resection", "mgmt")
 """Task labels a card may map from participants, manifests or label files."""
@@ -94,10 +95,10 @@ def build_row(
     age_raw = meta.get("age") if meta.get("age") not in (None, "") else merged.get("age")
     age = parse_age_years(age_raw, card.age_unit if card is not None else "years")
     if age is None and dicom_header.get("age_years") is not None:
-        age = float(dicom_header["age_years"])
+        age = parse_age_years(dicom_header["age_years"])
     offset = _number(meta.get("age_offset_years"))
     if age is not None and offset is not None:
-        age = round(min(age + offset, AGE_CAP_YEARS), 3)
+        age = coarse_age(min(age + offset, AGE_CAP_YEARS))
 
     sequence, rule = infer_sequence(**scan.sequence_hints)
     labels: dict[str, Any] = {}

@@ -76,3 +76,22 @@ def test_age_is_years_capped_at_90():
     assert parse_age_years(540, unit="months") == 45.0
     assert parse_age_years("97") == 90.0  # HIPAA Safe Harbor
     assert parse_age_years("-3") is None and parse_age_years("n/a") is None and parse_age_years(None) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "unit", "expected"),
+    [
+        ("89+", "years", 90.0),
+        ("90+", "years", 90.0),
+        (">89", "years", 90.0),
+        ("090Y", "years", 90.0),
+        (45.3781, "years", 45.4),  # an age to the day, with a scan date, is a birth date: 0.1 year
+        ("010D", "years", 0.0),  # under 2 years: whole months
+        ("050D", "years", 0.167),
+        (400, "days", 1.083),  # 13 months
+        (1.49, "years", 1.5),  # 17.88 months -> 18
+        ("3+", "years", None),  # not a top-coded age
+    ],
+)
+def test_ages_are_coarsened_and_top_coded_ages_read_as_the_cap(raw, unit, expected):
+    assert parse_age_years(raw, unit=unit) == expected
