@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -47,13 +48,22 @@ __all__ = [
     "config_to_dict",
     "from_dict",
     "load_config",
+    "redact_uri_credentials",
 ]
 
 DEFAULT_DATA_DIR = "brainiac-data"
 """Where the embedded defaults keep their state, relative to the working directory."""
 
-SECRET_KEYS = ("SECRET", "TOKEN", "PASSWORD", "SESSION")
-"""Substrings of option names whose values are redacted whenever a config is printed or logged."""
+SECRET_KEYS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "SESSION", "KEY", "CREDENTIAL", "AUTH")
+"""Substrings of option names whose values are redacted whenever a config is printed or logged (``*_account_key``,
+``AWS_SECRET_ACCESS_KEY``, ``*_token`` ...)."""
+
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<password>[^/@\s]+)@")
+
+
+def redact_uri_credentials(text: str) -> str:
+    """``https://user:pass@host/...`` → ``https://user:***@host/...`` (any scheme, anywhere in ``text``)."""
+    return _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
 def _range(
@@ -335,7 +345,9 @@ def config_to_dict(obj: Any, *, redact: bool = True) -> Any:
     if isinstance(obj, list | tuple):
         return [config_to_dict(v, redact=redact) for v in obj]
     if isinstance(obj, Path):
-        return str(obj)
+        obj = str(obj)
+    if redact and isinstance(obj, str):
+        return redact_uri_credentials(obj)
     return obj
 
 

@@ -108,3 +108,24 @@ def test_from_dict_floats_ranges_and_nested_lists():
         from_dict(Root, {"opt": {"lr": 0}})
     with pytest.raises(ConfigError, match=r"'opt.sizes\[1\]' expects an integer"):
         from_dict(Root, {"opt": {"sizes": [1, "x"]}})
+
+
+def test_credentials_are_redacted_in_printed_configs_and_mlflow_params(capsys):
+    """URIs with a password and any option naming a key, token, secret or password never print in clear."""
+    from brainiac.platform.cli.main import main
+    from brainiac.platform.config import load_config
+    from brainiac.platform.tracking import flatten_params
+
+    overrides = [
+        "tracking.uri=https://alice:hunter2@mlflow.example.org",
+        "catalog.uri=s3://lake/catalog",
+    ]
+    cfg = load_config("tiny", overrides)
+    cfg.catalog.storage_options = {"azure_storage_account_key": "S3CR3TKEY", "AWS_REGION": "eu-west-1"}
+    params = flatten_params(cfg)
+    assert params["tracking.uri"] == "https://alice:***@mlflow.example.org"
+    assert params["catalog.storage_options.azure_storage_account_key"] == "***"
+    assert params["catalog.storage_options.AWS_REGION"] == "eu-west-1"
+    assert main(["config", "show", "-c", "tiny", *sum((["--set", o] for o in overrides), [])]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "alice:***@mlflow.example.org" in out
