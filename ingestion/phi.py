@@ -13,10 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping
 from typing import Any
 
-from brainiac.ingestion.harmonize import AGE_CAP_YEARS, parse_age_years
+from brainiac.ingestion.harmonize import AGE_CAP_YEARS, coarse_age, parse_age_years
 
 __all__ = ["ALLOWED_DICOM_KEYWORDS", "PHI_DICOM_KEYWORDS", "age_from_dates", "pseudonymize_uid", "safe_dicom_header"]
 
@@ -26,10 +27,10 @@ ALLOWED_DICOM_KEYWORDS: frozenset[str] = frozenset(
         "Modality", "MRAcquisitionType", "ScanningSequence", "SequenceVariant", "ScanOptions", "ImageType",
         "ContrastBolusAgent",
         # scanner (not site: InstitutionName, StationName and DeviceSerialNumber are identifying)
-        "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "SoftwareVersions",
+        "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength",
         # acquisition parameters
         "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle", "EchoTrainLength", "NumberOfAverages",
-        "PixelBandwidth", "ImagingFrequency", "ReceiveCoilName",
+        "PixelBandwidth", "ImagingFrequency",
         # geometry
         "Rows", "Columns", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "ImageOrientationPatient",
         "ImagePositionPatient", "PatientPosition",
@@ -76,7 +77,7 @@ def age_from_dates(birth_date: object, scan_date: object) -> float | None:
     birth, scan = _parse_dicom_date(birth_date), _parse_dicom_date(scan_date)
     if birth is None or scan is None or scan < birth:
         return None
-    return round(min((scan - birth).days / 365.25, AGE_CAP_YEARS), 3)
+    return coarse_age(min((scan - birth).days / 365.25, AGE_CAP_YEARS))
 
 
 def _plain(value: Any) -> Any:
@@ -92,8 +93,34 @@ def _plain(value: Any) -> Any:
         return str(value)
 
 
+FREE_TEXT_PRESENCE = {"ContrastBolusAgent": "contrast_agent"}
+"""Free-text attributes kept only as the fact that they are present: a contrast agent's name is typed by hand at the
+console ("Gadavist 10ml for Cohen^Mei"), but that one was given is what sequence inference needs."""
+
+NAME_KEYWORDS = frozenset({"Manufacturer", "ManufacturerModelName"})
+"""Short vendor-controlled strings, kept when they look like a product name (letters, digits, a few separators, no run
+of six digits or more that could be an ID or a date) and dropped otherwise."""
+
+_NAME = re.compile(r"^(?!.*\d{6})[A-Za-z0-9][A-Za-z0-9 ._+\-/]{0,47}$")
+
+
+def _keep(keyword: str, value: Any) -> bool:
+    """Only numbers and coded values leave a header (PS3.15 basic profile: free text is removed)."""
+    values = value if isinstance(value, list) else [value]
+    if all(isinstance(v, int | float) or v is None for v in values):
+        return True
+    if keyword in NAME_KEYWORDS:
+        return all(isinstance(v, str) and _NAME.match(v.strip()) for v in values)
+    # Coded strings (DICOM VR CS): upper-case letters, digits, space and underscore, 16 characters at most.
+    return all(isinstance(v, str) and re.fullmatch(r"[A-Z0-9 _]{0,16}", v) for v in values)
+
+
 def safe_dicom_header(dataset: Any) -> dict[str, Any]:
     """The allow-listed attributes of a pydicom ``Dataset`` (or a keyword mapping) as plain JSON-able values.
+
+    Only numbers and coded values pass (a free-text value on the allow-list is dropped: vendors and operators type
+    names and dates into ``SoftwareVersions`` or ``ReceiveCoilName``); ``ContrastBolusAgent`` becomes
+    ``contrast_agent: true``.
 
     ``PatientAge`` becomes years (capped at 90) and, when the header has only a birth date, the age is derived from
     ``PatientBirthDate`` and the study/acquisition date; neither date is returned.
@@ -106,9 +133,12 @@ def safe_dicom_header(dataset: Any) -> dict[str, Any]:
         keywords = [e.keyword for e in dataset if getattr(e, "keyword", "")]
     out: dict[str, Any] = {}
     for keyword in keywords:
-        if keyword in ALLOWED_DICOM_KEYWORDS:
+        if keyword in FREE_TEXT_PRESENCE:
+            if str(get(keyword) or "").strip():
+                out[FREE_TEXT_PRESENCE[keyword]] = True
+        elif keyword in ALLOWED_DICOM_KEYWORDS:
             value = _plain(get(keyword))
-            if value not in (None, "", []):
+            if value not in (None, "", []) and (keyword in ("PatientAge", "PatientSex") or _keep(keyword, value)):
                 out[keyword] = value
     age = parse_age_years(out.pop("PatientAge", None))
     if age is None:

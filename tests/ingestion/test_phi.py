@@ -36,7 +36,7 @@ def test_only_allow_listed_attributes_survive():
         assert secret not in text, secret
     assert not PHI_DICOM_KEYWORDS & set(header)
     assert header["Manufacturer"] == "SIEMENS" and header["PixelSpacing"] == [0.9, 0.9] and header["PatientSex"] == "F"
-    assert abs(header["age_years"] - 72.82) < 0.01  # derived from birth and study dates, which are dropped
+    assert header["age_years"] == 72.8  # derived from birth and study dates, which are dropped; 0.1 year, not the day
 
 
 def test_age_rules():
@@ -50,3 +50,25 @@ def test_uid_pseudonyms_are_keyed_and_stable():
     assert pseudonymize_uid(b"k1" * 16, uid) == pseudonymize_uid(b"k1" * 16, uid)
     assert pseudonymize_uid(b"k1" * 16, uid) != pseudonymize_uid(b"k2" * 16, uid)
     assert uid not in pseudonymize_uid(b"k1" * 16, uid, kind="series")
+
+
+def test_free_text_on_the_allow_list_is_dropped_and_contrast_kept_as_a_flag():
+    """PS3.15's basic profile removes free text; on our allow-list only numbers and coded values survive."""
+    header = safe_dicom_header(
+        {
+            "ContrastBolusAgent": "Gadavist 10ml for Cohen^Mei",
+            "SoftwareVersions": "DOB 19780807",
+            "ReceiveCoilName": "Head_32 (Dr Cohen's coil)",
+            "ManufacturerModelName": "Prisma_fit",
+            "Manufacturer": "Patient 1234567 scanner",
+            "ScanningSequence": ["GR", "IR"],
+            "ImageType": "ORIGINAL Cohen",
+            "RepetitionTime": 2300.0,
+        }
+    )
+    text = json.dumps(header)
+    for secret in ("Cohen", "Mei", "19780807", "Gadavist", "1234567"):
+        assert secret not in text, secret
+    assert header["contrast_agent"] is True and header["ManufacturerModelName"] == "Prisma_fit"
+    assert header["ScanningSequence"] == ["GR", "IR"] and header["RepetitionTime"] == 2300.0
+    assert "ImageType" not in header and "Manufacturer" not in header
