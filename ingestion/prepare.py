@@ -2,7 +2,9 @@
 plus the subject-level ``splits``.
 
 - Only scans without a row for the current ``preprocess_version`` are processed, so a second run does nothing and an
-  interrupted run continues where it stopped (results are committed in batches as they arrive).
+  interrupted run continues where it stopped. Workers write Parquet part files into the version's partition and the
+  driver commits file actions about every GB (:mod:`brainiac.ingestion.volume_writes`): no commit reads the table, so
+  writing stays linear in the data, and no row is ever written twice.
 - A new preprocessing config gets a new version, written beside the old one (the table is partitioned by version).
 - Each version's settings are recorded in ``preprocess_configs`` (MERGE on the version, so re-runs add nothing): a model
   trained on a version can rebuild its inputs from a single new scan (``brainiac predict``) without the catalog.
@@ -27,10 +29,17 @@ from brainiac.ingestion.adapters.base import Problem
 from brainiac.ingestion.headers import load_nifti
 from brainiac.ingestion.ingest import write_quarantine
 from brainiac.ingestion.splits import SplitConfig, write_splits
+from brainiac.ingestion.volume_writes import (
+    DEFAULT_COMMIT_BYTES,
+    DEFAULT_COMMIT_FILES,
+    DEFAULT_COMMIT_SECONDS,
+    VolumeCommitter,
+    run_tasks,
+    write_part_file,
+)
 from brainiac.ingestion.volumes import decode_array, encode_array
 from brainiac.platform.catalog import (
     PREPROCESS_CONFIGS_SCHEMA,
-    VOLUMES_SCHEMA,
     Catalog,
     merge_with_retry,
     sql_in,
@@ -40,6 +49,7 @@ from brainiac.platform.config import Config
 
 if TYPE_CHECKING:
     from brainiac.ingestion.preprocess.config import PreprocessConfig
+    from brainiac.platform.storage import StorageLocation
 
 __all__ = ["PreprocessSummary", "preprocess", "preprocess_config_of", "record_preprocess_config"]
 
@@ -148,31 +158,6 @@ def _process_one(
     return {"row": row}
 
 
-def _write_rows(catalog: Catalog, rows: list[dict[str, Any]], now: dt.datetime) -> int:
-    def attempt() -> int:
-        dt_ = catalog.create_if_missing("volumes")
-        version = rows[0]["preprocess_version"]
-        have = catalog.select(
-            "volumes",
-            f"preprocess_version = {sql_literal(version)} AND {sql_in('scan_id', [r['scan_id'] for r in rows])}",
-            ["scan_id"],
-        )
-        seen = set(have["scan_id"].to_pylist())
-        new = [{**r, "preprocessed_at": now} for r in rows if r["scan_id"] not in seen]
-        if not new:
-            return 0
-        source = pa.Table.from_pylist(new, schema=VOLUMES_SCHEMA)
-        (
-            dt_.merge(source, predicate="t.preprocess_version = s.preprocess_version AND t.scan_id = s.scan_id",
-                      source_alias="s", target_alias="t")
-            .when_not_matched_insert_all()
-            .execute()
-        )  # fmt: skip
-        return len(new)
-
-    return merge_with_retry(attempt, what="volumes")
-
-
 def record_preprocess_config(catalog: Catalog, cfg: PreprocessConfig, now: dt.datetime | None = None) -> bool:
     """Record ``cfg`` under its version in ``preprocess_configs`` (MERGE on the version: a version already recorded keeps
     its row and first ``created_at``). Returns whether a row was added."""
@@ -209,15 +194,62 @@ def preprocess_config_of(catalog: Catalog, version: str) -> PreprocessConfig | N
     return from_dict(PreprocessConfig, json.loads(rows[0]["config"]), prefix="preprocess")
 
 
+def _process_chunk(
+    scans: list[dict[str, Any]],
+    cfg_dict: dict[str, Any],
+    version: str,
+    options: dict[str, str],
+    table: StorageLocation,
+    now: dt.datetime,
+    rows_per_row_group: int,
+) -> dict[str, Any]:
+    """Runs in a Ray task: a few scans → one Parquet part file in the version's partition of ``volumes``.
+
+    Only the file's metadata (a :class:`PartFile`), quarantine problems and QC reasons go back to the driver, never the
+    arrays. The file is invisible to readers until the driver commits it.
+    """
+    rows: list[dict[str, Any]] = []
+    problems: list[dict[str, Any]] = []
+    for scan in scans:
+        out = _process_one(scan, cfg_dict, version, options)
+        if "problem" in out:
+            problems.append(out["problem"])
+        else:
+            rows.append(out["row"])
+    part = write_part_file(table, version, rows, now, rows_per_row_group=rows_per_row_group) if rows else None
+    qc_failed = [r["qc_reason"] or "unspecified" for r in rows if not r["qc_pass"]]
+    return {"part": part, "problems": problems, "qc_failed": qc_failed}
+
+
 def preprocess(
-    cfg: Config, *, progress: bool = True, batch_size: int = 16, limit: int | None = None
+    cfg: Config,
+    *,
+    progress: bool = True,
+    limit: int | None = None,
+    scans_per_file: int = 16,
+    rows_per_row_group: int = 1,
+    commit_bytes: int = DEFAULT_COMMIT_BYTES,
+    commit_seconds: float = DEFAULT_COMMIT_SECONDS,
+    commit_files: int = DEFAULT_COMMIT_FILES,
+    in_flight_per_cpu: int = 3,
 ) -> PreprocessSummary:
     """Preprocess every current, readable scan of the catalog that has no volume for this config's version.
 
+    Which scans to skip is decided once, up front, from one narrow read (the ``scan_id`` column of this version's
+    partition). Ray tasks of ``scans_per_file`` scans each write their rows straight into the table's partition folder
+    as one Parquet file; at most ``in_flight_per_cpu`` tasks per Ray CPU are in flight, and the driver commits the
+    finished files as Delta appends of file actions (no read of the table per commit). Re-runs, crashes and concurrent
+    runs never duplicate a row: see :mod:`brainiac.ingestion.volume_writes`.
+
     Args:
         cfg: the run config (``preprocess`` and ``splits`` sections, catalog, Ray).
-        batch_size: results committed per Delta MERGE (an interruption loses at most one batch of work).
         limit: process at most this many scans (useful for a first look at a big catalog).
+        scans_per_file: scans per Ray task and part file (~58 MB files at production size: fewer files keep the
+            Delta log, which every commit refreshes, small).
+        rows_per_row_group: volumes per Parquet row group, so a reader of one volume reads about one volume.
+        commit_bytes, commit_seconds, commit_files: commit when this much data, time since the last commit, or this
+            many files have gathered (an interruption loses at most that much finished work).
+        in_flight_per_cpu: tasks submitted ahead per Ray CPU (bounds what the driver tracks and holds).
     """
     import ray
     from tqdm.auto import tqdm
@@ -238,12 +270,17 @@ def preprocess(
     query = catalog.scans(allowed_access=cfg.catalog.allowed_access)
     scans = [r for r in query.to_arrow(columns=SCAN_COLUMNS).to_pylist() if r["sequence"] != "other"]
     summary.selected = len(scans)
-    done = set(
-        catalog.select("volumes", f"preprocess_version = {sql_literal(version)}", ["scan_id"])["scan_id"].to_pylist()
+    committer = VolumeCommitter.open(
+        catalog,
+        version,
+        commit_bytes=commit_bytes,
+        commit_seconds=commit_seconds,
+        commit_files=commit_files,
+        rows_per_row_group=rows_per_row_group,
     )
-    bad = catalog.select("quarantine", sql_in("reason", list(VOXEL_REASONS)), ["source_uri"])
+    bad = catalog.select("quarantine", sql_in("reason", list(VOXEL_REASONS)), ["source_uri"])  # fixed vocabulary
     bad_sources = set(bad["source_uri"].to_pylist())
-    todo = [s for s in scans if s["scan_id"] not in done and s["source_uri"] not in bad_sources]
+    todo = [s for s in scans if s["scan_id"] not in committer.done and s["source_uri"] not in bad_sources]
     summary.already_done = len(scans) - len(todo)
     if limit is not None:
         todo = todo[:limit]
@@ -254,26 +291,26 @@ def preprocess(
     qc_failed: Counter[str] = Counter()
     if todo:
         init_ray(cfg.cluster)
-        remote = ray.remote(num_cpus=1)(_process_one)
+        remote = ray.remote(num_cpus=1)(_process_chunk)
         cfg_dict = asdict(cfg.preprocess)
-        pending = [remote.remote(s, cfg_dict, version, options) for s in todo]
-        buffer: list[dict[str, Any]] = []
+        table_loc = committer.location
+        step = max(1, scans_per_file)
+        chunks = (todo[i : i + step] for i in range(0, len(todo), step))
+        window = max(2, in_flight_per_cpu * max(1, int(ray.cluster_resources().get("CPU", 1))))
         bar = tqdm(total=len(todo), desc="preprocess", unit="scan", disable=not progress)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            out = ray.get(ready[0])
-            bar.update(1)
-            if "problem" in out:
-                problems.append(Problem(**out["problem"]))
-                continue
-            buffer.append(out["row"])
-            if not out["row"]["qc_pass"]:
-                qc_failed[out["row"]["qc_reason"] or "unspecified"] += 1
-            if len(buffer) >= batch_size or not pending:
-                summary.processed += _write_rows(catalog, buffer, now)
-                buffer = []
-        if buffer:
-            summary.processed += _write_rows(catalog, buffer, now)
+
+        def collect(out: dict[str, Any]) -> None:
+            problems.extend(Problem(**p) for p in out["problems"])
+            qc_failed.update(out["qc_failed"])
+
+        summary.processed = run_tasks(
+            committer,
+            chunks,
+            lambda chunk: remote.remote(chunk, cfg_dict, version, options, table_loc, now, rows_per_row_group),
+            window=window,
+            on_result=collect,
+            on_done=bar.update,
+        )
         bar.close()
         write_quarantine(catalog, problems, now)
     summary.qc_failed = dict(qc_failed)
