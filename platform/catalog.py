@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from brainiac.ingestion.duplicates import SCAN_SIGNATURES_SCHEMA
 from brainiac.platform.errors import UserError
 from brainiac.platform.storage import StorageLocation
 
@@ -180,6 +181,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "volumes": VOLUMES_SCHEMA,
     "embeddings": EMBEDDINGS_SCHEMA,
     "preprocess_configs": PREPROCESS_CONFIGS_SCHEMA,
+    "scan_signatures": SCAN_SIGNATURES_SCHEMA,  # duplicate search (ingestion/duplicates.py)
 }
 PARTITIONS: dict[str, list[str]] = {"scans": ["dataset"], "volumes": ["preprocess_version"], "embeddings": ["model"]}
 TABLE_CONFIGURATION = {"delta.enableDeletionVectors": "false"}
