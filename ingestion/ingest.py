@@ -202,18 +202,15 @@ def write_quarantine(catalog: Catalog, problems: Iterable[Problem], now: dt.date
     return merge_with_retry(attempt, what="quarantine")
 
 
-DUPLICATE_COLUMNS = ["scan_id", "dataset", "subject_id", "sequence", "affine", "shape", "image_uri"]
-"""Columns of the current scans that duplicate search needs (they include what the run summary counts)."""
-
-
 def link_duplicates(catalog: Catalog, new_ids: set[str], options: dict[str, str]) -> int:
-    """Search the whole catalog for copies of the scans just added and record them; returns the number of groups."""
-    from brainiac.ingestion.duplicates import find_duplicates, record_duplicates
+    """Find and record the copies the scans just added form with the catalog; returns the number of groups.
 
-    current = catalog.scans().to_arrow(columns=DUPLICATE_COLUMNS).to_pylist()
-    groups = find_duplicates(current, options or None, involving=new_ids)
-    record_duplicates(catalog, current, groups)
-    return len(groups)
+    Incremental (:func:`brainiac.ingestion.duplicates.link_new_scans`): only pairs involving ``new_ids`` are
+    enumerated, shortlisted by stored signatures, and only the shortlist is decoded.
+    """
+    from brainiac.ingestion.duplicates import link_new_scans
+
+    return link_new_scans(catalog, new_ids, options or None)
 
 
 def current_counts(catalog: Catalog, datasets: Sequence[str]) -> dict[str, dict[str, int]]:
