@@ -42,7 +42,7 @@ from brainiac.ingestion.signatures import (
     Signature,
     grid_key,
     signature_from_bytes,
-    signature_of_volume,
+    signature_of_uri,
 )
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ __all__ = [
     "SearchStats",
     "VolumeFeatures",
     "aligned_correlation",
+    "append_harvest_signatures",
     "candidate_pairs",
     "find_duplicates",
     "link_new_scans",
@@ -313,16 +314,12 @@ _UNREADABLE = (OSError, ValueError, EOFError)
 def _signature_batch(uris: list[str], options: dict[str, str] | None) -> list[tuple[bool, Signature | None]]:
     """(decoded, signature) per uri: ``(False, None)`` for an unreadable scan (retried next time), ``(True, None)``
     for an image without foreground (stored, never recomputed)."""
-    out: list[tuple[bool, Signature | None]] = []
+    out = []
     for uri in uris:
-        try:
-            a, zooms = _load_canonical(uri, options)
-        except _UNREADABLE as exc:
-            log.warning("duplicate search: cannot decode %s (%s); it takes no part", uri, exc)
-            out.append((False, None))
-            continue
-        out.append((True, signature_of_volume(a, zooms)))
-        del a
+        decoded, signature = signature_of_uri(uri, options)
+        if not decoded:
+            log.warning("duplicate search: cannot decode a catalogued scan; it takes no part")
+        out.append((decoded, signature))
     return out
 
 
@@ -679,6 +676,35 @@ def _store_signatures(catalog: Catalog, rows: list[dict[str, Any]]) -> int:
         return len(rows)
 
     return merge_with_retry(attempt, what="scan_signatures")
+
+
+def append_harvest_signatures(
+    catalog: Catalog, rows: Sequence[dict[str, Any]], signatures: Sequence[dict[str, Any] | None]
+) -> int:
+    """Store the signatures ingest computed in its harvest tasks for scans it just inserted (``rows``: their catalog
+    rows; ``signatures``: ``{"signature", "bucket_keys"}`` or ``None`` where the scan did not decode, left for the
+    search to compute). A plain append: the rows are new scans, so no MERGE has to read the table. Returns the rows
+    written."""
+    from deltalake import write_deltalake
+
+    keep = [(r, g) for r, g in zip(rows, signatures, strict=True) if g is not None]
+    if not keep:
+        return 0
+    heads = _Headers.of([r for r, _ in keep])
+    now = dt.datetime.now(dt.UTC)
+    table = pa.Table.from_pylist(
+        [
+            {"scan_id": r["scan_id"], "dataset": r["dataset"], "subject_id": r["subject_id"],
+             "sequence": r["sequence"], "grid_key": grid, "signature_version": SIGNATURE_VERSION,
+             "signature": g["signature"], "bucket_keys": g["bucket_keys"], "computed_at": now}
+            for (r, g), grid in zip(keep, heads.grids, strict=True)
+        ],
+        schema=SCAN_SIGNATURES_SCHEMA,
+    )  # fmt: skip
+    catalog.create_if_missing("scan_signatures")
+    location = catalog.table_location("scan_signatures")
+    write_deltalake(location.uri, table, mode="append", storage_options=location.delta_storage_options())
+    return table.num_rows
 
 
 def search_new_scans(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from brainiac.ingestion.adapters.base import Problem, SourceScan
@@ -16,10 +16,12 @@ from brainiac.ingestion.adapters.listing import split
 from brainiac.ingestion.headers import HarvestError, harvest_nifti
 from brainiac.platform.storage import StorageLocation
 
-__all__ = ["harvest_all", "harvest_stream"]
+__all__ = ["Known", "harvest_all", "harvest_stream"]
 
 
-def _harvest_one(scan: SourceScan, options: dict[str, str], raw_area_uri: str, out_name: str) -> dict[str, Any]:
+def _harvest_one(
+    scan: SourceScan, options: dict[str, str], raw_area_uri: str, out_name: str, known: Known | None = None
+) -> dict[str, Any]:
     if scan.format == "dicom":
         from brainiac.ingestion.dicom_convert import convert_series
 
@@ -34,9 +36,12 @@ def _harvest_one(scan: SourceScan, options: dict[str, str], raw_area_uri: str, o
         facts["image_uri"] = facts.pop("nifti_uri")
         facts.setdefault("qform_code", 1)
         facts.setdefault("sform_code", 1)
-        return {"facts": facts}
+        return {"facts": facts, "signature": _signature(facts["image_uri"], options)}
+    location = StorageLocation.resolve(scan.source_uri, options or None)
+    if known is not None and _unchanged(location, known):
+        return {"unchanged": known.scan_id}
     try:
-        facts = harvest_nifti(StorageLocation.resolve(scan.source_uri, options or None))
+        facts = harvest_nifti(location)
     except HarvestError as exc:
         return {
             "problem": {
@@ -46,20 +51,66 @@ def _harvest_one(scan: SourceScan, options: dict[str, str], raw_area_uri: str, o
                 "detail": exc.detail,
             }
         }
-    return {"facts": asdict(facts)}
+    if known is not None and known.scan_id == facts.scan_id:
+        return {"unchanged": known.scan_id, "read": True}  # touched, same content: nothing to decode or write
+    return {"facts": asdict(facts), "signature": _signature(scan.source_uri, options)}
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the catalog holds for a source already ingested by this ``ingest_version``: a file of the same size, last
+    modified before that row was written, is the same file, and is neither read nor hashed again."""
+
+    scan_id: str
+    bytes: int
+    ingested_at: float
+    """POSIX seconds."""
+
+
+MTIME_MARGIN_S = 2.0
+"""A file modified less than this before its row was written is read again (coarse file-system clocks)."""
+
+
+def _unchanged(location: StorageLocation, known: Known) -> bool:
+    """Whether the file at ``location`` is, by its size and modification time, the one the catalog already holds."""
+    try:
+        info = location.fsspec().info(location.path)
+    except (OSError, ValueError):
+        return False
+    modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if hasattr(modified, "timestamp"):
+        modified = modified.timestamp()
+    if modified is None or info.get("size") != known.bytes:
+        return False
+    return float(modified) < known.ingested_at - MTIME_MARGIN_S
+
+
+def _signature(uri: str, options: dict[str, str]) -> dict[str, Any] | None:
+    """The duplicate-search signature of a scan entering the catalog (every scan is decoded once, here, in parallel),
+    or ``None`` when it does not decode (the search computes it later)."""
+    from brainiac.ingestion.signatures import signature_of_uri
+
+    decoded, signature = signature_of_uri(uri, options or None)
+    if not decoded:
+        return None
+    if signature is None:
+        return {"signature": None, "bucket_keys": []}
+    return {"signature": signature.to_bytes(), "bucket_keys": list(signature.buckets)}
 
 
 def _harvest_chunk(
-    items: list[tuple[SourceScan, str]], options: dict[str, str], raw_area_uri: str
+    items: list[tuple[SourceScan, str, Known | None]], options: dict[str, str], raw_area_uri: str
 ) -> list[dict[str, Any]]:
-    return [_harvest_guarded(scan, options, raw_area_uri, name) for scan, name in items]
+    return [_harvest_guarded(scan, options, raw_area_uri, name, known) for scan, name, known in items]
 
 
-def _harvest_guarded(scan: SourceScan, options: dict[str, str], raw_area_uri: str, out_name: str) -> dict[str, Any]:
+def _harvest_guarded(
+    scan: SourceScan, options: dict[str, str], raw_area_uri: str, out_name: str, known: Known | None = None
+) -> dict[str, Any]:
     """One scan's harvest; an unexpected error quarantines that scan (with the error's type, never its text, which
     may quote header values) instead of failing its whole chunk and the run."""
     try:
-        return _harvest_one(scan, options, raw_area_uri, out_name)
+        return _harvest_one(scan, options, raw_area_uri, out_name, known)
     except Exception as exc:  # anything a corrupt or exotic file can raise in a reader
         return {"problem": _failed(scan, f"unexpected {type(exc).__name__} while reading")}
 
@@ -89,9 +140,13 @@ def harvest_stream(
     raw_area_uri: str,
     *,
     progress: bool,
+    known: Sequence[Known | None] | None = None,
     in_flight_per_cpu: int = IN_FLIGHT_PER_CPU,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Harvest every scan on Ray, in chunks, yielding ``(index into scans, result)`` as each chunk completes.
+
+    A result is ``{"facts": ..., "signature": ...}``, ``{"problem": ...}``, or ``{"unchanged": scan_id}`` for a
+    scan whose ``known`` entry says the catalog already holds this file (same size, not modified since).
 
     At most ``in_flight_per_cpu`` chunks per CPU are pending at a time, so the driver holds a bounded number of
     references and results however large the pool (``ray.wait`` over tens of thousands of pending refs costs ~0.2 s a
@@ -114,7 +169,8 @@ def harvest_stream(
     try:
         while True:
             while len(pending) < window and (chunk := next(queue, None)) is not None:
-                ref = remote.remote([(scans[i], names[i]) for i in chunk], options, raw_area_uri)
+                items = [(scans[i], names[i], known[i] if known is not None else None) for i in chunk]
+                ref = remote.remote(items, options, raw_area_uri)
                 pending[ref] = chunk
             if not pending:
                 break

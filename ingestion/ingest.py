@@ -34,7 +34,8 @@ from brainiac.ingestion.adapters.common import read_table
 from brainiac.ingestion.adapters.listing import cached_listings
 from brainiac.ingestion.adapters.manifest import ManifestAdapter
 from brainiac.ingestion.cards import DatasetCard, card_for, load_card, normalize_case_id
-from brainiac.ingestion.harvest import harvest_stream
+from brainiac.ingestion.duplicates import append_harvest_signatures
+from brainiac.ingestion.harvest import Known, harvest_stream
 from brainiac.ingestion.rows import INGEST_VERSION, build_row, label_lookup
 from brainiac.platform.catalog import QUARANTINE_SCHEMA, SCANS_SCHEMA, Catalog, merge_with_retry, sql_in
 from brainiac.platform.config import Config
@@ -79,6 +80,8 @@ class IngestSummary:
     """dataset → layout used."""
     duplicate_groups: int = 0
     """Groups of copies (same image, other bytes) found involving this run's new scans."""
+    skipped: int = 0
+    """Files not read at all: the catalog holds them from this ingest version, same size, not modified since."""
     commits: int = 0
     """Commits that wrote harvested scans or quarantine rows (one per ``ingest.commit_scans`` harvested scans)."""
     phases: dict[str, float] = field(default_factory=dict)
@@ -94,13 +97,15 @@ class IngestSummary:
 # writing
 
 
-def write_scans(catalog: Catalog, rows: list[dict[str, Any]]) -> tuple[int, int, int]:
+def write_scans(
+    catalog: Catalog, rows: list[dict[str, Any]], inserted: list[dict[str, Any]] | None = None
+) -> tuple[int, int, int]:
     """MERGE rows into ``scans``: insert new (source, content) pairs, supersede older content at the same source, and
     refresh the derived columns of rows written by an older ``ingest_version`` (a fixed harmonization rule reaches old
     rows without new bytes).
 
     Returns ``(inserted, superseded, unchanged)`` (refreshed rows count as unchanged). Commits nothing when nothing
-    changed.
+    changed. ``inserted``, when given, receives the rows this call inserted.
     """
 
     def attempt() -> tuple[int, int, int]:
@@ -154,6 +159,8 @@ def write_scans(catalog: Catalog, rows: list[dict[str, Any]]) -> tuple[int, int,
             .when_not_matched_insert_all(predicate="s.status = 'current'")
             .execute()
         )
+        if inserted is not None:
+            inserted.extend(new_rows)
         return len(new_rows), len(stale), len(rows) - len(new_rows)
 
     # Within one batch, the same content at the same source is one row.
@@ -200,6 +207,27 @@ def write_quarantine(catalog: Catalog, problems: Iterable[Problem], now: dt.date
         return len(new)
 
     return merge_with_retry(attempt, what="quarantine")
+
+
+def known_sources(catalog: Catalog, scans: Sequence[SourceScan]) -> list[Known | None]:
+    """For each NIfTI scan, what the catalog holds at its source when that row is current and was written by this
+    ``ingest_version`` (``None`` otherwise): the harvest then skips a file of the same size not modified since, so a
+    re-ingest of an unchanged pool lists and stats its files but reads none of them. DICOM series are always read."""
+    wanted = [s.source_uri for s in scans if s.format != "dicom"]
+    if not wanted or catalog.version("scans") is None:
+        return [None] * len(scans)
+    datasets = sorted({s.dataset for s in scans})
+    table = catalog.select_keys(
+        "scans", "source_uri", wanted, ["source_uri", "scan_id", "bytes", "ingested_at", "ingest_version"],
+        where=f"{sql_in('dataset', datasets)} AND status = 'current'",
+    )  # fmt: skip
+    from brainiac.ingestion import rows as row_rules  # read at call time: a test or a hotfix may bump it
+
+    held: dict[str, Known] = {}
+    for r in table.to_pylist():
+        if r["ingest_version"] == row_rules.INGEST_VERSION and r["bytes"] is not None and r["ingested_at"] is not None:
+            held[r["source_uri"]] = Known(r["scan_id"], int(r["bytes"]), r["ingested_at"].timestamp())
+    return [held.get(s.source_uri) if s.format != "dicom" else None for s in scans]
 
 
 def link_duplicates(catalog: Catalog, new_ids: set[str], options: dict[str, str]) -> int:
@@ -341,20 +369,27 @@ def ingest(
     for scan, _, _, _ in plans:
         digest = hmac.new(pseudonymizer.key, f"raw\x1f{scan.source_uri}".encode(), hashlib.sha256).hexdigest()[:24]
         names.append(f"{scan.dataset}/{digest}.nii.gz")
+    known = known_sources(catalog, [p[0] for p in plans]) if cfg.ingest.skip_unchanged else None
     phase = dict.fromkeys(("harvest", "write"), 0.0)
     new_ids: set[str] = set()
     rows: list[dict[str, Any]] = []
+    signatures: dict[tuple[str, str], dict[str, Any] | None] = {}
     pending_problems: list[Problem] = list(problems)
     quarantined: Counter = Counter(p.reason for p in problems)
 
     def commit() -> None:
         tick = time.perf_counter()
-        inserted, superseded, unchanged = write_scans(catalog, rows)
+        written: list[dict[str, Any]] = []
+        inserted, superseded, unchanged = write_scans(catalog, rows, written)
         summary.inserted += inserted
         summary.superseded += superseded
         summary.unchanged += unchanged
-        if inserted:
-            new_ids.update(r["scan_id"] for r in rows)
+        if written:
+            new_ids.update(r["scan_id"] for r in written)
+            append_harvest_signatures(
+                catalog, written, [signatures.get((r["source_uri"], r["scan_id"])) for r in written]
+            )
+        signatures.clear()
         if write_quarantine(catalog, pending_problems, now) or inserted or superseded:
             summary.commits += 1
         rows.clear()
@@ -362,9 +397,13 @@ def ingest(
         phase["write"] += time.perf_counter() - tick
 
     tick = time.perf_counter()
-    stream = harvest_stream([p[0] for p in plans], names, options, raw_area.uri, progress=progress)
+    stream = harvest_stream([p[0] for p in plans], names, options, raw_area.uri, progress=progress, known=known)
     for index, result in stream:
         scan, card, level, tables = plans[index]
+        if "unchanged" in result:
+            summary.unchanged += 1
+            summary.skipped += 0 if result.get("read") else 1
+            continue
         if "problem" in result:
             problem = Problem(**result["problem"])
             pending_problems.append(problem)
@@ -382,6 +421,7 @@ def ingest(
                     extra_labels=label_lookup(card, tables, scan.subject), mask_uris=masks, now=now,
                 )
             )  # fmt: skip
+            signatures[(rows[-1]["source_uri"], rows[-1]["scan_id"])] = result.get("signature")
         if len(rows) + len(pending_problems) >= cfg.ingest.commit_scans:
             phase["harvest"] += time.perf_counter() - tick
             commit()

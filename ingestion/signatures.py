@@ -168,3 +168,25 @@ def signature_of_volume(a: np.ndarray, zooms: Sequence[float]) -> Signature | No
         return None
     v /= norm
     return Signature(v, bucket_keys(v))
+
+
+def signature_of_uri(uri: str, options: dict[str, str] | None = None) -> tuple[bool, Signature | None]:
+    """``(decoded, signature)`` of the image at ``uri``: ``(False, None)`` when it cannot be decoded (tried again by the
+    next search), ``(True, None)`` for an image without foreground.
+
+    Ingest calls this in its harvest tasks, so every scan is decoded once, in parallel, when it enters the catalog, and
+    duplicate search only looks signatures up.
+    """
+    import nibabel as nib
+
+    from brainiac.ingestion.headers import load_nifti
+
+    try:
+        img = nib.as_closest_canonical(load_nifti(uri, options))
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        volume = np.asarray(img.dataobj, dtype=np.float32)
+    except (OSError, ValueError, EOFError):
+        return False, None
+    if volume.ndim != 3:
+        return False, None
+    return True, signature_of_volume(volume, zooms)

@@ -152,6 +152,11 @@ class IngestConfig:
     """Harvested scans per commit to ``scans`` and ``quarantine``: a crash keeps every commit made before it, and the
     driver holds at most about this many rows."""
 
+    skip_unchanged: bool = True
+    """Skip reading a NIfTI file the catalog already holds from this ingest version when its size is the same and it
+    was not modified since its row was written (a re-ingest of an unchanged pool then reads no file). ``false``
+    re-reads and re-hashes every file (for a store whose modification times cannot be trusted)."""
+
 
 @dataclass
 class SynthConfig:

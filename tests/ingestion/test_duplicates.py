@@ -180,8 +180,8 @@ def test_catalog_search_stores_signatures_and_reuses_them(tmp_path, monkeypatch)
     upenn = [_row(tmp_path / "u0.nii.gz", copy, aff, "upenn", "p0"), _row(tmp_path / "u1.nii.gz", _brain(99), AFFINE, "upenn", "p1")]  # fmt: skip
     _append_scans(cat, upenn)
     computed: list[int] = []
-    real = duplicates.signature_of_volume
-    monkeypatch.setattr(duplicates, "signature_of_volume", lambda a, z: computed.append(1) or real(a, z))
+    real = duplicates.signature_of_uri
+    monkeypatch.setattr(duplicates, "signature_of_uri", lambda u, o: computed.append(1) or real(u, o))
     monkeypatch.setattr(duplicates, "_ray_up", lambda: False)  # count signatures in this process
 
     assert link_new_scans(cat, {r["scan_id"] for r in upenn}) == 1

@@ -171,11 +171,11 @@ def test_ingest_commits_progressively_and_a_crash_keeps_finished_commits(pipelin
     cfg.ingest.commit_scans = 4
     real_write, calls = ingest_module.write_scans, []
 
-    def crashing(catalog, rows):
+    def crashing(catalog, rows, inserted=None):
         calls.append(len(rows))
         if len(calls) == 3:
             raise RuntimeError("simulated crash during the third commit")
-        return real_write(catalog, rows)
+        return real_write(catalog, rows, inserted)
 
     monkeypatch.setattr(ingest_module, "write_scans", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -212,6 +212,36 @@ def test_an_unexpected_reader_error_quarantines_that_scan_only(tmp_path, monkeyp
         for name in ("good.nii.gz", "bad.nii.gz")
     ]
     monkeypatch.setattr(harvest_module, "harvest_nifti", flaky)
-    out = harvest_module._harvest_chunk([(s, "x.nii.gz") for s in scans], {}, str(tmp_path / "raw"))
+    out = harvest_module._harvest_chunk([(s, "x.nii.gz", None) for s in scans], {}, str(tmp_path / "raw"))
     assert "facts" in out[0] and out[1]["problem"]["reason"] == "harvest_failed"
     assert "KeyError" in out[1]["problem"]["detail"] and "Doe" not in out[1]["problem"]["detail"]
+
+
+def test_reingest_reads_no_unchanged_file_and_rereads_a_touched_one(pipeline, tmp_path):
+    """A re-ingest skips files the catalog holds (same size, modified before their row was written); a file modified
+    since is read again, and a changed one supersedes its row. Signatures of new scans are stored at harvest."""
+    import os
+    import time
+
+    src = pipeline.cohort.out_dir / pipeline.cohort.cohorts["adni"]
+    root = tmp_path / "copy" / src.name  # the folder name picks the dataset card
+    shutil.copytree(src, root)
+    past = time.time() - 3600
+    images = sorted(p for p in root.rglob("*.nii*"))
+    for path in images:
+        os.utime(path, (past, past))
+    cfg = _config(str(tmp_path / "catalog"))
+    first = ingest(cfg, [str(root)], progress=False)
+    cat = Catalog.open(cfg.catalog.uri)
+    assert first.skipped == 0 and cat.read("scan_signatures").num_rows == first.inserted
+    again = ingest(cfg, [str(root)], progress=False)
+    assert (again.inserted, again.skipped, again.unchanged) == (0, first.inserted, first.inserted)
+    catalogued = sorted(cat.scans().to_arrow(["source_uri"])["source_uri"].to_pylist())
+    os.utime(catalogued[0])  # touched now: read and hashed again, still the same content
+    img = nib.load(catalogued[1])
+    changed = nib.Nifti1Image(np.asanyarray(img.dataobj) + 1, img.affine, img.header)
+    nib.save(changed, catalogued[1])  # new content
+    third = ingest(cfg, [str(root)], progress=False)
+    assert (third.skipped, third.inserted, third.superseded) == (first.inserted - 2, 1, 1), third
+    cfg.ingest.skip_unchanged = False
+    assert ingest(cfg, [str(root)], progress=False).skipped == 0
