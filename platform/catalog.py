@@ -259,6 +259,10 @@ def _empty_like(dt: DeltaTable, columns: Sequence[str]) -> pa.Table:
     return schema.empty_table().select(list(columns))
 
 
+KEYED_BATCH_ROWS = 65_536
+"""Rows per batch when :meth:`Catalog.select_keys` reads a large row group."""
+
+
 def _read_keyed_rows(
     path: str, column: str, keys: set[str], columns: Sequence[str], filesystem: Any
 ) -> pa.Table | None:
@@ -277,11 +281,23 @@ def _read_keyed_rows(
     sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
     starts = np.cumsum([0, *sizes])
     group_of = np.searchsorted(starts, rows, side="right") - 1
-    groups = sorted(set(group_of.tolist()))
-    read_start = dict(zip(groups, np.cumsum([0, *(sizes[g] for g in groups[:-1])]).tolist(), strict=True))
-    local = [read_start[g] + int(r - starts[g]) for r, g in zip(rows.tolist(), group_of.tolist(), strict=True)]
-    table = parquet.read_row_groups(groups, columns=list(columns) or [column])
-    return _plain_types(table, None).take(pa.array(local, pa.int64()))
+    pieces = []
+    for group in sorted(set(group_of.tolist())):
+        local = rows[group_of == group] - int(starts[group])
+        if sizes[group] <= KEYED_BATCH_ROWS:  # a small group (one volume, a few rows): read it whole
+            table = parquet.read_row_groups([group], columns=list(columns) or [column])
+            pieces.append(_plain_types(table, None).take(pa.array(local, pa.int64())))
+            continue
+        # A large group (a metadata table written in one piece): stream it in batches, keeping the hits of each,
+        # so memory holds one batch and the result, not the whole group.
+        offset = 0
+        for batch in parquet.iter_batches(KEYED_BATCH_ROWS, row_groups=[group], columns=list(columns) or [column]):
+            inside = local[(local >= offset) & (local < offset + batch.num_rows)] - offset
+            if inside.size:
+                table = _plain_types(pa.Table.from_batches([batch]), None)
+                pieces.append(table.take(pa.array(inside, pa.int64())))
+            offset += batch.num_rows
+    return pa.concat_tables(pieces)
 
 
 _WRITE_KEYWORDS = frozenset(
