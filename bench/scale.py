@@ -414,6 +414,7 @@ def query_figures(rows: int, workdir: Path, echo=print) -> dict[str, Any]:
             )
         out["select_60k_rows"] = r.num_rows
         out["select_60k_peak_mb"] = rss.peak_mb([(0, float("inf"))])
+        out["select_60k_added_mb"] = round(out["select_60k_peak_mb"] - rss.samples[0][1] / 2**20, 1)
     else:
         out["select_60k_s"] = None
         echo("[query] Catalog.select_keys is not there yet: 60k-id selection skipped")
@@ -480,7 +481,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"- {q['rows']:,}-row scans table (built in {q['build_s']} s): filtered count {q['filtered_count_s']} s, "
             f"point lookup {q['point_lookup_s']} s, group-by {q['group_by_s']} s, 60k-id select_keys "
             + (
-                f"{q['select_60k_s']} s ({q['select_60k_rows']} rows, driver peak {q['select_60k_peak_mb']} MB)"
+                f"{q['select_60k_s']} s ({q['select_60k_rows']} rows, driver peak {q['select_60k_peak_mb']} MB, "
+                f"+{q.get('select_60k_added_mb')} MB over the process before the selection)"
                 if q.get("select_60k_s") is not None
                 else "skipped (Catalog.select_keys missing)"
             )
