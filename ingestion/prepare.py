@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -221,12 +222,16 @@ def _process_chunk(
     return {"part": part, "problems": problems, "qc_failed": qc_failed}
 
 
+TASKS_PER_CPU = 4
+"""Preprocess tasks per Ray CPU at least (a run smaller than ``scans_per_file`` x CPUs gets smaller tasks)."""
+
+
 def preprocess(
     cfg: Config,
     *,
     progress: bool = True,
     limit: int | None = None,
-    scans_per_file: int = 16,
+    scans_per_file: int = 32,
     rows_per_row_group: int = 1,
     commit_bytes: int = DEFAULT_COMMIT_BYTES,
     commit_seconds: float = DEFAULT_COMMIT_SECONDS,
@@ -244,8 +249,9 @@ def preprocess(
     Args:
         cfg: the run config (``preprocess`` and ``splits`` sections, catalog, Ray).
         limit: process at most this many scans (useful for a first look at a big catalog).
-        scans_per_file: scans per Ray task and part file (~58 MB files at production size: fewer files keep the
-            Delta log, which every commit refreshes, small).
+        scans_per_file: scans per Ray task and part file at most (~115 MB files at production size: delta-rs' commit
+            and refresh cost grows with the table's file count); smaller when the run has under ``TASKS_PER_CPU``
+            tasks per CPU at that size.
         rows_per_row_group: volumes per Parquet row group, so a reader of one volume reads about one volume.
         commit_bytes, commit_seconds, commit_files: commit when this much data, time since the last commit, or this
             many files have gathered (an interruption loses at most that much finished work).
@@ -294,9 +300,12 @@ def preprocess(
         remote = ray.remote(num_cpus=1)(_process_chunk)
         cfg_dict = asdict(cfg.preprocess)
         table_loc = committer.location
-        step = max(1, scans_per_file)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # Up to scans_per_file per task and file (fewer, larger files: delta-rs' commit and refresh cost grows with the
+        # table's file count), but at least TASKS_PER_CPU tasks per CPU so a small run still spreads over the CPUs.
+        step = max(1, min(scans_per_file, math.ceil(len(todo) / (TASKS_PER_CPU * cpus))))
         chunks = (todo[i : i + step] for i in range(0, len(todo), step))
-        window = max(2, in_flight_per_cpu * max(1, int(ray.cluster_resources().get("CPU", 1))))
+        window = max(2, in_flight_per_cpu * cpus)
         bar = tqdm(total=len(todo), desc="preprocess", unit="scan", disable=not progress)
 
         def collect(out: dict[str, Any]) -> None:
