@@ -19,8 +19,9 @@ with the MONAI chain (:class:`~brainiac.models.augment.ViewAugment`, ``augment.d
 ``--batch`` pairs as torch tensors:
 
 * **Ray Data**: the real :func:`~brainiac.jobs.pretrain.stream.pair_dataset` on a local Ray with ``num_cpus = --cpus``
-  (work units of one volume each, from the pinned ``volumes`` Parquet files, ``pretrain.data_tasks_per_cpu`` map
-  tasks per CPU, each reading its volume's row in ``map_batches(read_pairs)``), iterated as the training loop does:
+  (work units of up to ``pretrain.batch_size`` volumes drawn from all the pinned ``volumes`` Parquet files, their
+  pairs interleaved, ``pretrain.data_tasks_per_cpu`` map tasks per CPU, each reading its rows in
+  ``map_batches(read_pairs)``), iterated as the training loop does:
   ``iter_torch_batches(batch_size, drop_last=True, local_shuffle_buffer_size=patches.shuffle_buffer)``. It reads its
   rows from the Parquet files on every pass.
 * **DataLoader**: the same rows read once from the ``volumes`` table into memory, a ``monai.data.Dataset`` whose
@@ -173,7 +174,7 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from brainiac.jobs.pretrain.stream import ARRAY_COLUMNS, pair_dataset, rounds_per_decode, select_volumes
-    from brainiac.platform.catalog import Catalog, sql_in
+    from brainiac.platform.catalog import Catalog, sql_literal
     from brainiac.platform.cluster import init_ray
     from brainiac.platform.config import load_config
 
@@ -183,8 +184,14 @@ def main() -> None:
     catalog = Catalog.open(args.catalog)
     selection = select_volumes(catalog, cfg)
     ids = selection.train_ids
-    rows = catalog.select("volumes", sql_in("scan_id", ids), ARRAY_COLUMNS, version=selection.volumes_version)
-    rows = rows.to_pylist()
+    rows = catalog.select_keys(
+        "volumes",
+        "scan_id",
+        ids,
+        ARRAY_COLUMNS,
+        where=f"preprocess_version = {sql_literal(selection.preprocess_version)}",
+        version=selection.volumes_version,
+    ).to_pylist()
     # the stream cuts several rounds of patches_per_volume pairs per decode when the selection is small; the peer cuts
     # the same rounds, so both do the same work per volume
     repeats = rounds_per_decode(cfg.patches, len(ids))

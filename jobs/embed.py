@@ -2,14 +2,17 @@
 
 For users who want features rather than a fine-tuned model (BrainIAC's feature-extraction script). One row per scan
 and model: the encoder's pooled feature vector of the volume's fixed cube (resized to the encoder's input size when
-they differ). Rows are written by MERGE keyed on (scan_id, model), so re-running adds only what is missing and a new
-model version lands beside the old one (the table is partitioned by model).
+they differ). Vectors are appended as the run goes (every few thousand, or every few minutes), and a run first skips the
+scans the table already holds for that model, so a re-run or a run after a crash adds only what is missing; a new model
+version lands beside the old one (the table is partitioned by model).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,11 +20,12 @@ import numpy as np
 import pyarrow as pa
 
 from brainiac.ingestion.volumes import decode_array, newest_preprocess_version
-from brainiac.platform.catalog import EMBEDDINGS_SCHEMA, Catalog, merge_with_retry, sql_in, sql_literal
+from brainiac.jobs.pretrain.pairs import row_group_bounds
+from brainiac.platform.catalog import EMBEDDINGS_SCHEMA, Catalog, merge_with_retry, sql_literal
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
-__all__ = ["EmbedSummary", "embed", "model_label"]
+__all__ = ["EmbedSummary", "embed", "model_label", "volume_rows"]
 
 
 @dataclass
@@ -50,8 +54,71 @@ def model_label(ref: str, tracking_uri: str | None) -> str:
     return f"{version.name}/{version.version}"
 
 
-def embed(cfg: Config, model_ref: str, *, batch_size: int = 16, progress: bool = True) -> EmbedSummary:
-    """Embed every QC-passing volume of the newest (or configured) preprocess version with the encoder ``model_ref``.
+COMMIT_ROWS = 4096
+"""Vectors per commit at most: a crash loses at most this many (and :data:`COMMIT_SECONDS` of work)."""
+
+COMMIT_SECONDS = 300.0
+"""Seconds between commits at most."""
+
+VOLUME_COLUMNS = ["scan_id", "dataset", "subject_id", "sequence", "fixed", "fixed_shape", "dtype"]
+"""The ``volumes`` columns an embedding reads (``preprocess_version`` is the partition, not a file column)."""
+
+
+def volume_rows(
+    files: list[str], scan_ids: set[str], filesystem: Any = None, batch_size: int = 16
+) -> Iterator[pa.Table]:
+    """The :data:`VOLUME_COLUMNS` of the rows of ``files`` whose ``scan_id`` is in ``scan_ids``, in batches of
+    ``batch_size`` rows (the last may hold fewer), in file order.
+
+    The ``scan_id`` column of every file is read once, a few files at a time; then each row group that holds a wanted
+    row is read once, as the batches reach it (one row group and one batch in memory, not the selection).
+    """
+    import pyarrow.parquet as pq
+
+    from brainiac.jobs.pretrain.pairs import read_rows
+
+    def wanted(path: str) -> list[int]:
+        ids = pq.read_table(path, columns=["scan_id"], filesystem=filesystem).column("scan_id").to_pylist()
+        return [i for i, scan in enumerate(ids) if scan in scan_ids]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        rows_of = list(pool.map(wanted, files))
+    pending: list[pa.Table] = []
+    have = 0
+    for path, rows in zip(files, rows_of, strict=True):
+        if not rows:
+            continue
+        parquet = pq.ParquetFile(path, filesystem=filesystem)
+        bounds = row_group_bounds(parquet)
+        group_of = np.searchsorted(bounds, rows, side="right") - 1
+        for group in sorted(set(group_of.tolist())):
+            in_group = [r for r, g in zip(rows, group_of.tolist(), strict=True) if g == group]
+            pending.append(read_rows(path, in_group, filesystem, columns=VOLUME_COLUMNS))
+            have += len(in_group)
+            while have >= batch_size:
+                joined = pa.concat_tables(pending)
+                yield joined.slice(0, batch_size)
+                pending, have = [joined.slice(batch_size)], have - batch_size
+    if have:
+        yield pa.concat_tables(pending)
+
+
+def embed(
+    cfg: Config,
+    model_ref: str,
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    commit_rows: int = COMMIT_ROWS,
+    commit_seconds: float = COMMIT_SECONDS,
+) -> EmbedSummary:
+    """Embed every QC-passing volume of the newest (or configured) preprocess version with the encoder ``model_ref``
+    that the ``embeddings`` table does not hold yet for that model.
+
+    The rows are found once (:func:`volume_rows`) and embedded ``batch_size`` at a time; the vectors are appended to
+    ``embeddings`` every ``commit_rows`` vectors or ``commit_seconds`` seconds, whichever comes first, so a crash keeps
+    every committed batch and a re-run embeds only the rest. An append reads nothing of the table; two runs of the same
+    model at the same time would both write the scans neither had committed when it started.
 
     Raises:
         UserError: no volumes, no such model, or an access level the job may not read.
@@ -68,11 +135,13 @@ def embed(cfg: Config, model_ref: str, *, batch_size: int = 16, progress: bool =
     encoder, backbone = load_encoder(model_ref, tracking_uri=uri)
     label = model_label(model_ref, uri)
     catalog = Catalog.open(cfg.catalog.uri, cfg.catalog.storage_options)
-    if catalog.version("volumes") is None:
+    volumes_version = catalog.version("volumes")
+    if volumes_version is None:
         raise UserError(f"the catalog {catalog.uri} has no volumes table; run `brainiac preprocess` first")
     version = cfg.patches.preprocess_version or newest_preprocess_version(catalog)
+    partition = f"preprocess_version = {sql_literal(version)}"
     meta = catalog.select(
-        "volumes", f"preprocess_version = {sql_literal(version)} AND qc_pass", ["scan_id", "dataset"]
+        "volumes", f"{partition} AND qc_pass", ["scan_id", "dataset"], version=volumes_version
     ).to_pandas()
     catalog.scans(dataset=sorted(meta["dataset"].unique()), allowed_access=cfg.catalog.allowed_access).to_arrow(
         ["scan_id"]
@@ -80,17 +149,31 @@ def embed(cfg: Config, model_ref: str, *, batch_size: int = 16, progress: bool =
     done = set()
     if catalog.version("embeddings") is not None:
         done = set(catalog.select("embeddings", f"model = {sql_literal(label)}", ["scan_id"])["scan_id"].to_pylist())
-    todo = sorted(set(meta["scan_id"]) - done)
+    todo = set(meta["scan_id"]) - done
     summary = EmbedSummary(model=label, preprocess_version=version, selected=len(meta))
+    summary.embeddings_version = catalog.version("embeddings")
+    table = catalog.table("volumes", volumes_version)
+    files = table.file_uris(file_pruning_predicate=partition) if todo else []
+    location = catalog.table_location("volumes")
+    filesystem = None
+    if location.is_remote:
+        filesystem = location.pyarrow_filesystem()
+        files = [f.split("://", 1)[1] if "://" in f else f for f in files]
     encoder.eval()
-    columns = ["scan_id", "dataset", "subject_id", "sequence", "fixed", "fixed_shape", "dtype"]
     now = dt.datetime.now(dt.UTC)
     rows: list[dict[str, Any]] = []
+    last_commit = time.perf_counter()
+
+    def commit() -> None:
+        nonlocal rows, last_commit
+        if rows:
+            summary.written += _append(catalog, pa.Table.from_pylist(rows, schema=EMBEDDINGS_SCHEMA))
+            summary.embeddings_version = catalog.version("embeddings")
+        rows, last_commit = [], time.perf_counter()
+
     with tqdm(total=len(todo), desc="embed", unit="scan", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            where = f"preprocess_version = {sql_literal(version)} AND {sql_in('scan_id', chunk)}"
-            batch = catalog.select("volumes", where, columns).to_pylist()
+        for batch in volume_rows(files, todo, filesystem, batch_size):
+            batch = batch.to_pylist()
             x = torch.stack([torch.from_numpy(decode_array(r["fixed"], r["fixed_shape"], r["dtype"]).astype(np.float32))
                              for r in batch])[:, None]  # fmt: skip
             if tuple(x.shape[2:]) != (backbone.img_size,) * 3:
@@ -103,20 +186,25 @@ def embed(cfg: Config, model_ref: str, *, batch_size: int = 16, progress: bool =
                              "vector": v.tolist(), "embedded_at": now})  # fmt: skip
             summary.dim = int(vectors.shape[1])
             bar.update(len(batch))
-    if rows:
-        source = pa.Table.from_pylist(rows, schema=EMBEDDINGS_SCHEMA)
-
-        def attempt() -> int:
-            table = catalog.create_if_missing("embeddings")
-            (
-                table.merge(source, predicate="t.model = s.model AND t.scan_id = s.scan_id",
-                            source_alias="s", target_alias="t")
-                .when_not_matched_insert_all()
-                .execute()
-            )  # fmt: skip
-            return len(rows)
-
-        summary.written = merge_with_retry(attempt, what="embeddings")
-    summary.embeddings_version = catalog.version("embeddings")
+            if len(rows) >= commit_rows or time.perf_counter() - last_commit >= commit_seconds:
+                commit()
+        commit()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _append(catalog: Catalog, source: pa.Table) -> int:
+    """Append ``source`` to ``embeddings`` (created when missing): a blind append, which reads none of the table and
+    does not conflict with other appends (a lost commit race is retried)."""
+    from deltalake import write_deltalake
+
+    location = catalog.table_location("embeddings")
+
+    def attempt() -> int:
+        catalog.create_if_missing("embeddings")
+        write_deltalake(
+            location.uri, source, mode="append", storage_options=location.delta_storage_options(), name="embeddings"
+        )
+        return source.num_rows
+
+    return merge_with_retry(attempt, what="embeddings")

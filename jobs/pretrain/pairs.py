@@ -7,6 +7,8 @@ epoch costs no process start or import, and the MONAI chain (``augment.device ==
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +19,15 @@ from brainiac.ingestion.volumes import decode_array
 from brainiac.models.patches import view_pairs
 from brainiac.models.train_config import PatchConfig
 
-__all__ = ["augmented_block_pairs", "crop_pairs", "read_pairs", "read_rows", "view_pair_bytes"]
+__all__ = [
+    "augmented_block_pairs",
+    "crop_pairs",
+    "read_pairs",
+    "read_rows",
+    "row_group_bounds",
+    "view_pair_bytes",
+    "volume_tag",
+]
 
 ARRAY_COLUMNS = ["scan_id", "whole", "whole_shape", "mask", "dtype"]
 """The ``volumes`` columns a pair is cut from."""
@@ -41,6 +51,16 @@ def augmented_block_pairs(size: int) -> int:
     return max(1, AUGMENTED_BLOCK_BYTES // view_pair_bytes(size))
 
 
+def volume_tag(scan_id: str) -> int:
+    """A stable int64 naming ``scan_id`` (the measurement's ``volume`` column: Arrow tensors take no strings)."""
+    return int.from_bytes(hashlib.blake2b(scan_id.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+FIRST_WAVE_PAIRS = 64
+"""Pairs of a task's first wave at most (a few per volume; when its waves are larger): every pass starts with its
+tasks cutting their first wave, and the first batch waits for it (512 crops of 32³ took ~1 s on a shared CPU)."""
+
+
 _AUGMENTS: dict[str, Any] = {}
 
 
@@ -62,66 +82,101 @@ def crop_pairs(
     size: int,
     patches: dict[str, Any],
     augment: dict[str, Any] | None = None,
-    repeats: int = 1,
+    pairs: int | None = None,
+    wave: int | None = None,
+    tag: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Decode each ``volumes`` row of ``batch`` and cut its view pairs, ``repeats`` rounds of ``patches_per_volume``
-    pairs from one decode (the rows are the selection's: :func:`~brainiac.jobs.pretrain.stream.work_units` picked them).
+    """Decode each ``volumes`` row of ``batch``, cut ``pairs`` view pairs of each (``patches_per_volume`` when
+    ``None``) and yield them **interleaved across the rows** (the rows are the selection's:
+    :func:`~brainiac.jobs.pretrain.stream.work_units` picked them, from many files).
+
+    Interleaved: the pairs are cut in waves of ``wave`` pairs per volume (``patches_per_volume`` when ``None``: the
+    rounds one decode used to give) and each wave leaves in rounds, each round one pair of every volume in a fresh
+    random order, so any ``len(batch)`` consecutive pairs come from ``len(batch)`` distinct volumes. SimCLR's negatives
+    are the other pairs of a batch, and the consumer's shuffle buffer holds only a few blocks: the mix has to be made
+    here. A task holds its decoded volumes and one wave's crops (:func:`~brainiac.jobs.pretrain.stream.mix_shape` sizes
+    both); the first block waits for a first wave of at most :data:`FIRST_WAVE_PAIRS` pairs, not for every pair.
 
     ``batch`` arrives as Arrow (delta-rs may write ``string_view`` columns, which Ray's numpy conversion rejects).
 
-    Yields ``{"view1", "view2"}``, each (n, 1, size, size, size) float16, as soon as it is ready: a whole round when
-    only cropping, and :func:`augmented_block_pairs` pairs at a time when augmenting (augmenting a round is the slow
-    part). Ray Data ships each yield as its own block, so the first batch of a pass waits for one block, not for every
-    pair of the volume. Locations come from a fresh OS-seeded generator, so every pass over the data draws new ones.
+    Yields ``{"view1", "view2"}`` (and ``"volume"``, :func:`volume_tag` of each pair's scan, with ``tag``), each view
+    (n, 1, size, size, size) float16, :func:`augmented_block_pairs` pairs at a time, augmented first when ``augment``
+    is set. Ray Data ships each yield as its own block. Locations come from a fresh OS-seeded generator, so every pass
+    over the data draws new ones.
     """
     cfg = PatchConfig(**patches)
+    total = max(1, int(pairs or cfg.patches_per_volume))
+    wave = max(1, min(total, int(wave or cfg.patches_per_volume)))
     rng = np.random.default_rng()
     chain = _augment(augment) if augment is not None else None
     block = augmented_block_pairs(size)
-    columns = [batch.column(name).to_pylist() for name in ("whole", "whole_shape", "mask", "dtype")]
-    for blob, shape, mask_blob, dtype in zip(*columns, strict=True):
+    decoded = []
+    columns = [batch.column(name).to_pylist() for name in ("whole", "whole_shape", "mask", "dtype", "scan_id")]
+    for blob, shape, mask_blob, dtype, scan in zip(*columns, strict=True):
         shape = [int(s) for s in shape]
         volume = decode_array(blob, shape, dtype or "float16")
-        mask = decode_array(mask_blob, shape, "uint8")
-        for _ in range(max(1, repeats)):
-            first, second, _ = view_pairs(volume, mask, size, cfg, rng)
+        decoded.append((volume, decode_array(mask_blob, shape, "uint8"), volume_tag(str(scan)) if tag else 0))
+    # A small first wave where a whole one is many pairs: the first block of the task leaves sooner.
+    first = max(1, min(wave, FIRST_WAVE_PAIRS // max(1, len(decoded))))
+    done = 0
+    while decoded and done < total:
+        count = min(first if done == 0 else wave, total - done)
+        done += count
+        cut = dataclasses.replace(cfg, patches_per_volume=count)
+        views = [view_pairs(volume, mask, size, cut, rng)[:2] for volume, mask, _ in decoded]
+        # round r: pair r of every volume, the volumes in a fresh random order each round
+        order = [(v, r) for r in range(count) for v in rng.permutation(len(decoded)).tolist()]
+        seed = int(rng.integers(2**31 - len(order)))
+        for start in range(0, len(order), block):
+            picked = order[start : start + block]
             if chain is not None:
-                seed = int(rng.integers(2**31 - len(first)))
-                for start in range(0, len(first), block):
-                    pairs = range(start, min(start + block, len(first)))
-                    views = [chain.pair(first[i], second[i], seed=seed + i) for i in pairs]
-                    yield {"view1": np.stack([v[0] for v in views]), "view2": np.stack([v[1] for v in views])}
+                pair = [
+                    chain.pair(views[v][0][r], views[v][1][r], seed=seed + start + i) for i, (v, r) in enumerate(picked)
+                ]
+                out = {"view1": np.stack([a for a, _ in pair]), "view2": np.stack([b for _, b in pair])}
             else:
-                yield {"view1": first, "view2": second}
+                out = {"view1": np.stack([views[v][0][r] for v, r in picked]),
+                       "view2": np.stack([views[v][1][r] for v, r in picked])}  # fmt: skip
+            if tag:
+                out["volume"] = np.array([decoded[v][2] for v, _ in picked], dtype=np.int64)
+            yield out
 
 
 def read_pairs(batch: dict[str, np.ndarray], *, filesystem: Any = None, **crop: Any) -> Iterator[dict[str, np.ndarray]]:
-    """Read the work units of ``batch`` (``path``: a ``volumes`` Parquet file, ``rows``: row positions in it, from
-    :func:`~brainiac.jobs.pretrain.stream.work_units`) and yield the view pairs of those rows (:func:`crop_pairs` with
-    ``crop``), volume by volume.
+    """Read the work units of ``batch`` (``paths`` and ``rows``: one entry per volume, a ``volumes`` Parquet file and
+    the row's position in it, from :func:`~brainiac.jobs.pretrain.stream.work_units`) and yield the view pairs of each
+    unit's rows interleaved (:func:`crop_pairs` with ``crop``).
 
-    Only the row groups holding ``rows`` are read, and only the array columns. ``filesystem`` is a pyarrow filesystem
-    for remote paths (``None``: local).
+    Each file of a unit is read once, and only the row groups that hold the unit's rows, only the array columns.
+    ``filesystem`` is a pyarrow filesystem for remote paths (``None``: local).
     """
-    for path, rows in zip(batch["path"], batch["rows"], strict=True):
-        table = read_rows(str(path), [int(r) for r in rows], filesystem)
-        for i in range(table.num_rows):
-            yield from crop_pairs(table.slice(i, 1), **crop)
+    for paths, rows in zip(batch["paths"], batch["rows"], strict=True):
+        by_file: dict[str, list[int]] = {}
+        for path, row in zip(paths, rows, strict=True):
+            by_file.setdefault(str(path), []).append(int(row))
+        tables = [read_rows(path, positions, filesystem) for path, positions in by_file.items()]
+        yield from crop_pairs(pa.concat_tables(tables), **crop)
 
 
-def read_rows(path: str, rows: list[int], filesystem: Any = None) -> pa.Table:
-    """The :data:`ARRAY_COLUMNS` of rows ``rows`` (positions in the file, in this order) of one Parquet file, reading
-    only the row groups that hold them."""
+def row_group_bounds(parquet: Any) -> np.ndarray:
+    """Row positions where each row group of a ``pq.ParquetFile`` starts, and the file's row count last."""
+    return np.cumsum([0, *(parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups))])
+
+
+def read_rows(path: str, rows: list[int], filesystem: Any = None, columns: list[str] | None = None) -> pa.Table:
+    """The ``columns`` (default :data:`ARRAY_COLUMNS`) of rows ``rows`` (positions in the file, in this order) of one
+    Parquet file, reading only the row groups that hold them, each once."""
     import pyarrow.parquet as pq
 
+    columns = columns or ARRAY_COLUMNS
     parquet = pq.ParquetFile(path, filesystem=filesystem)
     if not rows:
-        return parquet.read_row_groups([], columns=ARRAY_COLUMNS)
-    sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-    starts = np.cumsum([0, *sizes])
+        return parquet.read_row_groups([], columns=columns)
+    starts = row_group_bounds(parquet)
     group_of = (np.searchsorted(starts, rows, side="right") - 1).tolist()
     groups = sorted(set(group_of))
+    sizes = np.diff(starts)
     read_start = dict(zip(groups, np.cumsum([0, *(sizes[g] for g in groups[:-1])]).tolist(), strict=True))
     local = [read_start[g] + r - int(starts[g]) for r, g in zip(rows, group_of, strict=True)]
-    table = parquet.read_row_groups(groups, columns=ARRAY_COLUMNS)
+    table = parquet.read_row_groups(groups, columns=columns)
     return pa.concat_tables([table.slice(i, 1) for i in local])  # no `take`: it has no kernel for string_view

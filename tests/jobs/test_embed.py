@@ -1,4 +1,5 @@
-"""``brainiac embed`` writes one encoder vector per QC-passing volume into the ``embeddings`` Delta table, idempotently."""
+"""``brainiac embed`` writes one encoder vector per QC-passing volume into the ``embeddings`` Delta table, idempotently,
+appending as it goes and resuming after a crash."""
 
 from __future__ import annotations
 
@@ -38,3 +39,103 @@ def test_embed_writes_each_volume_once_with_the_encoders_features(pipeline):
     with torch.no_grad():
         expected = encoder.eval()(x)[0].numpy()
     np.testing.assert_allclose(np.asarray(rows[0]["vector"]), expected, rtol=1e-4, atol=1e-5)
+
+
+def _volumes(root, datasets: int = 3, per_dataset: int = 7) -> list[str]:
+    """A catalog whose ``volumes`` table holds one commit (one file, row groups of 4) per dataset; a volume's fixed cube
+    is filled with its index + 1, and every fifth volume fails QC. Returns the QC-passing scan ids."""
+    import pyarrow as pa
+    from deltalake import WriterProperties, write_deltalake
+
+    from brainiac.ingestion.volumes import encode_array
+    from brainiac.platform.catalog import TABLE_CONFIGURATION, VOLUMES_SCHEMA
+
+    passing, index = [], 0
+    for d in range(datasets):
+        rows = []
+        for _ in range(per_dataset):
+            scan, index = f"scan-{index:03d}", index + 1
+            qc = index % 5 != 0
+            passing += [scan] if qc else []
+            rows.append(
+                {"scan_id": scan, "preprocess_version": "v1", "dataset": f"ds{d}", "subject_id": f"sub-{index // 2}",
+                 "sequence": "T1w", "fixed": encode_array(np.full((8, 8, 8), index, dtype=np.float16)),
+                 "fixed_shape": [8, 8, 8], "dtype": "float16", "qc_pass": qc}
+            )  # fmt: skip
+        write_deltalake(
+            str(root / "catalog" / "volumes"),
+            pa.Table.from_pylist(rows, schema=VOLUMES_SCHEMA),
+            mode="append",
+            partition_by=["preprocess_version"],
+            configuration=TABLE_CONFIGURATION,
+            writer_properties=WriterProperties(max_row_group_size=4),
+        )
+    return passing
+
+
+class _MeanEncoder(torch.nn.Module):
+    """A stand-in encoder: (mean, max) of the cube; raises on call ``fail_at`` (a crash mid-run)."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.calls, self.fail_at = 0, fail_at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("worker lost")
+        return torch.stack([x.mean(dim=(1, 2, 3, 4)), x.amax(dim=(1, 2, 3, 4))], dim=1)
+
+
+def test_embed_appends_as_it_goes_keeps_committed_batches_after_a_crash_and_resumes(tmp_path, monkeypatch):
+    import types
+
+    import brainiac.jobs.pretrain.pairs as pairs_module
+    import brainiac.models.export as export
+    from brainiac.platform.catalog import Catalog
+    from brainiac.platform.config import load_config
+
+    passing = _volumes(tmp_path)  # 21 volumes, 17 pass QC
+    cfg = load_config(
+        "tiny",
+        [f"catalog.uri={tmp_path / 'catalog'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+         "patches.preprocess_version=v1"],
+    )  # fmt: skip
+    encoder = _MeanEncoder(fail_at=4)
+    monkeypatch.setattr(
+        export, "load_encoder", lambda ref, tracking_uri=None: (encoder, types.SimpleNamespace(img_size=8))
+    )
+    selects: list[str] = []
+    original_select = Catalog.select
+    monkeypatch.setattr(
+        Catalog, "select", lambda self, name, *a, **k: selects.append(name) or original_select(self, name, *a, **k)
+    )
+    reads: list[set[tuple[str, int]]] = []  # the row groups (of 4 rows) of each read
+    original_read_rows = pairs_module.read_rows
+
+    def read_rows(path, rows, filesystem=None, columns=None):
+        reads.append({(path, r // 4) for r in rows})
+        return original_read_rows(path, rows, filesystem, columns)
+
+    monkeypatch.setattr(pairs_module, "read_rows", read_rows)
+    model = str(tmp_path / "encoder")
+    with pytest.raises(RuntimeError, match="worker lost"):
+        embed(cfg, model, batch_size=4, progress=False, commit_rows=8)
+    catalog = Catalog.open(cfg.catalog.uri)
+    kept = catalog.read("embeddings", columns=["scan_id"]).column("scan_id").to_pylist()
+    assert len(kept) == 8, "the first two batches (8 vectors) were committed; the third was pending at the crash"
+    assert selects.count("volumes") == 1, "the volumes rows are found once, not read again for each batch"
+
+    encoder.fail_at, reads[:] = None, []
+    rest = embed(cfg, model, batch_size=4, progress=False, commit_rows=8)
+    assert rest.selected == 17 and rest.written == 17 - 8 and rest.dim == 2
+    assert sum(map(len, reads)) == len(set().union(*reads)), "each row group read once per run"
+    rows = catalog.read("embeddings", columns=["scan_id", "model", "vector", "preprocess_version"]).to_pylist()
+    assert sorted(r["scan_id"] for r in rows) == sorted(passing), "each QC-passing volume once"
+    assert {r["model"] for r in rows} == {model} and {r["preprocess_version"] for r in rows} == {"v1"}
+    for r in rows:  # the vector of the scan's own cube (filled with its index + 1)
+        value = int(r["scan_id"].split("-")[1]) + 1
+        assert r["vector"] == pytest.approx([value, value])
+    assert rest.embeddings_version == catalog.version("embeddings") and rest.embeddings_version >= 3
+    again = embed(cfg, model, batch_size=4, progress=False, commit_rows=8)
+    assert again.written == 0 and again.embeddings_version == rest.embeddings_version
