@@ -7,6 +7,7 @@ hashlib, fsspec), not pandas, deltalake and the adapters: worker start-up is a f
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,9 +38,9 @@ def _harvest_one(
         facts.setdefault("qform_code", 1)
         facts.setdefault("sform_code", 1)
         return {"facts": facts, "signature": _signature(facts["image_uri"], options)}
-    location = StorageLocation.resolve(scan.source_uri, options or None)
-    if known is not None and _unchanged(location, known):
+    if known is not None and _unchanged(scan.source_uri, options, known):
         return {"unchanged": known.scan_id}
+    location = StorageLocation.resolve(scan.source_uri, options or None)
     try:
         facts = harvest_nifti(location)
     except HarvestError as exc:
@@ -71,16 +72,23 @@ MTIME_MARGIN_S = 2.0
 """A file modified less than this before its row was written is read again (coarse file-system clocks)."""
 
 
-def _unchanged(location: StorageLocation, known: Known) -> bool:
-    """Whether the file at ``location`` is, by its size and modification time, the one the catalog already holds."""
+def _unchanged(uri: str, options: dict[str, str], known: Known) -> bool:
+    """Whether the file at ``uri`` is, by its size and modification time, the one the catalog already holds (a local
+    ``stat``, or one metadata request on an object store)."""
     try:
-        info = location.fsspec().info(location.path)
+        if "://" not in uri or uri.startswith("file://"):
+            st = os.stat(uri.removeprefix("file://"))
+            size, modified = st.st_size, st.st_mtime
+        else:
+            location = StorageLocation.resolve(uri, options or None)
+            info = location.fsspec().info(location.path)
+            size = info.get("size")
+            modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+            if hasattr(modified, "timestamp"):
+                modified = modified.timestamp()
     except (OSError, ValueError):
         return False
-    modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
-    if hasattr(modified, "timestamp"):
-        modified = modified.timestamp()
-    if modified is None or info.get("size") != known.bytes:
+    if modified is None or size != known.bytes:
         return False
     return float(modified) < known.ingested_at - MTIME_MARGIN_S
 
@@ -120,6 +128,9 @@ CHUNKS_PER_CPU = 8
 absorb uneven workers (a noisy neighbour, a slow disk)."""
 MAX_CHUNK = 64
 """Scans per harvest task, at most (about half a second of work for a 7 MB ``.nii.gz``)."""
+
+KNOWN_CHUNK = 2048
+"""Scans per harvest task among those the catalog already holds (a stat each when unchanged)."""
 
 IN_FLIGHT_PER_CPU = 2
 """Harvest chunks pending per Ray CPU: one running, one queued behind it."""
@@ -161,7 +172,11 @@ def harvest_stream(
         _REMOTE.append(ray.remote(num_cpus=1)(_harvest_chunk).options(name="brainiac.harvest"))
     remote = _REMOTE[0]
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    chunks = split(list(range(len(scans))), harvest_chunks(len(scans), cpus))
+    # Scans the catalog may already hold cost a stat each (unless changed): they go in a few large chunks, so a re-ingest
+    # of an unchanged pool is a handful of tasks; the rest in chunks sized for reading and hashing.
+    held = [i for i in range(len(scans)) if known is not None and known[i] is not None]
+    fresh = [i for i in range(len(scans)) if known is None or known[i] is None]
+    chunks = split(fresh, harvest_chunks(len(fresh), cpus)) + split(held, -(-len(held) // KNOWN_CHUNK))
     window = max(1, cpus * in_flight_per_cpu)
     bar = _progress(len(scans), "harvest", progress)
     pending: dict[Any, list[int]] = {}

@@ -22,6 +22,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,6 +49,9 @@ __all__ = ["IngestSummary", "adapters", "ingest", "write_quarantine", "write_sca
 log = logging.getLogger(__name__)
 
 DETECT_ORDER = ("dicom", "bids", "brats", "manifest")
+
+DISCOVERY_THREADS = 8
+"""Dataset roots discovered at the same time (their folder listings run as Ray tasks)."""
 
 
 def adapters(key: bytes | None = None) -> dict[str, Any]:
@@ -346,19 +350,29 @@ def ingest(
         roots.append(root)
     if roots:  # discovery lists folders and reads DICOM headers in Ray tasks (adapters.listing): Ray starts first
         init_ray(cfg.cluster)
-    for root in roots:
+
+    def discover(root: StorageLocation) -> tuple[str, str, list[Problem], list[tuple]]:
         name, card = _resolve_card(root, dataset, card_path)
+        found: list[Problem] = []
+        planned: list[tuple] = []
         with cached_listings():  # detection and discovery list the root once
             chosen = _choose_layout(root, layout, card, registry)
-            summary.datasets[name] = chosen
             level = card.access if card is not None else (access or "restricted")
             tables, label_problems = _label_tables(root, card, name)
-            problems += label_problems
+            found += label_problems
             for item in registry[chosen].discover(root, name, card):
                 if isinstance(item, Problem):
-                    problems.append(item)
+                    found.append(item)
                 else:
-                    plans.append((item, card, level, tables))
+                    planned.append((item, card, level, tables))
+        return name, chosen, found, planned
+
+    # Roots are discovered side by side: each mostly waits for its listing tasks, and a pool has dozens of roots.
+    with ThreadPoolExecutor(max_workers=min(DISCOVERY_THREADS, max(1, len(roots)))) as pool:
+        for name, chosen, found, planned in pool.map(discover, roots):
+            summary.datasets[name] = chosen
+            problems += found
+            plans += planned
     summary.discovered = len(plans)
     summary.phases["list"] = round(time.perf_counter() - started, 2)
 
