@@ -655,7 +655,7 @@ def _stored_signatures(catalog: Catalog, ids: Iterable[str]) -> dict[str, Signat
 def _store_signatures(catalog: Catalog, rows: list[dict[str, Any]]) -> int:
     """MERGE signature rows (idempotent on scan_id, dataset and scheme: a row already stored is left alone); returns
     the number of rows offered."""
-    from brainiac.platform.catalog import merge_with_retry
+    from brainiac.platform.catalog import insert_missing, merge_with_retry
 
     if not rows:
         return 0
@@ -663,16 +663,7 @@ def _store_signatures(catalog: Catalog, rows: list[dict[str, Any]]) -> int:
 
     def attempt() -> int:
         table = catalog.create_if_missing("scan_signatures")
-        (
-            table.merge(
-                source,
-                predicate="t.scan_id = s.scan_id AND t.dataset = s.dataset AND t.signature_version = s.signature_version",
-                source_alias="s",
-                target_alias="t",
-            )
-            .when_not_matched_insert_all()
-            .execute()
-        )
+        insert_missing(table, source, ["scan_id", "dataset", "signature_version"])
         return len(rows)
 
     return merge_with_retry(attempt, what="scan_signatures")
@@ -819,7 +810,7 @@ def record_duplicates(catalog: Catalog, rows: Sequence[dict[str, Any]], groups: 
     ``rows`` give each member's ``dataset`` and ``subject_id`` (by scan_id and dataset; a group built without members
     takes the first row of each scan_id).
     """
-    from brainiac.platform.catalog import DUPLICATES_SCHEMA, merge_with_retry
+    from brainiac.platform.catalog import DUPLICATES_SCHEMA, insert_missing, merge_with_retry
 
     by_key = {(r["scan_id"], r["dataset"]): r for r in rows}
     by_id: dict[str, dict[str, Any]] = {}
@@ -847,13 +838,7 @@ def record_duplicates(catalog: Catalog, rows: Sequence[dict[str, Any]], groups: 
         new = [r for r in table_rows if (r["group_id"], r["scan_id"], r["dataset"]) not in seen]
         if not new:
             return 0
-        (
-            dt_.merge(pa.Table.from_pylist(new, schema=DUPLICATES_SCHEMA),
-                      predicate="t.group_id = s.group_id AND t.scan_id = s.scan_id AND t.dataset = s.dataset",
-                      source_alias="s", target_alias="t")
-            .when_not_matched_insert_all()
-            .execute()
-        )  # fmt: skip
+        insert_missing(dt_, pa.Table.from_pylist(new, schema=DUPLICATES_SCHEMA), ["group_id", "scan_id", "dataset"])
         return len(new)
 
     return merge_with_retry(attempt, what="duplicates")

@@ -38,7 +38,14 @@ from brainiac.ingestion.cards import DatasetCard, card_for, load_card, normalize
 from brainiac.ingestion.duplicates import append_harvest_signatures
 from brainiac.ingestion.harvest import Known, harvest_stream
 from brainiac.ingestion.rows import INGEST_VERSION, build_row, label_lookup
-from brainiac.platform.catalog import QUARANTINE_SCHEMA, SCANS_SCHEMA, Catalog, merge_with_retry, sql_in
+from brainiac.platform.catalog import (
+    QUARANTINE_SCHEMA,
+    SCANS_SCHEMA,
+    Catalog,
+    insert_missing,
+    merge_with_retry,
+    sql_in,
+)
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 from brainiac.platform.pseudonym import Pseudonymizer, bind_catalog_key
@@ -198,16 +205,7 @@ def write_quarantine(catalog: Catalog, problems: Iterable[Problem], now: dt.date
             ],
             schema=QUARANTINE_SCHEMA,
         )  # fmt: skip
-        (
-            dt_.merge(
-                table,
-                predicate="t.source_uri = s.source_uri AND t.reason = s.reason",
-                source_alias="s",
-                target_alias="t",
-            )
-            .when_not_matched_insert_all()
-            .execute()
-        )
+        insert_missing(dt_, table, ["source_uri", "reason"])
         return len(new)
 
     return merge_with_retry(attempt, what="quarantine")

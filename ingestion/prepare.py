@@ -42,6 +42,7 @@ from brainiac.ingestion.volumes import decode_array, encode_array
 from brainiac.platform.catalog import (
     PREPROCESS_CONFIGS_SCHEMA,
     Catalog,
+    insert_missing,
     merge_with_retry,
     sql_in,
     sql_literal,
@@ -172,13 +173,7 @@ def record_preprocess_config(catalog: Catalog, cfg: PreprocessConfig, now: dt.da
     def attempt() -> bool:
         table = catalog.create_if_missing("preprocess_configs")
         source = pa.Table.from_pylist([row], schema=PREPROCESS_CONFIGS_SCHEMA)
-        metrics = (
-            table.merge(source, predicate="t.preprocess_version = s.preprocess_version", source_alias="s",
-                        target_alias="t")
-            .when_not_matched_insert_all()
-            .execute()
-        )  # fmt: skip
-        return bool(metrics.get("num_target_rows_inserted", 0))
+        return bool(insert_missing(table, source, ["preprocess_version"]))
 
     return merge_with_retry(attempt, what="preprocess_configs")
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from brainiac.ingestion.graph import connected_components
 from brainiac.ingestion.splits_config import SplitConfig
-from brainiac.platform.catalog import SPLITS_SCHEMA, Catalog, merge_with_retry
+from brainiac.platform.catalog import SPLITS_SCHEMA, Catalog, insert_missing, merge_with_retry
 
 __all__ = ["SPLITS_SCHEMA", "SplitConfig", "assign", "draw_fraction", "draw_shots", "subject_groups", "write_splits"]
 
@@ -135,12 +135,7 @@ def write_splits(
             for r in rows:
                 r["split"] = moves.get(r["subject_id"], r["split"])
         if rows:
-            (
-                dt_.merge(pa.Table.from_pylist(rows, schema=SPLITS_SCHEMA), predicate="t.subject_id = s.subject_id AND t.seed = s.seed",
-                          source_alias="s", target_alias="t")
-                .when_not_matched_insert_all()
-                .execute()
-            )  # fmt: skip
+            insert_missing(dt_, pa.Table.from_pylist(rows, schema=SPLITS_SCHEMA), ["subject_id", "seed"])
         final = {**stored, **{r["subject_id"]: r["split"] for r in rows}}
         counts = {k: sum(1 for s in set(subjects) if final.get(s) == k) for k in SPLITS}
         return SplitSummary(counts, len(rows), conflicts)

@@ -36,6 +36,7 @@ __all__ = [
     "VOLUMES_SCHEMA",
     "Catalog",
     "ScanQuery",
+    "insert_missing",
     "merge_with_retry",
     "read_only_statement",
     "sql_in",
@@ -395,6 +396,23 @@ def merge_with_retry(write: Callable[[], Any], *, what: str, attempts: int = 8, 
             log.info("%s: commit conflict (attempt %d/%d), retrying in %.2fs: %s", what, attempt, attempts, delay, exc)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def insert_missing(table: DeltaTable, rows: pa.Table, keys: Sequence[str]) -> int:
+    """Insert the ``rows`` whose ``keys`` match no row of ``table`` (a MERGE with only a not-matched insert: a row
+    already stored, by this writer earlier or by another one concurrently, is left alone); returns the rows inserted.
+
+    Call it inside :func:`merge_with_retry` so a lost commit race re-runs it against the winner's rows.
+    """
+    if rows.num_rows == 0:
+        return 0
+    predicate = " AND ".join(f't."{k}" = s."{k}"' for k in keys)
+    metrics = (
+        table.merge(rows, predicate=predicate, source_alias="s", target_alias="t")
+        .when_not_matched_insert_all()
+        .execute()
+    )
+    return int(metrics.get("num_target_rows_inserted", 0))
 
 
 @dataclass(frozen=True)

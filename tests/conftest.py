@@ -239,3 +239,26 @@ def tour(tmp_path_factory: pytest.TempPathFactory, ray_session, pseudonym_key) -
     lines: list[str] = []
     result = quickstart(cfg, workdir, progress=False, echo=lines.append)
     return Tour(cfg, workdir, result, lines)
+
+
+@pytest.fixture(scope="session")
+def append_volumes():
+    """Append fake ``volumes`` rows (plain dicts; missing columns are null) to ``<root>/catalog`` as one commit, with
+    ``rows_per_group`` rows per Parquet row group; returns the catalog. For small hand-made catalogs in unit tests."""
+    import pyarrow as pa
+    from deltalake import WriterProperties, write_deltalake
+
+    from brainiac.platform.catalog import TABLE_CONFIGURATION, VOLUMES_SCHEMA, Catalog
+
+    def append(root: Path, rows: list[dict], rows_per_group: int):
+        write_deltalake(
+            str(root / "catalog" / "volumes"),
+            pa.Table.from_pylist(rows, schema=VOLUMES_SCHEMA),
+            mode="append",
+            partition_by=["preprocess_version"],
+            configuration=TABLE_CONFIGURATION,
+            writer_properties=WriterProperties(max_row_group_size=rows_per_group),
+        )
+        return Catalog.open(str(root / "catalog"))
+
+    return append

@@ -41,14 +41,10 @@ def test_embed_writes_each_volume_once_with_the_encoders_features(pipeline):
     np.testing.assert_allclose(np.asarray(rows[0]["vector"]), expected, rtol=1e-4, atol=1e-5)
 
 
-def _volumes(root, datasets: int = 3, per_dataset: int = 7) -> list[str]:
+def _volumes(append_volumes, root, datasets: int = 3, per_dataset: int = 7) -> list[str]:
     """A catalog whose ``volumes`` table holds one commit (one file, row groups of 4) per dataset; a volume's fixed cube
     is filled with its index + 1, and every fifth volume fails QC. Returns the QC-passing scan ids."""
-    import pyarrow as pa
-    from deltalake import WriterProperties, write_deltalake
-
     from brainiac.ingestion.volumes import encode_array
-    from brainiac.platform.catalog import TABLE_CONFIGURATION, VOLUMES_SCHEMA
 
     passing, index = [], 0
     for d in range(datasets):
@@ -62,14 +58,7 @@ def _volumes(root, datasets: int = 3, per_dataset: int = 7) -> list[str]:
                  "sequence": "T1w", "fixed": encode_array(np.full((8, 8, 8), index, dtype=np.float16)),
                  "fixed_shape": [8, 8, 8], "dtype": "float16", "qc_pass": qc}
             )  # fmt: skip
-        write_deltalake(
-            str(root / "catalog" / "volumes"),
-            pa.Table.from_pylist(rows, schema=VOLUMES_SCHEMA),
-            mode="append",
-            partition_by=["preprocess_version"],
-            configuration=TABLE_CONFIGURATION,
-            writer_properties=WriterProperties(max_row_group_size=4),
-        )
+        append_volumes(root, rows, 4)
     return passing
 
 
@@ -87,7 +76,9 @@ class _MeanEncoder(torch.nn.Module):
         return torch.stack([x.mean(dim=(1, 2, 3, 4)), x.amax(dim=(1, 2, 3, 4))], dim=1)
 
 
-def test_embed_appends_as_it_goes_keeps_committed_batches_after_a_crash_and_resumes(tmp_path, monkeypatch):
+def test_embed_appends_as_it_goes_keeps_committed_batches_after_a_crash_and_resumes(
+    tmp_path, monkeypatch, append_volumes
+):
     import types
 
     import brainiac.jobs.pretrain.pairs as pairs_module
@@ -95,7 +86,7 @@ def test_embed_appends_as_it_goes_keeps_committed_batches_after_a_crash_and_resu
     from brainiac.platform.catalog import Catalog
     from brainiac.platform.config import load_config
 
-    passing = _volumes(tmp_path)  # 21 volumes, 17 pass QC
+    passing = _volumes(append_volumes, tmp_path)  # 21 volumes, 17 pass QC
     cfg = load_config(
         "tiny",
         [f"catalog.uri={tmp_path / 'catalog'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",

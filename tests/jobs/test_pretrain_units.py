@@ -152,14 +152,10 @@ def test_rounds_per_decode_fills_a_pass_from_a_small_selection():
     assert rounds_per_decode(patches, 200) == 1 and rounds_per_decode(patches, 1) == 128
 
 
-def _volumes_catalog(root, datasets: int = 4, subjects: int = 3, scans: int = 2, shape=(24, 24, 24)):
+def _volumes_catalog(append_volumes, root, datasets: int = 4, subjects: int = 3, scans: int = 2, shape=(24, 24, 24)):
     """A catalog whose ``volumes`` table holds one commit (one file, one 16-row group) per dataset, each volume filled
     with its own index + 1; returns the catalog and scan id → (dataset, subject)."""
-    from deltalake import WriterProperties, write_deltalake
-
-    from brainiac.platform.catalog import TABLE_CONFIGURATION, VOLUMES_SCHEMA, Catalog
-
-    groups: dict[str, tuple[str, str]] = {}
+    catalog, groups = None, {}
     for d in range(datasets):
         rows = []
         for s in range(subjects):
@@ -173,22 +169,15 @@ def _volumes_catalog(root, datasets: int = 4, subjects: int = 3, scans: int = 2,
                      "mask": encode_array(np.ones(shape, dtype=np.uint8)), "fixed": encode_array(fill[:8, :8, :8]),
                      "fixed_shape": [8, 8, 8], "dtype": "float16", "qc_pass": True}
                 )  # fmt: skip
-        write_deltalake(
-            str(root / "catalog" / "volumes"),
-            pa.Table.from_pylist(rows, schema=VOLUMES_SCHEMA),
-            mode="append",
-            partition_by=["preprocess_version"],
-            configuration=TABLE_CONFIGURATION,
-            writer_properties=WriterProperties(max_row_group_size=16),
-        )
-    return Catalog.open(str(root / "catalog")), groups
+        catalog = append_volumes(root, rows, 16)
+    return catalog, groups
 
 
-def test_eval_pairs_reads_only_the_volumes_it_cuts_spread_over_datasets(tmp_path, monkeypatch):
+def test_eval_pairs_reads_only_the_volumes_it_cuts_spread_over_datasets(tmp_path, monkeypatch, append_volumes):
     from brainiac.jobs.pretrain.stream import PretrainSelection, eval_pairs
     from brainiac.platform.catalog import Catalog
 
-    catalog, groups = _volumes_catalog(tmp_path, datasets=3, subjects=4, scans=3)  # 36 held-out volumes
+    catalog, groups = _volumes_catalog(append_volumes, tmp_path, datasets=3, subjects=4, scans=3)  # 36 held-out volumes
     cfg = load_config("pretrain/tiny", ["model.img_size=16"])
     selection = PretrainSelection("v1", catalog.version("volumes"), [], sorted(groups), eval_groups=groups)
     read: list[str] = []
@@ -214,12 +203,12 @@ def test_eval_pairs_reads_only_the_volumes_it_cuts_spread_over_datasets(tmp_path
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_stream_batches_draw_from_many_volumes_and_datasets(tmp_path, ray_session):
+def test_stream_batches_draw_from_many_volumes_and_datasets(tmp_path, ray_session, append_volumes):
     """A batch of 8 pairs draws from at least 4 volumes of several datasets (before: units of one file, a volume's
     pairs in a row: about 2 volumes of one dataset per batch)."""
     from brainiac.jobs.pretrain.stream import PretrainSelection, batch_mix, pair_dataset
 
-    catalog, groups = _volumes_catalog(tmp_path)  # 4 datasets x 6 volumes
+    catalog, groups = _volumes_catalog(append_volumes, tmp_path)  # 4 datasets x 6 volumes
     cfg = load_config(
         "pretrain/tiny",
         [f"catalog.uri={tmp_path / 'catalog'}", "model.img_size=16", "patches.patches_per_volume=4",
