@@ -322,6 +322,7 @@ def run_s3(n: int, workdir: Path, echo=print) -> dict[str, Any]:
         )
         out["noop"] = measure_ingest(cfg, sources)
         echo(f"[s3 {n}] ingest {out['ingest']['seconds']} s, no-op {out['noop']['seconds']} s, {out['duplicates']}")
+        echo(f"[s3 {n}] phases: ingest {out['ingest'].get('phases')}, no-op {out['noop'].get('phases')}")
         return out
     finally:
         stack.stop_service("s3", state)
