@@ -49,6 +49,8 @@ EXPECTED = [
 
 SECRET_NAME = "brainiac-env"
 """The Secret every Ray pod reads its environment from (built from cluster.env)."""
+KEY_SECRET_NAME = "brainiac-pseudonym-key"
+"""The Secret holding the catalog's pseudonym key: mounted on ingest drivers only."""
 RAY_VERSION = version("ray")
 MLFLOW_VERSION = version("mlflow")
 PROJECT_VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -287,13 +289,11 @@ def test_entrypoints_use_the_cluster_they_run_on():
             int(_ray_container(g)["resources"]["limits"].get("nvidia.com/gpu", 0)) * g[replicas]
             for g in cluster.get("workerGroupSpecs", [])
         )
-        pods = [_ray_container(g) for _, g in _groups(cluster)]
         for args in _invocations(spec["entrypoint"], "brainiac"):
             path_, ctx = _parse_brainiac(args)
-            if path_[1] == "ingest":  # one pseudonym key for the whole catalog, from the Secret, or no pod starts
-                for container in pods:
-                    ref = _env(container)["BRAINIAC_PSEUDONYM_KEY"]["valueFrom"]["secretKeyRef"]
-                    assert ref["name"] == SECRET_NAME and not ref.get("optional"), path.name
+            if path_[1] == "ingest":  # the catalog's one pseudonym key reaches the head, where the driver runs
+                head = _ray_container(cluster["headGroupSpec"])
+                assert _key_secret_mounted(head), path.name
             # --catalog, where given, is the catalog the pods are configured with.
             if ctx.params.get("catalog") is not None:
                 assert {ctx.params["catalog"]} == catalogs, (path.name, ctx.params["catalog"])
@@ -480,7 +480,7 @@ def test_every_ray_pod_has_shared_memory_env_and_token_auth():
         assert volumes[shm[0]["name"]]["emptyDir"]["medium"] == "Memory", name
 
         sources = [e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e]
-        assert sources == [SECRET_NAME], (name, sources)
+        assert sources in ([SECRET_NAME], [SECRET_NAME, KEY_SECRET_NAME]), (name, sources)
         env = _env(container)
         ref = env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == SECRET_NAME and ref["key"] == "MLFLOW_TRACKING_URI" and not ref.get("optional"), name
@@ -633,3 +633,30 @@ def test_readme_names_real_files_commands_and_the_environment():
     assert {"ingest", "pretrain", "stack"} <= checked, checked
     inline = set(re.findall(r"`brainiac ([a-z][\w-]*)", text))
     assert inline <= existing | ANNOUNCED_COMMANDS, inline - existing - ANNOUNCED_COMMANDS
+
+
+def _key_secret_mounted(container: dict) -> bool:
+    refs = [e["secretRef"] for e in container.get("envFrom", []) if "secretRef" in e]
+    refs += [
+        e["valueFrom"]["secretKeyRef"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})
+    ]
+    return any(r["name"] == KEY_SECRET_NAME and not r.get("optional") for r in refs)
+
+
+def test_the_pseudonym_key_reaches_only_ingest_drivers():
+    """With the key, any job could brute-force short hospital IDs through the HMAC: only the head of a job that runs
+    `brainiac ingest` mounts it, never a worker, the long-lived cluster or another job, and never the shared env file."""
+    mounted = []
+    for name, group, container in _all_ray_containers():
+        env = _env(container)
+        assert "BRAINIAC_PSEUDONYM_KEY" not in env or _key_secret_mounted(container), name
+        if _key_secret_mounted(container) or "BRAINIAC_PSEUDONYM_KEY" in env:
+            mounted.append((name, group.get("groupName", "head")))
+    ingest_heads = []
+    for path, job in _kuberay_docs("RayJob"):
+        if any(_parse_brainiac(a)[0][1] == "ingest" for a in _invocations(job["spec"]["entrypoint"], "brainiac")):
+            ingest_heads.append(path.name)
+    assert ingest_heads and all(group == "head" for _, group in mounted), mounted
+    assert len(mounted) == len(ingest_heads), (mounted, ingest_heads)
+    env_file = (REPO / "infra" / "cluster-launcher" / "cluster.env.example").read_text()
+    assert not re.search(r"^\s*#?\s*BRAINIAC_PSEUDONYM_KEY\s*=", env_file, re.M)
