@@ -15,6 +15,7 @@ twice.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -209,6 +210,13 @@ def write_quarantine(catalog: Catalog, problems: Iterable[Problem], now: dt.date
         return len(new)
 
     return merge_with_retry(attempt, what="quarantine")
+
+
+def for_harvest(scan: SourceScan) -> SourceScan:
+    """What a harvest task needs of a scan (where to read it, its format and files), without the subject, session,
+    metadata, labels and sequence hints: for DICOM those are the unsealed PatientID and SeriesDescription, which must not
+    travel through the object store (spilled to disk, shipped to other nodes). The driver keeps the full scan."""
+    return dataclasses.replace(scan, subject="", session=None, run=None, sequence_hints={}, meta={}, labels={})
 
 
 def known_sources(catalog: Catalog, scans: Sequence[SourceScan]) -> list[Known | None]:
@@ -409,7 +417,8 @@ def ingest(
         phase["write"] += time.perf_counter() - tick
 
     tick = time.perf_counter()
-    stream = harvest_stream([p[0] for p in plans], names, options, raw_area.uri, progress=progress, known=known)
+    shipped = [for_harvest(p[0]) for p in plans]
+    stream = harvest_stream(shipped, names, options, raw_area.uri, progress=progress, known=known)
     for index, result in stream:
         scan, card, level, tables = plans[index]
         if "unchanged" in result:

@@ -245,3 +245,26 @@ def test_reingest_reads_no_unchanged_file_and_rereads_a_touched_one(pipeline, tm
     assert (third.skipped, third.inserted, third.superseded) == (first.inserted - 2, 1, 1), third
     cfg.ingest.skip_unchanged = False
     assert ingest(cfg, [str(root)], progress=False).skipped == 0
+
+
+def test_harvest_tasks_receive_no_subject_metadata_or_series_description(pipeline, tmp_path, monkeypatch):
+    """DICOM discovery unseals PatientID and SeriesDescription in the driver; what goes to the harvest tasks (through
+    Ray's object store) carries neither, nor any other per-subject metadata."""
+    import brainiac.ingestion.ingest as ingest_module
+
+    src = pipeline.cohort.out_dir / pipeline.cohort.cohorts["dicom"]
+    real, shipped = ingest_module.harvest_stream, []
+
+    def recording(scans, *args, **kwargs):
+        shipped.extend(scans)
+        return real(scans, *args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "harvest_stream", recording)
+    cfg = _config(str(tmp_path / "catalog"))
+    summary = ingest(cfg, [str(src)], progress=False)
+    assert summary.inserted > 0 and len(shipped) == summary.discovered
+    for scan in shipped:
+        assert scan.subject == "" and not scan.meta and not scan.sequence_hints and not scan.labels
+        assert scan.session is None and scan.format == "dicom" and scan.files
+    table = Catalog.open(cfg.catalog.uri).scans().to_pandas()
+    assert table["subject_id"].str.len().min() > 8 and table["sequence"].notna().all()  # rows still built in full
