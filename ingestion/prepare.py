@@ -57,7 +57,12 @@ __all__ = ["PreprocessSummary", "preprocess", "preprocess_config_of", "record_pr
 
 log = logging.getLogger(__name__)
 
-VOXEL_REASONS = ("nonfinite_voxels", "all_zero", "constant", "truncated", "not_nifti", "not_3d")
+VOXEL_REASONS = (
+    "nonfinite_voxels", "all_zero", "constant", "truncated", "not_nifti", "not_3d",
+    "preprocess_failed", "preprocess_task_failed",
+)  # fmt: skip
+"""Quarantine reasons that make a re-run skip the scan (it failed for what it is, and would fail again; delete its
+quarantine row to try it again)."""
 SCAN_COLUMNS = ["scan_id", "dataset", "subject_id", "sequence", "image_uri", "source_uri", "labels"]
 
 
@@ -207,7 +212,10 @@ def _process_chunk(
     rows: list[dict[str, Any]] = []
     problems: list[dict[str, Any]] = []
     for scan in scans:
-        out = _process_one(scan, cfg_dict, version, options)
+        try:
+            out = _process_one(scan, cfg_dict, version, options)
+        except Exception as exc:  # one scan's unexpected failure must not cost the chunk or recur on every run
+            out = {"problem": _failed(scan, "preprocess_failed", exc)}
         if "problem" in out:
             problems.append(out["problem"])
         else:
@@ -215,6 +223,13 @@ def _process_chunk(
     part = write_part_file(table, version, rows, now, rows_per_row_group=rows_per_row_group) if rows else None
     qc_failed = [r["qc_reason"] or "unspecified" for r in rows if not r["qc_pass"]]
     return {"part": part, "problems": problems, "qc_failed": qc_failed}
+
+
+def _failed(scan: dict[str, Any], reason: str, exc: BaseException) -> dict[str, Any]:
+    """A quarantine problem for a scan whose preprocessing failed unexpectedly (the error's type and first line)."""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return {"dataset": scan["dataset"], "source_uri": scan["source_uri"], "reason": reason,
+            "detail": f"{type(exc).__name__}: {first}" if first else type(exc).__name__}  # fmt: skip
 
 
 TASKS_PER_CPU = 4
@@ -314,6 +329,9 @@ def preprocess(
             window=window,
             on_result=collect,
             on_done=bar.update,
+            on_failure=lambda chunk, exc: problems.extend(
+                Problem(**_failed(scan, "preprocess_task_failed", exc)) for scan in chunk
+            ),
         )
         bar.close()
         write_quarantine(catalog, problems, now)

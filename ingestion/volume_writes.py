@@ -421,6 +421,7 @@ def run_tasks(
     on_result: Callable[[dict[str, Any]], None] | None = None,
     on_done: Callable[[int], None] | None = None,
     size: Callable[[Any], int] = len,
+    on_failure: Callable[[Any, Exception], None] | None = None,
 ) -> int:
     """Drive Ray tasks with at most ``window`` in flight and commit their part files as they complete; returns the rows
     committed.
@@ -429,18 +430,23 @@ def run_tasks(
     :class:`PartFile` or ``None`` (``on_result`` sees every dict, ``on_done`` the size of each finished chunk, for a
     progress bar). Submitting lazily keeps ``ray.wait`` cheap (it scans every ref it is given) and the driver's memory
     flat; the buffer is committed whenever :meth:`VolumeCommitter.due` says so, and once more at the end.
+
+    A task that fails for good (a worker killed for memory after Ray's retries, an error the task did not catch) does
+    not abort the run: a chunk of several items is run again one item per task, so the failure is pinned to its item,
+    and a failed single item goes to ``on_failure(chunk, error)`` (without it, the error is raised).
     """
     import ray
 
     source = iter(chunks)
-    pending: dict[Any, int] = {}
+    retry: list[Any] = []
+    pending: dict[Any, Any] = {}
 
     def top_up() -> None:
         while len(pending) < max(1, window):
-            chunk = next(source, None)
+            chunk = retry.pop() if retry else next(source, None)
             if chunk is None:
                 return
-            pending[submit(chunk)] = size(chunk)
+            pending[submit(chunk)] = chunk
 
     rows = 0
     top_up()
@@ -448,11 +454,26 @@ def run_tasks(
         # The timeout lets a time-due commit happen while every task in flight is still running.
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(5.0, committer.commit_seconds))
         for ref in ready:
-            n = pending.pop(ref)
-            out = ray.get(ref)
+            chunk = pending.pop(ref)
+            try:
+                out = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                if on_failure is None:
+                    raise
+                if size(chunk) > 1 and isinstance(chunk, list):
+                    log.warning(
+                        "a task of %d items failed (%s); running them one by one", size(chunk), type(exc).__name__
+                    )
+                    retry.extend([item] for item in chunk)
+                else:
+                    on_failure(chunk, exc)
+                    if on_done is not None:
+                        on_done(size(chunk))
+                top_up()
+                continue
             top_up()
             if on_done is not None:
-                on_done(n)
+                on_done(size(chunk))
             if on_result is not None:
                 on_result(out)
             if out.get("part") is not None:

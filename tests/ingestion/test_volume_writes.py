@@ -200,3 +200,49 @@ def test_ray_read_delta_reads_the_committed_files(tmp_path: Path, ray_session):
     ds = ray.data.read_delta(catalog.table_location("volumes").uri, columns=["scan_id", "preprocess_version", "fixed"])
     rows = ds.take_all()
     assert len(rows) == 6 and {r["preprocess_version"] for r in rows} == {VERSION}
+
+
+def test_an_unexpected_error_quarantines_one_scan_and_the_chunk_goes_on(tmp_path, monkeypatch):
+    """One scan's unexpected exception used to fail its task and abort the run (and recur on every run); now that scan
+    becomes a `preprocess_failed` problem and the rest of the chunk is written."""
+    import brainiac.ingestion.prepare as prepare
+
+    def process(scan, *args):
+        if scan["scan_id"] == "bad":
+            raise RuntimeError("SimpleITK exploded\nsecond line")
+        return {"row": {"scan_id": scan["scan_id"], "qc_pass": True, "qc_reason": None}}
+
+    written = []
+    monkeypatch.setattr(prepare, "_process_one", process)
+    monkeypatch.setattr(prepare, "write_part_file", lambda table, version, rows, now, **kw: written.extend(rows) or "p")
+    scans = [{"scan_id": s, "dataset": "ds", "source_uri": f"/data/{s}.nii.gz"} for s in ("a", "bad", "b")]
+    out = prepare._process_chunk(scans, {}, "v1", {}, None, None, 1)
+    assert [r["scan_id"] for r in written] == ["a", "b"] and out["part"] == "p"
+    (problem,) = out["problems"]
+    assert problem["reason"] == "preprocess_failed" and problem["detail"] == "RuntimeError: SimpleITK exploded"
+    assert "preprocess_failed" in prepare.VOXEL_REASONS  # a re-run skips it instead of failing again
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_task_is_split_and_only_its_culprit_is_reported(tmp_path, ray_session):
+    """A task that fails for good (a worker killed for memory, an uncaught error) is rerun one item per task; only the
+    item that fails alone reaches on_failure, and the run goes on."""
+    import ray
+
+    from brainiac.ingestion.volume_writes import VolumeCommitter, run_tasks
+    from brainiac.platform.catalog import Catalog
+
+    @ray.remote(max_retries=0)
+    def task(chunk):
+        if "bad" in chunk:
+            raise MemoryError("killed")
+        return {"part": None, "items": chunk}
+
+    committer = VolumeCommitter.open(Catalog.open(str(tmp_path / "catalog")), "v1")
+    results, failed, done = [], [], []
+    run_tasks(
+        committer, [["a", "b"], ["c", "bad", "d"], ["e"]], task.remote, window=2,
+        on_result=lambda out: results.extend(out["items"]), on_done=done.append,
+        on_failure=lambda chunk, exc: failed.append(chunk),
+    )  # fmt: skip
+    assert sorted(results) == ["a", "b", "c", "d", "e"] and failed == [["bad"]] and sum(done) == 6
