@@ -212,6 +212,23 @@ def write_quarantine(catalog: Catalog, problems: Iterable[Problem], now: dt.date
     return merge_with_retry(attempt, what="quarantine")
 
 
+def _utf8_names(plans: list[tuple]) -> tuple[list[tuple], list[Problem]]:
+    """Scans whose path is not valid UTF-8 (a Latin-1 file name on a Linux disk) are quarantined as ``bad_filename``:
+    Arrow and Delta hold UTF-8 only, so one such name used to crash every ingest of its dataset, forever."""
+    good, bad = [], []
+    for plan in plans:
+        scan = plan[0]
+        try:
+            scan.source_uri.encode("utf-8")
+            scan.relative_path.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = scan.source_uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            bad.append(Problem(scan.dataset, shown, "bad_filename", "the path is not valid UTF-8; rename the file"))
+            continue
+        good.append(plan)
+    return good, bad
+
+
 def for_harvest(scan: SourceScan) -> SourceScan:
     """What a harvest task needs of a scan (where to read it, its format and files), without the subject, session,
     metadata, labels and sequence hints: for DICOM those are the unsealed PatientID and SeriesDescription, which must not
@@ -379,6 +396,8 @@ def ingest(
             summary.datasets[name] = chosen
             problems += found
             plans += planned
+    plans, unreadable = _utf8_names(plans)
+    problems += unreadable
     summary.discovered = len(plans)
     summary.phases["list"] = round(time.perf_counter() - started, 2)
 

@@ -33,6 +33,10 @@ QUARANTINE_REASONS = {
     "all_zero": "every voxel is zero",
     "constant": "every voxel has the same value",
     "unknown_layout": "no adapter recognises the folder",
+    "bad_filename": "the path is not valid UTF-8 (Arrow and Delta hold UTF-8 only)",
+    "harvest_failed": "reading the scan raised an unexpected error, or its harvest task failed for good",
+    "preprocess_failed": "preprocessing the scan raised an unexpected error",
+    "preprocess_task_failed": "the scan's preprocessing task failed for good (e.g. its worker was killed for memory)",
 }
 """Short reason codes of the quarantine table, with what each means."""
 

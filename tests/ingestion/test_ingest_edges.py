@@ -268,3 +268,28 @@ def test_harvest_tasks_receive_no_subject_metadata_or_series_description(pipelin
         assert scan.session is None and scan.format == "dicom" and scan.files
     table = Catalog.open(cfg.catalog.uri).scans().to_pandas()
     assert table["subject_id"].str.len().min() > 8 and table["sequence"].notna().all()  # rows still built in full
+
+
+def test_a_non_utf8_file_name_is_quarantined_and_the_rest_ingested(pipeline, tmp_path):
+    """A Latin-1 file name on a Linux disk cannot enter Arrow or Delta (UTF-8 only); it used to crash every ingest of its
+    dataset. It is quarantined as ``bad_filename`` and every other scan is ingested."""
+    import os
+
+    from brainiac.ingestion.adapters.base import Problem
+
+    src = pipeline.cohort.out_dir / pipeline.cohort.cohorts["brats"]
+    root = tmp_path / "copy" / src.name
+    shutil.copytree(src, root)
+    case = next(p for p in root.iterdir() if p.is_dir())
+    good = next(case.glob("*_t1.nii.gz"))
+    odd = os.fsencode(str(case)) + b"/" + case.name.encode() + b"_t1caf\xe9.nii.gz"  # a Latin-1 byte in the name
+    with open(odd, "wb") as fh:
+        fh.write(good.read_bytes())
+    cfg = _config(str(tmp_path / "catalog"))
+    summary = ingest(cfg, [str(root)], progress=False)
+    assert summary.quarantined.get("bad_filename") == 1
+    expected = int((pipeline.truth["dataset"] == src.name).sum())
+    assert summary.inserted == expected
+    q = Catalog.open(cfg.catalog.uri).read("quarantine").to_pylist()
+    assert [r["reason"] for r in q] == ["bad_filename"] and "caf\\xe9" in q[0]["source_uri"]
+    assert Problem("ds", "x", "harvest_failed", "d").reason == "harvest_failed"  # every reason the jobs use is known
