@@ -22,14 +22,9 @@ __all__ = ["Known", "harvest_all", "harvest_stream"]
 
 
 def _harvest_one(
-    scan: SourceScan,
-    options: dict[str, str],
-    raw_area_uri: str,
-    out_name: str,
-    known: Known | None = None,
-    *,
-    stat_done: bool = False,
+    scan: SourceScan, options: dict[str, str], raw_area_uri: str, out_name: str, known: Known | None = None
 ) -> dict[str, Any]:
+    """One scan's facts and signature; ``known`` (a file whose size or time changed) is only compared by content."""
     if scan.format == "dicom":
         from brainiac.ingestion.dicom_convert import convert_series
 
@@ -45,8 +40,6 @@ def _harvest_one(
         facts.setdefault("qform_code", 1)
         facts.setdefault("sform_code", 1)
         return {"facts": facts, "signature": _signature(facts["image_uri"], options)}
-    if known is not None and not stat_done and _unchanged(scan.source_uri, options, known):
-        return {"unchanged": known.scan_id}
     location = StorageLocation.resolve(scan.source_uri, options or None)
     try:
         facts = harvest_nifti(location)
@@ -116,36 +109,26 @@ def _signature(uri: str, options: dict[str, str]) -> dict[str, Any] | None:
 def _harvest_chunk(
     items: list[tuple[SourceScan, str, Known | None]], options: dict[str, str], raw_area_uri: str
 ) -> list[dict[str, Any]]:
-    # On an object store the size and modification-time checks are one request each: issue them side by side.
-    remote = [i for i, (scan, _, known) in enumerate(items) if known is not None and "://" in scan.source_uri]
+    """Harvest a chunk of scans. Those the catalog may hold are first checked by size and modification time, side by
+    side (on an object store each check is one request), and an unchanged one is not read at all. An unexpected error
+    quarantines its scan (with the error's type, never its text, which may quote header values) instead of failing the
+    chunk and the run."""
+    held = [i for i, (_, _, known) in enumerate(items) if known is not None]
     same: dict[int, bool] = {}
-    if remote:
+    if held:
         with ThreadPoolExecutor(max_workers=STAT_THREADS) as pool:
-            flags = pool.map(lambda i: _unchanged(items[i][0].source_uri, options, items[i][2]), remote)
-            same = dict(zip(remote, flags, strict=True))
-    return [
-        {"unchanged": known.scan_id}
-        if known is not None and same.get(i)
-        else _harvest_guarded(scan, options, raw_area_uri, name, known, stat_done=i in same)
-        for i, (scan, name, known) in enumerate(items)
-    ]
-
-
-def _harvest_guarded(
-    scan: SourceScan,
-    options: dict[str, str],
-    raw_area_uri: str,
-    out_name: str,
-    known: Known | None = None,
-    *,
-    stat_done: bool = False,
-) -> dict[str, Any]:
-    """One scan's harvest; an unexpected error quarantines that scan (with the error's type, never its text, which
-    may quote header values) instead of failing its whole chunk and the run."""
-    try:
-        return _harvest_one(scan, options, raw_area_uri, out_name, known, stat_done=stat_done)
-    except Exception as exc:  # anything a corrupt or exotic file can raise in a reader
-        return {"problem": _failed(scan, f"unexpected {type(exc).__name__} while reading")}
+            flags = pool.map(lambda i: _unchanged(items[i][0].source_uri, options, items[i][2]), held)
+            same = dict(zip(held, flags, strict=True))
+    out = []
+    for i, (scan, name, known) in enumerate(items):
+        if same.get(i):
+            out.append({"unchanged": known.scan_id})
+            continue
+        try:
+            out.append(_harvest_one(scan, options, raw_area_uri, name, known))
+        except Exception as exc:  # anything a corrupt or exotic file can raise in a reader
+            out.append({"problem": _failed(scan, f"unexpected {type(exc).__name__} while reading")})
+    return out
 
 
 CHUNKS_PER_CPU = 8
@@ -155,7 +138,7 @@ MAX_CHUNK = 64
 """Scans per harvest task, at most (about half a second of work for a 7 MB ``.nii.gz``)."""
 
 STAT_THREADS = 16
-"""Concurrent metadata requests per harvest task when checking object-store files the catalog may hold."""
+"""Concurrent size and modification-time checks per harvest task (one request each on an object store)."""
 
 KNOWN_CHUNK = 2048
 """Scans per harvest task among those the catalog already holds (a stat each when unchanged)."""

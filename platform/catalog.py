@@ -265,7 +265,7 @@ KEYED_BATCH_ROWS = 65_536
 
 
 def _read_keyed_rows(
-    path: str, column: str, keys: set[str], columns: Sequence[str], filesystem: Any
+    path: str, column: str, keys: pa.Array, columns: Sequence[str], filesystem: Any
 ) -> pa.Table | None:
     """The ``columns`` of the rows of one Parquet file whose ``column`` is in ``keys``, reading the key column and
     then only the row groups that hold a match (``None`` when no row matches)."""
@@ -276,7 +276,7 @@ def _read_keyed_rows(
     key_column = parquet.read(columns=[column]).column(column)
     if pa.types.is_string_view(key_column.type):
         key_column = key_column.cast(pa.string())
-    rows = np.flatnonzero(pc.is_in(key_column, value_set=pa.array(sorted(keys), key_column.type)).to_numpy(False))
+    rows = np.flatnonzero(pc.is_in(key_column, value_set=keys.cast(key_column.type)).to_numpy(False))
     if rows.size == 0:
         return None
     sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
@@ -533,6 +533,7 @@ class Catalog:
             wanted = list(dt.schema().to_arrow().names)  # type: ignore[union-attr]
         if not kept:
             return _plain_types(_empty_like(dt, wanted), schema)
+        key_sets = {part: pa.array(sorted(ids), pa.string()) for part, ids in kept.items()}  # once, not per file
         files = self._files(dt, name, partitions, set(kept))
         file_columns = [c for c in wanted if c not in partitions]
         location = self.table_location(name)
@@ -540,8 +541,7 @@ class Catalog:
 
         def read(item: tuple[str, tuple]) -> pa.Table | None:
             path, part = item
-            allowed = kept[part]
-            table = _read_keyed_rows(path, column, allowed, file_columns, filesystem)
+            table = _read_keyed_rows(path, column, key_sets[part], file_columns, filesystem)
             if table is None:
                 return None
             for p, value in zip(partitions, part, strict=True):
@@ -550,10 +550,10 @@ class Catalog:
             return table.select(wanted)
 
         with ThreadPoolExecutor(max_workers=8) as pool:
-            pieces = [t for t in pool.map(read, files) if t is not None]
+            pieces = [_plain_types(t, schema) for t in pool.map(read, files) if t is not None]
         if not pieces:
             return _plain_types(_empty_like(dt, wanted), schema)
-        return _plain_types(pa.concat_tables([_plain_types(t, schema) for t in pieces]), schema)
+        return pa.concat_tables(pieces)
 
     def scan_batches(
         self, name: str, columns: Sequence[str] | None = None, where: str | None = None, version: int | None = None
