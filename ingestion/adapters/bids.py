@@ -20,8 +20,16 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from brainiac.ingestion.adapters.base import Problem, SourceScan
-from brainiac.ingestion.adapters.common import SKIP_DIRS, is_nifti, list_files, read_table, strip_nifti_suffix
-from brainiac.ingestion.adapters.listing import find_files_with_contents
+from brainiac.ingestion.adapters.common import (
+    SKIP_DIRS,
+    is_nifti,
+    list_files_checked,
+    listing_problems,
+    problem_for_oserror,
+    read_table,
+    strip_nifti_suffix,
+)
+from brainiac.ingestion.adapters.listing import find_listing
 from brainiac.platform.storage import StorageLocation
 
 __all__ = ["MATCH_STATS", "BidsAdapter", "SidecarIndex", "parse_entities"]
@@ -137,13 +145,21 @@ class BidsAdapter:
             return True
         try:
             return any(posixpath.basename(p.rstrip("/")).startswith("sub-") for p in fs.ls(root.path, detail=False))
-        except FileNotFoundError:
+        except OSError:  # missing or unreadable root: not recognisably BIDS
             return False
 
-    def _participants(self, root: StorageLocation, files: list[str], card: Any) -> dict[str, dict[str, Any]]:
+    def _participants(
+        self, root: StorageLocation, files: list[str], card: Any, dataset: str, problems: list[Problem]
+    ) -> dict[str, dict[str, Any]]:
+        """``participants.tsv`` by subject id; one that cannot be read adds a problem to ``problems`` (and the scans
+        go in without participant metadata)."""
         if "participants.tsv" not in files:
             return {}
-        df = read_table(root, "participants.tsv", sep="\t")
+        try:
+            df = read_table(root, "participants.tsv", sep="\t")
+        except OSError as exc:
+            problems.append(problem_for_oserror(dataset, root.join("participants.tsv").uri, exc, "participants.tsv"))
+            return {}
         cols = getattr(card, "columns", {}) or {}
         out = {}
         for row in df.to_dict("records"):
@@ -182,18 +198,24 @@ class BidsAdapter:
             except (ValueError, UnicodeDecodeError) as exc:
                 problems.append(Problem(dataset, root.join(rel).uri, "bad_sidecar", f"{rel}: {exc}"))
                 continue
+            except OSError as exc:  # vanished or unreadable since it was listed
+                problems.append(problem_for_oserror(dataset, root.join(rel).uri, exc, "the sidecar"))
+                continue
             out.append((posixpath.dirname(rel), parsed[0], parsed[1], data))
         return out, problems
 
     def _derivative_masks(
-        self, root: StorageLocation, label_suffixes: set[str]
+        self, root: StorageLocation, label_suffixes: set[str], dataset: str, problems: list[Problem]
     ) -> dict[tuple[str, str | None], dict[str, str]]:
-        """Label maps under ``derivatives/`` keyed by (sub, ses): ``{kind: relative path}`` with kind from ``desc-``."""
+        """Label maps under ``derivatives/`` keyed by (sub, ses): ``{kind: relative path}`` with kind from ``desc-``.
+        Entries listing leaves out (a symlink out of the dataset root ...) are added to ``problems``."""
         deriv = root.join("derivatives")
         out: dict[tuple[str, str | None], dict[str, str]] = {}
         if not deriv.exists():
             return out
-        for rel in list_files(deriv, skip_dirs={".git"}):
+        files, left_out = list_files_checked(deriv, dataset, skip_dirs={".git"}, within=root)
+        problems += left_out
+        for rel in files:
             parsed = parse_entities(posixpath.basename(rel)) if is_nifti(rel) else None
             if parsed is None or "sub" not in parsed[0] or parsed[1] not in label_suffixes:
                 continue
@@ -203,15 +225,17 @@ class BidsAdapter:
 
     def discover(self, root: StorageLocation, dataset: str, card: Any | None = None) -> Iterator[SourceScan | Problem]:
         # One listing, in Ray tasks when Ray runs, that also reads the sidecars (list_files' filter applied here).
-        listed, contents = find_files_with_contents(
-            root, read_suffixes=(".json",), skip_top=SKIP_DIRS, skip_hidden=True
-        )
+        # Symlinks out of the root, dangling ones, folders behind a file's name and unreadable entries are not in it:
+        # they are quarantined here and never read.
+        listed, contents, left_out = find_listing(root, read_suffixes=(".json",), skip_top=SKIP_DIRS, skip_hidden=True)
         files = _relative_files(root, listed)
+        problems = listing_problems(root, dataset, left_out)
         masks = self._derivative_masks(
-            root, set((getattr(card, "label_maps", {}) or {}).keys()) | {"mask", "dseg", "roi"}
+            root, set((getattr(card, "label_maps", {}) or {}).keys()) | {"mask", "dseg", "roi"}, dataset, problems
         )
-        participants = self._participants(root, files, card)
-        sidecars, problems = self._sidecars(root, files, dataset, contents)
+        participants = self._participants(root, files, card, dataset, problems)
+        sidecars, sidecar_problems = self._sidecars(root, files, dataset, contents)
+        problems += sidecar_problems
         del contents
         index = SidecarIndex(sidecars)
         yield from problems

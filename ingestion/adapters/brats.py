@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from brainiac.ingestion.adapters.base import Problem, SourceScan
-from brainiac.ingestion.adapters.common import is_nifti, list_files, strip_nifti_suffix
+from brainiac.ingestion.adapters.common import is_nifti, list_files, list_files_checked, strip_nifti_suffix
 from brainiac.platform.storage import StorageLocation
 
 __all__ = ["BratsAdapter"]
@@ -43,7 +43,9 @@ class BratsAdapter:
 
     def discover(self, root: StorageLocation, dataset: str, card: Any | None = None) -> Iterator[SourceScan | Problem]:
         label_suffixes = tuple((getattr(card, "label_maps", {}) or {}).keys()) or DEFAULT_LABEL_SUFFIXES
-        for case, rels in sorted(self._cases(list_files(root)).items()):
+        files, problems = list_files_checked(root, dataset)
+        yield from problems  # symlinks out of the root, dangling links, unreadable entries: quarantined, never read
+        for case, rels in sorted(self._cases(files).items()):
             masks = {}
             images = []
             for rel in sorted(rels):

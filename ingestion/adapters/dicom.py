@@ -23,7 +23,11 @@ PHI (ARCHITECTURE §3, PS3.15 Basic Profile as an allow-list):
   ends with ``relative_path`` (``""`` for a series in the root itself). When several series share one folder,
   ``#series-<hex>`` (the series pseudonym) is appended to both, so that each series has its own source key.
 
-Parallelism: the root is listed with :func:`brainiac.ingestion.adapters.listing.find_files` and the headers are read in
+Symlinks: slice files that are symlinks into the root (a DataLad / git-annex export) are read like regular files; those
+leading out of the root, dangling ones and unreadable entries are quarantined by the listing and never opened
+(:mod:`~brainiac.ingestion.adapters.listing`).
+
+Parallelism: the root is listed with :func:`brainiac.ingestion.adapters.listing.find_listing` and the headers are read in
 Ray tasks over contiguous chunks of the sorted file list (a few tasks per CPU, :data:`FILES_PER_TASK` files at least), each
 task with its own thread pool for I/O. What a task sends back to the driver holds no raw identifier: the study, series and
 SOP instance UIDs are already keyed pseudonyms (equality, which grouping and de-duplication need, is kept), and the
@@ -49,11 +53,20 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from brainiac.ingestion.adapters.base import Problem, SourceScan
-from brainiac.ingestion.adapters.listing import chunk_count, find_files, ray_cpus, ray_ready, run_chunks, split
+from brainiac.ingestion.adapters.common import listing_problems
+from brainiac.ingestion.adapters.listing import (
+    chunk_count,
+    describe_oserror,
+    find_listing,
+    ray_cpus,
+    ray_ready,
+    readable_inside,
+    run_chunks,
+    split,
+)
 from brainiac.ingestion.dicom_convert import (
     SeriesError,
     SliceHeader,
-    describe_error,
     parse_slice_header,
     series_geometry,
 )
@@ -146,8 +159,11 @@ class DicomAdapter:
             return False
         if any(_suffix_is(n, DICOM_SUFFIXES) for n in names):
             return True
-        unknown = [n for n in names if not _suffix_is(n, NOT_DICOM_SUFFIXES)][:DETECT_SNIFF]
-        for path in unknown:
+        unknown = [n for n in names if not _suffix_is(n, NOT_DICOM_SUFFIXES)]
+        if not root.is_remote:  # never sniff a symlink out of the root, a FIFO (a read would block) or a folder
+            real_root = os.path.realpath(root.path)
+            unknown = [n for n in unknown if readable_inside(n, real_root)]
+        for path in unknown[:DETECT_SNIFF]:
             try:
                 if is_dicom_bytes(fs.cat_file(path, start=0, end=132)):
                     return True
@@ -159,7 +175,8 @@ class DicomAdapter:
     def discover(self, root: StorageLocation, dataset: str, card: Any | None = None) -> Iterator[SourceScan | Problem]:
         """One :class:`SourceScan` per DICOM series under ``root`` and one :class:`Problem` per unusable file or series.
 
-        Reads each candidate file's header only (its first :data:`HEAD_BYTES`, pixel data is never decoded). A file
+        Entries the listing leaves out (symlinks out of the root, dangling ones, unreadable folders) come first as
+        problems. Reads each candidate file's header only (its first :data:`HEAD_BYTES`, pixel data is never decoded). A file
         with a DICOM suffix that does not parse is ``dicom_unreadable``; other files count only if they carry the
         ``DICM`` magic, so clinical spreadsheets and READMEs beside the images are ignored, and DICOMDIR index files
         are skipped. Files repeating a SOPInstanceUID already seen in the series (a copied file) are dropped.
@@ -174,7 +191,8 @@ class DicomAdapter:
         """
         del card
         to_uri: Callable[[str], str] = (lambda p: "s3://" + p) if root.is_remote else (lambda p: p)
-        listing = find_files(root, skip_hidden=True, files_only=True)
+        listing, _, left_out = find_listing(root, skip_hidden=True, files_only=True)
+        yield from listing_problems(root, dataset, left_out, skip_dirs=())
         candidates: list[tuple[str, int]] = []
         for path in sorted(listing):
             if _hidden(path, root.path):
@@ -284,10 +302,8 @@ def _read_header(fs: Any, path: str, uri: str, size: int, dataset: str) -> Slice
     claims_dicom = _suffix_is(name, DICOM_SUFFIXES)
     try:
         head = fs.cat_file(path, start=0, end=min(size, HEAD_BYTES)) if size else b""
-    except FileNotFoundError:
-        return Problem(dataset, uri, "missing_file", f"{name} vanished while listing")
-    except OSError as exc:
-        return Problem(dataset, uri, "dicom_unreadable", f"{name}: {describe_error(exc)}")
+    except OSError as exc:  # permission denied, vanished since listing, a folder: the file, not DICOM, is the problem
+        return Problem(dataset, uri, "unreadable", f"{name} could not be read: {describe_oserror(exc)}")
     if not is_dicom_bytes(head) and not claims_dicom:
         return None  # not DICOM (and does not claim to be): not ours to judge
     if not head:
@@ -304,7 +320,7 @@ def _read_header(fs: Any, path: str, uri: str, size: int, dataset: str) -> Slice
                 head = fs.cat_file(path)
                 size = len(head)
             except OSError as exc:
-                return Problem(dataset, uri, "dicom_unreadable", f"{name}: {describe_error(exc)}")
+                return Problem(dataset, uri, "unreadable", f"{name} could not be read: {describe_oserror(exc)}")
     return Problem(dataset, uri, "dicom_unreadable", f"{name}: header could not be parsed")
 
 

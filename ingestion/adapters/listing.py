@@ -11,6 +11,21 @@ most, so a small dataset costs one task and a big one never hundreds of tiny one
 after listing them: tens of thousands of sidecars read one by one in the driver cost seconds locally and a round trip
 each on S3.
 
+On a local disk the walk is this module's own (``os.scandir``), because what is listed is also what will be read, and a
+dataset is not always made of plain files (issue #18):
+
+- a symlink whose real path lies inside the dataset root is listed under its own name with its target's size (DataLad
+  and git-annex exports are trees of symlinks into ``.git/annex/objects``); one that resolves outside the root is
+  reported as ``symlink_outside_root`` and never read, a dangling one (or a loop) as ``broken_symlink``;
+- a symlink to a folder is not followed (loops, files counted twice) and, like a FIFO, socket or device, is reported as
+  ``not_a_file``, so that no reader opens a folder named ``x.nii.gz`` or blocks on a FIFO;
+- a folder that cannot be listed or an entry that cannot be stat-ed (permission denied, vanished since its folder was
+  read) is reported as ``unreadable`` with the errno name, and the walk goes on.
+
+These reports are :data:`ListingProblem` tuples (path, reason, detail); the adapters turn them into quarantine rows. The
+detail never quotes a path (a symlink's target may name another user's files). On S3 there are no symlinks nor
+permissions per key: listing there is ``fs.find`` as before and reports nothing.
+
 Like :mod:`brainiac.ingestion.harvest`, this module is imported by Ray workers and so imports only light modules
 (fsspec and the storage helpers): no pandas, no deltalake.
 
@@ -22,24 +37,32 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import math
 import os
+import stat
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from brainiac.platform.storage import StorageLocation
 
 __all__ = [
     "TASK_STATS",
     "WORKER_PIDS",
+    "Listing",
+    "ListingProblem",
     "cached_listings",
+    "describe_oserror",
     "find_files",
     "find_files_with_contents",
+    "find_listing",
+    "inside",
     "ray_cpus",
     "ray_ready",
+    "readable_inside",
     "run_chunks",
 ]
 
@@ -63,6 +86,106 @@ _CACHE: contextvars.ContextVar[dict[tuple[Any, ...], Any] | None] = contextvars.
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+ListingProblem = tuple[str, str, str]
+"""``(fsspec path, quarantine reason, detail)`` of an entry listing could not or must not use (see the module doc)."""
+
+
+class Listing(NamedTuple):
+    """What :func:`find_listing` returns."""
+
+    sizes: dict[str, int]
+    """Every usable file as ``{fsspec path: size}`` (a symlink inside the root under its own path, its target's size)."""
+    contents: dict[str, bytes]
+    """Bytes of the small files asked for, by fsspec path."""
+    problems: list[ListingProblem]
+    """Entries left out of ``sizes`` and why (local disks only)."""
+
+
+def describe_oserror(exc: OSError) -> str:
+    """``EACCES (Permission denied)``: the errno name and message of ``exc`` without the file name it carries."""
+    name = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
+    text = exc.strerror or type(exc).__name__
+    return f"{name} ({text})" if name else text
+
+
+def inside(path: str, real_root: str) -> bool:
+    """True if the real path ``path`` is ``real_root`` or lies below it (both already resolved)."""
+    base = real_root.rstrip("/")
+    return path == base or path.startswith(base + "/")
+
+
+def readable_inside(path: str, real_root: str) -> bool:
+    """True if the local ``path`` is (or links to) a regular file whose real path lies under ``real_root``: the test to
+    pass before reading a file found by any other walk than this module's (never raises)."""
+    try:
+        return inside(os.path.realpath(path), real_root) and stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _follow_link(path: str, real_root: str) -> tuple[int | None, ListingProblem | None]:
+    """A symlink's target size if it is a regular file inside ``real_root``, else why it is left out."""
+    if not inside(os.path.realpath(path), real_root):
+        return None, (path, "symlink_outside_root", "the symlink's target resolves outside the dataset root; not read")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, (path, "broken_symlink", "the symlink's target does not exist")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None, (path, "broken_symlink", "the symlink is a loop")
+        return None, (path, "unreadable", f"the symlink's target could not be stat-ed: {describe_oserror(exc)}")
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size, None
+    if stat.S_ISDIR(st.st_mode):
+        return None, (path, "not_a_file", "a symlink to a folder (symlinked folders are not followed)")
+    return None, (path, "not_a_file", "a symlink to a FIFO, socket or device, not a regular file")
+
+
+def _scan_local(folder: str, real_root: str) -> tuple[dict[str, int], list[str], list[ListingProblem]]:
+    """One local folder: its usable files ``{path: size}``, its subfolders (symlinked ones are not followed) and the
+    entries left out. Never raises for an entry or the folder itself: each becomes a problem."""
+    files: dict[str, int] = {}
+    folders: list[str] = []
+    problems: list[ListingProblem] = []
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError as exc:
+        problems.append((folder, "unreadable", f"the folder could not be listed: {describe_oserror(exc)}"))
+        return files, folders, problems
+    for entry in entries:
+        path = f"{folder.rstrip('/')}/{entry.name}"
+        try:
+            if entry.is_symlink():
+                size, problem = _follow_link(path, real_root)
+                if problem is not None:
+                    problems.append(problem)
+                else:
+                    files[path] = int(size or 0)
+            elif entry.is_dir(follow_symlinks=False):
+                folders.append(path)
+            elif entry.is_file(follow_symlinks=False):
+                files[path] = entry.stat(follow_symlinks=False).st_size
+            else:
+                problems.append((path, "not_a_file", "a FIFO, socket or device, not a regular file"))
+        except OSError as exc:  # vanished since the folder was read, or cannot be stat-ed
+            problems.append((path, "unreadable", f"could not be stat-ed: {describe_oserror(exc)}"))
+    return files, folders, problems
+
+
+def _walk_local(folders: Iterable[str], real_root: str) -> tuple[dict[str, int], list[ListingProblem]]:
+    """Every usable file under ``folders`` (local paths below ``real_root``) and the entries left out."""
+    sizes: dict[str, int] = {}
+    problems: list[ListingProblem] = []
+    stack = list(folders)[::-1]
+    while stack:
+        files, below, found = _scan_local(stack.pop(), real_root)
+        sizes.update(files)
+        problems += found
+        stack.extend(reversed(below))
+    return sizes, problems
 
 
 def ray_ready() -> bool:
@@ -176,14 +299,19 @@ def _list_folders(
     files_only: bool,
     read_suffixes: tuple[str, ...] = (),
     max_bytes: int = READ_MAX_BYTES,
-) -> tuple[int, tuple[dict[str, int], dict[str, bytes]]]:
-    """Ray task: every file under ``folders`` (fsspec paths below the root ``uri``) as ``{path: size}``, and the bytes
-    of those ending with one of ``read_suffixes`` (at most ``max_bytes`` each) as ``{path: bytes}``."""
+    real_root: str | None = None,
+) -> tuple[int, tuple[dict[str, int], dict[str, bytes], list[ListingProblem]]]:
+    """Ray task: every file under ``folders`` (fsspec paths below the root ``uri``) as ``{path: size}``, the bytes
+    of those ending with one of ``read_suffixes`` (at most ``max_bytes`` each) as ``{path: bytes}``, and the entries
+    left out (local disks: walked by :func:`_walk_local` with symlinks judged against ``real_root``)."""
     loc = StorageLocation.resolve(uri, options or None)
     fs = loc.fsspec()
     out: dict[str, int] = {}
+    problems: list[ListingProblem] = []
     threads = min(REMOTE_THREADS, len(folders)) if loc.is_remote else 1
-    if threads > 1:
+    if real_root is not None and not loc.is_remote:
+        out, problems = _walk_local(folders, real_root)
+    elif threads > 1:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for listing in pool.map(lambda d: fs.find(d, detail=True), folders):
                 out.update(_entries(listing, files_only))
@@ -192,7 +320,12 @@ def _list_folders(
             out.update(_entries(fs.find(folder, detail=True), files_only))
     wanted = _wanted(out, read_suffixes, max_bytes)
     contents = _read_files(fs, wanted, REMOTE_THREADS if loc.is_remote else 1)
-    return os.getpid(), (out, contents)
+    return os.getpid(), (out, contents, problems)
+
+
+def _keep_folder(name: str, base: str, skip: frozenset[str], skip_hidden: bool) -> bool:
+    leaf = name.rsplit("/", 1)[-1]
+    return name != base and leaf not in skip and not (skip_hidden and leaf.startswith("."))
 
 
 def _find(
@@ -202,22 +335,40 @@ def _find(
     files_only: bool,
     read_suffixes: tuple[str, ...],
     max_bytes: int,
-) -> tuple[dict[str, int], dict[str, bytes]]:
+    within: StorageLocation | None = None,
+) -> Listing:
     fs = root.fsspec()
     base = root.path.rstrip("/")
+    if not root.is_remote and os.path.isdir(base):
+        # Local folder: this module's walk (symlinks judged against the real path of ``within``, default the root).
+        real_root = os.path.realpath((within or root).path)
+        out, subfolders, problems = _scan_local(base, real_root)
+        folders = [f for f in subfolders if _keep_folder(f, base, skip, skip_hidden)]
+        contents = _read_files(fs, _wanted(out, read_suffixes, max_bytes), 1)
+        if ray_ready() and folders:
+            chunks = split(sorted(folders), chunk_count(len(folders), DIRS_PER_TASK, ray_cpus()))
+            parts = run_chunks(
+                "list_files", _list_folders, chunks, root.uri, {}, files_only, read_suffixes, max_bytes, real_root
+            )
+        else:
+            parts = [_list_folders(folders, root.uri, {}, files_only, read_suffixes, max_bytes, real_root)[1]]
+        for sizes, data, found in parts:
+            out.update(sizes)
+            contents.update(data)
+            problems += found
+        return Listing(out, contents, problems)
     if ray_ready():
         try:
             top = fs.ls(base, detail=True)
         except (FileNotFoundError, NotADirectoryError):
             top = None  # not a folder: fs.find below says what it is
         if top is not None:
-            out: dict[str, int] = {}
+            out = {}
             folders = []
             for info in top:
                 name = info["name"].rstrip("/")
                 if info.get("type") == "directory":
-                    leaf = name.rsplit("/", 1)[-1]
-                    if name != base and leaf not in skip and not (skip_hidden and leaf.startswith(".")):
+                    if _keep_folder(name, base, skip, skip_hidden):
                         folders.append(name)
                 else:
                     out.update(_entries({name: info}, files_only))
@@ -225,15 +376,57 @@ def _find(
             contents = _read_files(fs, _wanted(out, read_suffixes, max_bytes), 1)
             chunks = split(sorted(folders), chunk_count(len(folders), DIRS_PER_TASK, ray_cpus()))
             options = dict(root.options)
-            for sizes, data in run_chunks(
+            for sizes, data, _ in run_chunks(
                 "list_files", _list_folders, chunks, root.uri, options, files_only, read_suffixes, max_bytes
             ):
                 out.update(sizes)
                 contents.update(data)
-            return out, contents
+            return Listing(out, contents, [])
     out = _entries(fs.find(base, detail=True), files_only)
     wanted = _wanted(out, read_suffixes, max_bytes)
-    return out, _read_files(fs, wanted, REMOTE_THREADS if root.is_remote else 1)
+    return Listing(out, _read_files(fs, wanted, REMOTE_THREADS if root.is_remote else 1), [])
+
+
+def find_listing(
+    root: StorageLocation,
+    *,
+    read_suffixes: Iterable[str] = (),
+    max_bytes: int = READ_MAX_BYTES,
+    skip_top: Iterable[str] = (),
+    skip_hidden: bool = False,
+    files_only: bool = False,
+    within: StorageLocation | None = None,
+) -> Listing:
+    """Every usable file under ``root``, the bytes of the small ones asked for, and the entries left out.
+
+    Args:
+        root: the folder to list.
+        read_suffixes: read the files whose name ends with one of these (case-insensitive) and that hold at most
+            ``max_bytes`` (see :func:`find_files_with_contents`).
+        max_bytes: size limit of the files read.
+        skip_top: names of top-level folders not to list (the caller would drop everything below them anyway).
+        skip_hidden: also skip top-level folders whose name starts with a dot.
+        files_only: on S3, keep only entries whose type is ``file`` (locally only regular files, and symlinks to
+            regular files inside the root, are ever listed).
+        within: the dataset root symlinks must stay inside (default ``root``; e.g. the dataset root when listing its
+            ``derivatives`` folder).
+
+    With Ray running, the root's folders are listed in Ray tasks; otherwise in this process. Within
+    :func:`cached_listings` a root is listed once for the same arguments.
+    """
+    skip = frozenset(skip_top)
+    suffixes = tuple(sorted({s.lower() for s in read_suffixes}))
+    cache = _CACHE.get()
+    key = (root.uri, skip, skip_hidden, files_only, within.uri if within is not None else None)
+    full_key = (*key, suffixes, max_bytes) if suffixes else key
+    if cache is not None and full_key in cache:
+        sizes, contents, problems = cache[full_key]
+        return Listing(dict(sizes), dict(contents), list(problems))
+    found = _find(root, skip, skip_hidden, files_only, suffixes, max_bytes, within)
+    if cache is not None:
+        cache[full_key] = Listing(dict(found.sizes), dict(found.contents), list(found.problems))
+        cache.setdefault(key, Listing(dict(found.sizes), {}, list(found.problems)))
+    return found
 
 
 def find_files(
@@ -243,25 +436,18 @@ def find_files(
     skip_hidden: bool = False,
     files_only: bool = False,
 ) -> dict[str, int]:
-    """Every file under ``root`` as ``{fsspec path: size}``: what ``fs.find(root.path, detail=True)`` returns.
+    """Every file under ``root`` as ``{fsspec path: size}``: what ``fs.find(root.path, detail=True)`` returns for a
+    tree of plain files (see :func:`find_listing` for symlinks, special files and unreadable entries, left out here).
 
     Args:
         root: the folder to list.
         skip_top: names of top-level folders not to list (the caller would drop everything below them anyway).
         skip_hidden: also skip top-level folders whose name starts with a dot.
-        files_only: keep only entries whose type is ``file`` (fsspec may report others, e.g. a socket).
+        files_only: keep only entries whose type is ``file`` (fsspec may report others on S3).
 
     With Ray running, the root's folders are listed in Ray tasks; otherwise in this process.
     """
-    skip = frozenset(skip_top)
-    cache = _CACHE.get()
-    key = (root.uri, skip, skip_hidden, files_only)
-    if cache is not None and key in cache:
-        return dict(cache[key])
-    out, _ = _find(root, skip, skip_hidden, files_only, (), READ_MAX_BYTES)
-    if cache is not None:
-        cache[key] = dict(out)
-    return out
+    return find_listing(root, skip_top=skip_top, skip_hidden=skip_hidden, files_only=files_only).sizes
 
 
 def find_files_with_contents(
@@ -281,16 +467,12 @@ def find_files_with_contents(
     reading, unreadable) is the caller's to read or report. Within :func:`cached_listings` the listing is shared with
     :func:`find_files` calls of the same arguments.
     """
-    skip = frozenset(skip_top)
-    suffixes = tuple(sorted({s.lower() for s in read_suffixes}))
-    cache = _CACHE.get()
-    key = (root.uri, skip, skip_hidden, files_only)
-    full_key = (*key, suffixes, max_bytes)
-    if cache is not None and full_key in cache:
-        sizes, contents = cache[full_key]
-        return dict(sizes), dict(contents)
-    sizes, contents = _find(root, skip, skip_hidden, files_only, suffixes, max_bytes)
-    if cache is not None:
-        cache[full_key] = (dict(sizes), dict(contents))
-        cache.setdefault(key, dict(sizes))
-    return sizes, contents
+    found = find_listing(
+        root,
+        read_suffixes=read_suffixes,
+        max_bytes=max_bytes,
+        skip_top=skip_top,
+        skip_hidden=skip_hidden,
+        files_only=files_only,
+    )
+    return found.sizes, found.contents

@@ -1,7 +1,9 @@
 """Manifest layout: image files anywhere under the root plus a CSV whose columns the dataset card maps (ADNI, IXI ...).
 
 The manifest is trusted for metadata but not for paths: a path that is absolute or climbs out of the dataset root is
-quarantined as ``path_outside_root``, and one that names no file as ``missing_file``.
+quarantined as ``path_outside_root``, and one that names no file as ``missing_file``. A row naming an entry the listing
+left out (a symlink out of the root, a dangling one, a folder, an unreadable file) is quarantined with the listing's
+reason; so is a folder that could not be listed, and the manifest itself when it cannot be read.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from brainiac.ingestion.adapters.base import Problem, SourceScan
-from brainiac.ingestion.adapters.common import inside_root, list_files, read_table
+from brainiac.ingestion.adapters.common import inside_root, list_files_checked, problem_for_oserror, read_table
 from brainiac.platform.errors import UserError
 from brainiac.platform.storage import StorageLocation
 
@@ -46,13 +48,24 @@ class ManifestAdapter:
         cols = dict(getattr(card, "columns", {}) or {})
         for key, default in (("subject", "subject"), ("path", "path"), ("session", "session")):
             cols.setdefault(key, default)
-        table = read_table(root, name, sep="\t" if name.endswith(".tsv") else ",")
+        files, left_out = list_files_checked(root, dataset)
+        odd = {_relative_uri(root, p.source_uri): p for p in left_out}
+        if name in odd:  # the manifest itself is a symlink out of the root, dangling, ...: nothing can be trusted
+            yield odd[name]
+            return
+        try:
+            table = read_table(root, name, sep="\t" if name.endswith(".tsv") else ",")
+        except OSError as exc:
+            yield problem_for_oserror(dataset, root.join(name).uri, exc, "the manifest")
+            return
+        # a folder that could not be listed may hide files the manifest names: say so once, before their rows
+        yield from (p for p in left_out if p.reason == "unreadable" and p.detail.startswith("the folder"))
         missing = [cols[k] for k in ("subject", "path") if cols[k] not in table.columns]
         if missing:
             raise UserError(
                 f"manifest {name} of {dataset} lacks column(s) {', '.join(missing)}; fix the card's `columns`"
             )
-        existing = set(list_files(root))
+        existing = set(files)
         manifest_uri = root.join(name).uri
         for i, row in enumerate(table.to_dict("records")):
             rel, subject = row.get(cols["path"]), row.get(cols["subject"])
@@ -65,6 +78,10 @@ class ManifestAdapter:
                 yield Problem(dataset, f"{manifest_uri}#row={i + 2}", "path_outside_root", f"row {i + 2}: {rel}")
                 continue
             rel = posixpath.normpath(rel.replace("\\", "/"))
+            if rel in odd:
+                problem = odd[rel]
+                yield Problem(dataset, problem.source_uri, problem.reason, f"manifest row {i + 2}: {problem.detail}")
+                continue
             if rel not in existing:
                 yield Problem(
                     dataset,
@@ -102,3 +119,9 @@ class ManifestAdapter:
                 },
                 format="nifti",
             )
+
+
+def _relative_uri(root: StorageLocation, uri: str) -> str:
+    """A listed URI relative to ``root`` (the key a manifest row names it by)."""
+    prefix = root.uri.rstrip("/") + "/"
+    return uri[len(prefix) :] if uri.startswith(prefix) else uri
