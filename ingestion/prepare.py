@@ -82,6 +82,8 @@ class PreprocessSummary:
     seconds: float = 0.0
     seconds_per_scan: float | None = None
     decode_ms_per_volume: float | None = None
+    left_out: str | None = None
+    """What ``catalog.allowed_access`` left out (datasets, scans, levels), or ``None``."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,7 +250,8 @@ def preprocess(
     commit_files: int = DEFAULT_COMMIT_FILES,
     in_flight_per_cpu: int = 3,
 ) -> PreprocessSummary:
-    """Preprocess every current, readable scan of the catalog that has no volume for this config's version.
+    """Preprocess every current scan of the catalog that has no volume for this config's version, of the datasets
+    ``catalog.datasets`` names (default: all) that ``catalog.allowed_access`` allows.
 
     Which scans to skip is decided once, up front, from one narrow read (the ``scan_id`` column of this version's
     partition). Ray tasks of ``scans_per_file`` scans each write their rows straight into the table's partition folder
@@ -283,7 +286,13 @@ def preprocess(
         raise UserError(
             f"catalog {catalog.uri} has no scans table; run `brainiac ingest SOURCE --catalog {catalog.uri}` first"
         )
-    query = catalog.scans(allowed_access=cfg.catalog.allowed_access)
+    # The datasets it may read (all, or the named ones: naming a forbidden or unknown one is an error); the rest is
+    # left out and said so, instead of refusing a catalog that also holds data this job may not read.
+    reader = catalog.restricted(cfg.catalog.allowed_access)
+    summary.left_out = reader.access_report(cfg.catalog.datasets).line
+    if summary.left_out:
+        log.info("preprocess %s", summary.left_out)
+    query = reader.scans(dataset=cfg.catalog.datasets or None)
     scans = [r for r in query.to_arrow(columns=SCAN_COLUMNS).to_pylist() if r["sequence"] != "other"]
     summary.selected = len(scans)
     committer = VolumeCommitter.open(

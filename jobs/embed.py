@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from brainiac.ingestion.volumes import decode_array, newest_preprocess_version
 from brainiac.jobs.pretrain.pairs import row_group_bounds
-from brainiac.platform.catalog import EMBEDDINGS_SCHEMA, Catalog, merge_with_retry, sql_literal
+from brainiac.platform.catalog import EMBEDDINGS_SCHEMA, Catalog, merge_with_retry, sql_in, sql_literal
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
@@ -39,6 +39,8 @@ class EmbedSummary:
     dim: int = 0
     embeddings_version: int | None = None
     seconds: float = 0.0
+    left_out: str | None = None
+    """What ``catalog.allowed_access`` left out of the catalog (datasets, scans, levels), or ``None``."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,8 +122,11 @@ def embed(
     every committed batch and a re-run embeds only the rest. An append reads nothing of the table; two runs of the same
     model at the same time would both write the scans neither had committed when it started.
 
+    Only the datasets ``catalog.allowed_access`` allows are embedded (of those, the ones ``catalog.datasets`` names);
+    :attr:`EmbedSummary.left_out` says what was left out.
+
     Raises:
-        UserError: no volumes, no such model, or an access level the job may not read.
+        UserError: no volumes, no such model, or a named dataset that is unknown or at a level the job may not read.
     """
     import torch
     import torch.nn.functional as F
@@ -138,19 +143,19 @@ def embed(
     volumes_version = catalog.version("volumes")
     if volumes_version is None:
         raise UserError(f"the catalog {catalog.uri} has no volumes table; run `brainiac preprocess` first")
-    version = cfg.patches.preprocess_version or newest_preprocess_version(catalog)
+    reader = catalog.restricted(cfg.catalog.allowed_access)  # the volumes of the datasets this job may read
+    left_out = reader.access_report(cfg.catalog.datasets).line
+    version = cfg.patches.preprocess_version or newest_preprocess_version(reader)
     partition = f"preprocess_version = {sql_literal(version)}"
-    meta = catalog.select(
-        "volumes", f"{partition} AND qc_pass", ["scan_id", "dataset"], version=volumes_version
-    ).to_pandas()
-    catalog.scans(dataset=sorted(meta["dataset"].unique()), allowed_access=cfg.catalog.allowed_access).to_arrow(
-        ["scan_id"]
-    )  # the access check: a level this job may not read is an error
+    where = f"{partition} AND qc_pass" + (
+        f" AND {sql_in('dataset', cfg.catalog.datasets)}" if cfg.catalog.datasets else ""
+    )
+    meta = reader.select("volumes", where, ["scan_id", "dataset"], version=volumes_version).to_pandas()
     done = set()
     if catalog.version("embeddings") is not None:
         done = set(catalog.select("embeddings", f"model = {sql_literal(label)}", ["scan_id"])["scan_id"].to_pylist())
     todo = set(meta["scan_id"]) - done
-    summary = EmbedSummary(model=label, preprocess_version=version, selected=len(meta))
+    summary = EmbedSummary(model=label, preprocess_version=version, selected=len(meta), left_out=left_out)
     summary.embeddings_version = catalog.version("embeddings")
     table = catalog.table("volumes", volumes_version)
     files = table.file_uris(file_pruning_predicate=partition) if todo else []

@@ -5,13 +5,21 @@ ingested, with a reason code), ``duplicates`` (the same image stored as other by
 ``splits``. Writers go through :func:`merge_with_retry`, which retries a MERGE when another writer committed first, so
 two ingest jobs on one catalog end without duplicate rows. Tables are written without deletion vectors so that every
 reader (Ray's ``read_delta``, polars, older delta-rs) can read them.
+
+Access levels (``open | registered | restricted``, the ``access`` column of ``scans``, from the dataset card): a catalog
+opened with ``allowed_access`` (:meth:`Catalog.restricted`) shows every reader, SQL included, only the rows of the
+datasets whose scans are all at an allowed level (docs/access.md). It is a guard against mistakes inside the platform,
+not a security boundary: whoever holds storage credentials reads the files directly, so cloud IAM on the per-dataset
+prefixes is what enforces a data use agreement.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,14 +34,16 @@ from brainiac.platform.storage import StorageLocation
 
 if TYPE_CHECKING:
     import pandas as pd
-    from deltalake import DeltaTable
+    from deltalake import DeltaTable, QueryBuilder
 
 __all__ = [
+    "ACCESS_LEVELS",
     "PREPROCESS_CONFIGS_SCHEMA",
     "ROW_GROUP_ROWS",
     "SCHEMAS",
     "SPLITS_SCHEMA",
     "VOLUMES_SCHEMA",
+    "AccessReport",
     "Catalog",
     "ScanQuery",
     "insert_missing",
@@ -190,6 +200,14 @@ ROW_GROUP_ROWS: dict[str, int] = {"volumes": 1}
 """Rows per Parquet row group where a table's rows are large: one ``volumes`` row (a few MB of arrays) per group, so
 a reader of one volume reads about one volume (:meth:`Catalog.select_keys`, the pretraining stream). Writers and
 compaction keep it."""
+
+ACCESS_LEVELS = ("open", "registered", "restricted")
+"""The access levels a dataset card may give (``brainiac.ingestion.cards`` holds the same tuple; the catalog does not
+import the cards, which import the config)."""
+
+UNFILTERED_TABLES = frozenset({"preprocess_configs"})
+"""Tables without rows of a dataset: a restricted catalog shows them whole. ``splits`` is filtered by a semi-join on
+the readable scans' ``subject_id``; every other table by its ``dataset`` column (a table with neither is hidden)."""
 
 
 def sql_literal(value: Any) -> str:
@@ -416,21 +434,234 @@ def insert_missing(table: DeltaTable, rows: pa.Table, keys: Sequence[str]) -> in
 
 
 @dataclass(frozen=True)
+class AccessReport:
+    """Which datasets a job reads and which it leaves out for their access level (:meth:`Catalog.access_report`)."""
+
+    allowed_access: tuple[str, ...]
+    """The levels the job may read (``catalog.allowed_access``)."""
+    readable: dict[str, int]
+    """Dataset → current scans, for the datasets the job reads (the named ones, or every readable one)."""
+    left_out: dict[str, tuple[str, int]]
+    """Dataset → (its levels beyond ``allowed_access``, current scans), for the datasets left out. Empty when the job
+    named its datasets: it then reads exactly those."""
+
+    @property
+    def line(self) -> str | None:
+        """One line for the job's log and summary, e.g. ``left out 2 datasets (12 scans) at access level restricted:
+        allowed open, registered``; ``None`` when nothing was left out."""
+        if not self.left_out:
+            return None
+        levels = sorted({level for levels, _ in self.left_out.values() for level in levels.split(", ")})
+        n, scans = len(self.left_out), sum(count for _, count in self.left_out.values())
+        return (
+            f"left out {n} dataset{'s' if n != 1 else ''} ({scans} scan{'s' if scans != 1 else ''}) at access "
+            f"level{'s' if len(levels) != 1 else ''} {', '.join(levels)}: allowed {', '.join(self.allowed_access)}"
+        )
+
+
+@dataclass(frozen=True)
 class Catalog:
-    """A catalog location and the tables under it.
+    """A catalog location and the tables under it, seen whole or through an access filter.
 
     Example:
         >>> cat = Catalog.open("brainiac-data/catalog")
         >>> cat.scans(sequence="T1w", age_between=(60, 90)).to_pandas()  # doctest: +SKIP
         >>> cat.sql("SELECT dataset, count(*) AS n FROM scans GROUP BY dataset")  # doctest: +SKIP
+        >>> cat.restricted(["open"]).sql("SELECT count(*) FROM volumes")  # doctest: +SKIP
     """
 
     location: StorageLocation
+    allowed_access: tuple[str, ...] | None = None
+    """``None``: every row (writers, maintenance). Otherwise every read (:meth:`select`, :meth:`select_keys`,
+    :meth:`scan_batches`, :meth:`read`, :meth:`sql`, :meth:`scans`) sees only the datasets whose ``scans`` rows are all
+    at one of these levels, judged on the newest ``scans`` (time travel does not bring back a dataset since restricted).
+    :meth:`table` stays the raw Delta table: callers read its files only for keys they selected through the filter."""
+    _levels: dict[int, dict[str, dict[str, int]]] = dataclasses.field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
+    """Cache of :meth:`_dataset_levels`, keyed by the ``scans`` version it was read at."""
 
     @classmethod
-    def open(cls, uri: str | StorageLocation, storage_options: Mapping[str, str] | None = None) -> Catalog:
+    def open(
+        cls,
+        uri: str | StorageLocation,
+        storage_options: Mapping[str, str] | None = None,
+        *,
+        allowed_access: Sequence[str] | None = None,
+    ) -> Catalog:
+        """The catalog at ``uri``; with ``allowed_access`` (a job's ``catalog.allowed_access``), restricted to it."""
         loc = uri if isinstance(uri, StorageLocation) else StorageLocation.resolve(uri, storage_options)
-        return cls(loc)
+        return cls(loc).restricted(allowed_access)
+
+    def restricted(self, allowed_access: Sequence[str] | None) -> Catalog:
+        """This catalog seen by a reader that may read only ``allowed_access`` (``None``: unchanged). Restricting an
+        already restricted catalog keeps the levels both allow, so a filter can only narrow.
+
+        Raises:
+            ValueError: a level that is not one of :data:`ACCESS_LEVELS` (the config checks user input before).
+        """
+        if allowed_access is None:
+            return self
+        unknown = sorted(set(allowed_access) - set(ACCESS_LEVELS))
+        if unknown:
+            raise ValueError(f"unknown access levels {unknown}; expected some of {list(ACCESS_LEVELS)}")
+        levels = [a for a in ACCESS_LEVELS if a in allowed_access]
+        if self.allowed_access is not None:
+            levels = [a for a in levels if a in self.allowed_access]
+        if self.allowed_access is not None and tuple(levels) == self.allowed_access:
+            return self
+        return dataclasses.replace(self, allowed_access=tuple(levels))
+
+    def unrestricted(self) -> Catalog:
+        """This catalog with every row visible (for writers, which must see what they merge against)."""
+        return self if self.allowed_access is None else dataclasses.replace(self, allowed_access=None)
+
+    def _dataset_levels(self) -> dict[str, dict[str, int]]:
+        """Dataset → {access level → current scans} over every row of the newest ``scans`` (a superseded row adds
+        its level with no scans; a null level counts as ``unknown``), read once per ``scans`` version."""
+        from deltalake import QueryBuilder
+
+        dt = self.table("scans")
+        if dt is None:
+            return {}
+        version = int(dt.version())
+        cached = self._levels.get(version)
+        if cached is None:
+            sql = (
+                "SELECT dataset, access, sum(CASE WHEN status = 'current' THEN 1 ELSE 0 END) AS n "
+                "FROM scans GROUP BY dataset, access"
+            )
+            cached = {}
+            for row in _to_pyarrow(QueryBuilder().register("scans", dt).execute(sql)).to_pylist():
+                if row["dataset"] is not None:
+                    levels = cached.setdefault(str(row["dataset"]), {})
+                    levels[row["access"] or "unknown"] = int(row["n"] or 0)
+            self._levels.clear()
+            self._levels[version] = cached
+        return cached
+
+    def _beyond(self, levels: Mapping[str, int]) -> list[str]:
+        allowed = set(self.allowed_access if self.allowed_access is not None else ACCESS_LEVELS)
+        return sorted(set(levels) - allowed)
+
+    def readable_datasets(self) -> list[str]:
+        """The datasets this catalog's readers see: those whose every ``scans`` row is at an allowed level."""
+        return sorted(d for d, levels in self._dataset_levels().items() if not self._beyond(levels))
+
+    def access_report(self, datasets: Sequence[str] | None = None) -> AccessReport:
+        """What a job of this (restricted) catalog reads and leaves out; ``datasets`` are the ones it was told to read
+        (``--dataset``, ``catalog.datasets``), checked here.
+
+        Raises:
+            UserError: a named dataset that the catalog does not hold, or one at a level this job may not read (one
+                line naming them, so a user never gets silently less than they asked for).
+        """
+        allowed = self.allowed_access if self.allowed_access is not None else ACCESS_LEVELS
+        levels = self._dataset_levels()
+        if datasets:
+            names = list(dict.fromkeys(datasets))
+            unknown = [d for d in names if d not in levels]
+            if unknown:
+                known = ", ".join(self.readable_datasets()) or "none"
+                raise UserError(
+                    f"unknown dataset{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in catalog {self.uri} "
+                    f"(readable datasets: {known})"
+                )
+            forbidden = {d: self._beyond(levels[d]) for d in names if self._beyond(levels[d])}
+            if forbidden:
+                what = ", ".join(f"{d} ({', '.join(lv)})" for d, lv in forbidden.items())
+                raise UserError(
+                    f"dataset{'s' if len(forbidden) > 1 else ''} {what} may not be read by this job: "
+                    f"catalog.allowed_access is {', '.join(allowed)}"
+                )
+            return AccessReport(tuple(allowed), {d: sum(levels[d].values()) for d in names}, {})
+        readable, left_out = {}, {}
+        for d, lv in sorted(levels.items()):
+            beyond = self._beyond(lv)
+            if beyond:
+                left_out[d] = (", ".join(beyond), sum(lv.values()))
+            else:
+                readable[d] = sum(lv.values())
+        return AccessReport(tuple(allowed), readable, left_out)
+
+    def set_access(self, dataset: str, level: str) -> int:
+        """Give every ``scans`` row of ``dataset`` (current and superseded) the access ``level``: one Delta UPDATE,
+        confined to the dataset's partition, that touches only rows at another level; returns the rows changed.
+
+        Ingest calls it when a dataset card's level changed since the rows were written, so that a dataset made
+        ``restricted`` disappears from every reader that may not read it (time travel included: readers judge
+        datasets by the newest ``scans``).
+
+        Raises:
+            ValueError: a level that is not one of :data:`ACCESS_LEVELS`.
+        """
+        if level not in ACCESS_LEVELS:
+            raise ValueError(f"unknown access level {level!r}; expected one of {list(ACCESS_LEVELS)}")
+        predicate = f"dataset = {sql_literal(dataset)} AND (access IS NULL OR access <> {sql_literal(level)})"
+
+        def attempt() -> int:
+            dt = self.table("scans")
+            if dt is None:
+                return 0
+            metrics = dt.update(updates={"access": sql_literal(level)}, predicate=predicate)
+            return int(metrics.get("num_updated_rows", 0))
+
+        return merge_with_retry(attempt, what=f"access of {dataset}")
+
+    def _session(self, tables: Mapping[str, DeltaTable]) -> QueryBuilder:
+        """A DataFusion session with ``tables`` registered under their names; on a restricted catalog each name is a
+        view that keeps only readable rows, and the tables behind the views are dropped from the session, so no SQL
+        can name them.
+
+        ``scans`` keeps the rows of readable datasets at an allowed level; ``splits`` the subjects that have a
+        readable scan (a semi-join on ``scan`` rows, at the same version as the query's ``scans`` if it has one);
+        :data:`UNFILTERED_TABLES` stay whole; every other table keeps the rows of readable datasets (its ``dataset``
+        column: a short literal list, which prunes partitions and statistics), and one without that column is left
+        out of the session.
+        """
+        from deltalake import QueryBuilder
+
+        qb = QueryBuilder()
+        if self.allowed_access is None:
+            for name, dt in tables.items():
+                qb.register(name, dt)
+            return qb
+        datasets = self.readable_datasets()
+        scans_where = f"{sql_in('access', list(self.allowed_access))} AND {sql_in('dataset', datasets)}"
+        token = uuid.uuid4().hex
+        hidden: dict[str, str] = {}
+
+        def register_hidden(name: str, dt: DeltaTable) -> str:
+            hidden[name] = f"__raw_{token}_{name}"
+            qb.register(hidden[name], dt)
+            return hidden[name]
+
+        views: list[tuple[str, str]] = []
+        for name, dt in tables.items():
+            if name in UNFILTERED_TABLES:
+                qb.register(name, dt)
+                continue
+            columns = set(pa.schema(dt.schema().to_arrow()).names)  # type: ignore[arg-type]
+            if name == "scans":
+                where = scans_where
+            elif name == "splits":
+                scans_dt = tables["scans"] if "scans" in tables else self.table("scans")
+                if scans_dt is None:
+                    where = "FALSE"
+                else:
+                    source = hidden.get("scans") or register_hidden("scans", scans_dt)
+                    where = f'"subject_id" IN (SELECT "subject_id" FROM "{source}" WHERE {scans_where})'
+            elif "dataset" in columns:
+                where = sql_in("dataset", datasets)
+            else:
+                log.warning("table %s has no dataset column: left out of a restricted catalog's SQL", name)
+                continue
+            views.append((name, f'SELECT * FROM "{hidden.get(name) or register_hidden(name, dt)}" WHERE {where}'))
+        for name, select in views:
+            _to_pyarrow(qb.execute(f'CREATE VIEW "{name}" AS {select}'))
+        for raw in hidden.values():  # the views hold their own plans; the raw tables leave the session
+            _to_pyarrow(qb.execute(f'DROP TABLE "{raw}"'))
+        return qb
 
     @property
     def uri(self) -> str:
@@ -474,8 +705,6 @@ class Catalog:
 
         pyarrow's own dataset filter cannot compare delta-rs' string-view statistics, so filtered reads go here.
         """
-        from deltalake import QueryBuilder
-
         dt = self.table(name, version)
         schema = SCHEMAS.get(name)
         if dt is None:
@@ -487,7 +716,7 @@ class Catalog:
             + (f" WHERE {where}" if where else "")
             + (f" LIMIT {int(limit)}" if limit else "")
         )
-        return _plain_types(_to_pyarrow(QueryBuilder().register(name, dt).execute(sql)), schema)
+        return _plain_types(_to_pyarrow(self._session({name: dt}).execute(sql)), schema)
 
     def select_keys(
         self,
@@ -567,11 +796,9 @@ class Catalog:
     def _stream(
         self, name: str, dt: DeltaTable, columns: Sequence[str] | None, where: str | None
     ) -> Iterator[pa.RecordBatch]:
-        from deltalake import QueryBuilder
-
         cols = ", ".join(f'"{c}"' for c in columns) if columns else "*"
         sql = f'SELECT {cols} FROM "{name}"' + (f" WHERE {where}" if where else "")
-        reader = pa.RecordBatchReader.from_stream(QueryBuilder().register(name, dt).execute(sql))
+        reader = pa.RecordBatchReader.from_stream(self._session({name: dt}).execute(sql))
         schema = SCHEMAS.get(name)
         for batch in reader:
             yield _plain_batch(batch, schema)
@@ -594,11 +821,14 @@ class Catalog:
         return out
 
     def read(self, name: str, version: int | None = None, columns: Sequence[str] | None = None) -> pa.Table:
-        """A whole table as Arrow (empty with the right schema if the table does not exist)."""
+        """A whole table as Arrow (empty with the right schema if the table does not exist); a restricted catalog
+        reads it through :meth:`select`, which keeps only readable rows."""
         dt = self.table(name, version)
         if dt is None:
             schema = SCHEMAS.get(name, pa.schema([]))
             return schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
+        if self.allowed_access is not None:
+            return self.select(name, None, columns, version)
         return dt.to_pyarrow_dataset().to_table(columns=list(columns) if columns else None)
 
     def create_if_missing(self, name: str) -> DeltaTable:
@@ -664,21 +894,19 @@ class Catalog:
             raise UserError(f"SQL error: {_first_line(exc)}") from None
 
     def _sql_reader(self, query: str, as_of: int | None) -> pa.RecordBatchReader:
-        """A streaming reader of ``query`` over every table that exists (at ``as_of``)."""
-        from deltalake import QueryBuilder
-
-        qb = QueryBuilder()
-        registered = 0
+        """A streaming reader of ``query`` over every table that exists (at ``as_of``), each seen through this
+        catalog's access filter (:meth:`_session`)."""
+        tables: dict[str, DeltaTable] = {}
         for name in SCHEMAS:
             try:
                 dt = self.table(name, as_of)
             except UserError:  # the table did not exist yet at that version
                 continue
             if dt is not None:
-                qb.register(name, dt)
-                registered += 1
-        if registered == 0:
+                tables[name] = dt
+        if not tables:
             raise UserError(f"catalog {self.uri} has no tables yet; run `brainiac ingest` first")
+        qb = self._session(tables)
         try:
             return pa.RecordBatchReader.from_stream(qb.execute(query))
         except Exception as exc:  # DataFusion raises at planning time
@@ -696,8 +924,9 @@ class Catalog:
     ) -> ScanQuery:
         """A filtered view of ``scans`` (current rows only unless ``include_superseded``).
 
-        ``allowed_access`` (a job's ``catalog.allowed_access``) makes reading a row of any other access level an error
-        that names the datasets, instead of silently training on data the job may not use.
+        ``allowed_access`` (a job's ``catalog.allowed_access``; else this catalog's own restriction) keeps only the
+        rows of datasets readable at those levels: a job reads what it may and says what it left out
+        (:meth:`access_report`), instead of failing because the catalog also holds data it may not use.
         """
         return ScanQuery(self, dataset, sequence, age_between, include_superseded, version, allowed_access)
 
@@ -710,7 +939,8 @@ def _as_list(value: str | Sequence[str] | None) -> list[str] | None:
 
 @dataclass(frozen=True)
 class ScanQuery:
-    """Filters over the ``scans`` table, pushed down to partitions (dataset) and Parquet statistics."""
+    """Filters over the ``scans`` table, pushed down to partitions (dataset) and Parquet statistics; rows of datasets
+    that ``allowed_access`` (or the catalog's restriction) does not allow are left out."""
 
     catalog: Catalog
     dataset: str | Sequence[str] | None
@@ -735,28 +965,13 @@ class ScanQuery:
         return " AND ".join(parts) if parts else "TRUE"
 
     def to_arrow(self, columns: Sequence[str] | None = None) -> pa.Table:
-        if self.allowed_access is None:
-            return self.catalog.select("scans", self.where(), columns, self.version)
-        # One read: fetch the access columns with the selection and check them before handing rows out.
-        wanted = list(columns) if columns else list(SCANS_SCHEMA.names)
-        table = self.catalog.select(
-            "scans", self.where(), list(dict.fromkeys([*wanted, "dataset", "access"])), self.version
-        )
-        allowed = set(self.allowed_access)
-        denied = sorted(
-            {
-                (d, a)
-                for d, a in zip(table["dataset"].to_pylist(), table["access"].to_pylist(), strict=True)
-                if a not in allowed
-            }
-        )
-        if denied:
-            raise UserError(
-                f"this job may read access levels {', '.join(self.allowed_access)} but the selection includes "
-                + ", ".join(f"{d} ({a})" for d, a in denied)
-                + "; filter those datasets out or widen catalog.allowed_access"
-            )
-        return table.select(wanted)
+        """The matching rows that the access levels allow (see :meth:`Catalog.restricted`)."""
+        reader = self.catalog.restricted(self.allowed_access)
+        return reader.select("scans", self.where(), columns, self.version)
+
+    def access_report(self) -> AccessReport:
+        """What this selection leaves out for its access levels (and an error for a named dataset it may not read)."""
+        return self.catalog.restricted(self.allowed_access).access_report(_as_list(self.dataset))
 
     def to_pandas(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         return self.to_arrow(columns).to_pandas()

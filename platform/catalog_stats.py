@@ -16,6 +16,8 @@ __all__ = ["catalog_stats", "dataset_fingerprint", "plot_overview", "scans_frame
 
 
 def scans_frame(catalog: Catalog, version: int | None = None) -> pd.DataFrame:
+    """The current ``scans`` rows the statistics need, of the datasets ``catalog`` may read (see
+    :meth:`Catalog.restricted`)."""
     cols = [
         "scan_id",
         "dataset",
@@ -67,10 +69,12 @@ def _intensity(uris: list[str], catalog: Catalog) -> dict[str, float]:
 def catalog_stats(
     catalog: Catalog, version: int | None = None, intensity_sample: int = 0, frame: pd.DataFrame | None = None
 ) -> dict[str, Any]:
-    """Everything ``brainiac catalog stats`` prints, as plain data (``frame``: the scans already read, if any)."""
+    """Everything ``brainiac catalog stats`` prints, as plain data (``frame``: the scans already read, if any), over
+    the datasets ``catalog`` may read; ``left_out`` says what its access levels left out (``None``: nothing)."""
     df = scans_frame(catalog, version) if frame is None else frame
+    left_out = catalog.access_report().line
     if df.empty:
-        return {"scans": 0}
+        return {"scans": 0, "left_out": left_out}
     by_ds_seq = df.groupby(["dataset", "sequence"]).size().unstack(fill_value=0)
     ages = df["age_years"].dropna()
     return {
@@ -89,6 +93,7 @@ def catalog_stats(
         },
         "fingerprint": dataset_fingerprint(df, catalog, intensity_sample),
         "scans_version": catalog.version("scans") if version is None else version,
+        "left_out": left_out,
     }
 
 

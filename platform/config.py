@@ -99,8 +99,14 @@ class CatalogConfig:
     allowed_access: list[Literal["open", "registered", "restricted"]] = field(
         default_factory=lambda: ["open", "registered"]
     )
-    """Access levels (from the dataset cards) this job may read. Reading a scan of another level is an error, so
-    DUA-restricted data never flows into a job that was not configured for it."""
+    """Access levels (from the dataset cards) this job may read. Every read of the catalog, SQL included, sees only the
+    datasets whose scans are all at these levels; jobs read those and print what they left out, so DUA-restricted data
+    never flows into a job that was not configured for it. An in-process filter, not a security boundary: storage
+    credentials read every file (docs/access.md shows the IAM policy that enforces the levels)."""
+
+    datasets: list[str] = field(default_factory=list)
+    """Datasets a job reads (``--dataset NAME``, repeatable); empty: every dataset it may read. Naming a dataset the
+    catalog does not hold, or one at a level outside ``allowed_access``, is an error."""
 
 
 @dataclass

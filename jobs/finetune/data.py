@@ -1,9 +1,10 @@
 """Task data from the catalog: cases, inputs, labels and subject-level splits for one :class:`TaskSpec`.
 
-Cases join current ``scans`` rows (access levels checked) with QC-passing ``volumes`` of one preprocess version. The
-sequence task takes every scan as a case; the others take one case per subject session holding every listed sequence
-(channel order = the spec's). Splits come from the catalog's ``splits`` table, so a subject is on exactly one side,
-and the few-shot / fraction regimes draw only from the train subjects, deterministically per seed.
+Cases join current ``scans`` rows (of the datasets ``catalog.allowed_access`` allows, or the ones ``catalog.datasets``
+names) with QC-passing ``volumes`` of one preprocess version. The sequence task takes every scan as a case; the others
+take one case per subject session holding every listed sequence (channel order = the spec's). Splits come from the
+catalog's ``splits`` table, so a subject is on exactly one side, and the few-shot / fraction regimes draw only from the
+train subjects, deterministically per seed.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class TaskData:
     access_levels: list[str] = field(default_factory=list)
     table_versions: dict[str, int] = field(default_factory=dict)
     """Delta versions of ``scans``, ``volumes`` and ``splits`` the cases were read at."""
+    left_out: str | None = None
+    """What ``catalog.allowed_access`` left out of the catalog (datasets, scans, levels), or ``None``."""
 
     def indices(self, split: str, subjects: set[str] | None = None) -> np.ndarray:
         """Case indices of ``split`` (optionally only those of ``subjects``)."""
@@ -103,8 +106,12 @@ def load_task_data(
     repeated on exactly the same cases later; tables not named are read at their current version, which
     :attr:`TaskData.table_versions` records.
 
+    Only datasets that ``catalog.allowed_access`` allows are read (and of those, the ones ``catalog.datasets``
+    names); :attr:`TaskData.left_out` says what was left out.
+
     Raises:
-        UserError: no volumes, a forbidden access level, or no case with a label.
+        UserError: no volumes, a named dataset that is unknown or at a level the job may not read, or no case with a
+            label.
     """
     pinned = dict(table_versions or {})
     volumes_version = pinned.get("volumes", catalog.version("volumes"))
@@ -112,9 +119,11 @@ def load_task_data(
         raise UserError(f"the catalog {catalog.uri} has no volumes table; run `brainiac preprocess` first")
     used = {"scans": pinned.get("scans", catalog.version("scans")), "volumes": int(volumes_version),
             "splits": pinned.get("splits", catalog.version("splits"))}  # fmt: skip
-    version = preprocess_version or cfg.patches.preprocess_version or newest_preprocess_version(catalog)
+    reader = catalog.restricted(cfg.catalog.allowed_access)
+    left_out = reader.access_report(cfg.catalog.datasets).line
+    version = preprocess_version or cfg.patches.preprocess_version or newest_preprocess_version(reader)
     wanted = sorted(set(spec.sequences) | set(spec.optional_sequences))
-    scans = catalog.scans(sequence=wanted, allowed_access=cfg.catalog.allowed_access, version=used["scans"])
+    scans = reader.scans(dataset=cfg.catalog.datasets or None, sequence=wanted, version=used["scans"])
     rows = scans.to_arrow([*SCAN_COLUMNS, "access"]).to_pylist()
     if spec.diagnosis:
         rows = [r for r in rows if r.get("diagnosis") in spec.diagnosis]
@@ -200,6 +209,7 @@ def load_task_data(
         volumes_version=int(volumes_version),
         access_levels=sorted({r["access"] for r in labelled}),
         table_versions={k: int(v) for k, v in used.items() if v is not None},
+        left_out=left_out,
     )
 
 

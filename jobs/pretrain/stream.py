@@ -79,13 +79,18 @@ class PretrainSelection:
     """Access levels of the training data (a model trained on ``restricted`` data carries that tag)."""
     eval_groups: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Held-out scan id → (dataset, subject): :func:`eval_pairs` spreads its few volumes over them."""
+    left_out: str | None = None
+    """What ``catalog.allowed_access`` left out of the catalog (datasets, scans, levels), or ``None``."""
 
 
 def select_volumes(catalog: Catalog, cfg: Config) -> PretrainSelection:
-    """Resolve the config's patch selection against the catalog (driver side, metadata only).
+    """Resolve the config's patch selection against the catalog (driver side, metadata only): the volumes of the
+    datasets ``catalog.datasets`` and ``patches.datasets`` name (default: all) that ``catalog.allowed_access`` allows;
+    :attr:`PretrainSelection.left_out` says what the access levels left out.
 
     Raises:
-        UserError: no volumes, an access level the job may not read, or an empty train or held-out selection.
+        UserError: no volumes, a named dataset that is unknown or at a level the job may not read, or an empty train
+            or held-out selection.
     """
     volumes_version = catalog.version("volumes")
     if volumes_version is None:
@@ -93,21 +98,24 @@ def select_volumes(catalog: Catalog, cfg: Config) -> PretrainSelection:
             f"the catalog {catalog.uri} has no volumes table; run `brainiac preprocess --catalog {catalog.uri}` first"
         )
     pcfg = cfg.patches
-    version = pcfg.preprocess_version or newest_preprocess_version(catalog)
+    reader = catalog.restricted(cfg.catalog.allowed_access)  # every read below sees only what the job may read
+    left_out = reader.access_report([*cfg.catalog.datasets, *pcfg.datasets]).line
+    version = pcfg.preprocess_version or newest_preprocess_version(reader)
     where = f"preprocess_version = {sql_literal(version)} AND qc_pass"
-    if pcfg.datasets:
-        where += f" AND {sql_in('dataset', pcfg.datasets)}"
+    for named in (cfg.catalog.datasets, pcfg.datasets):
+        if named:
+            where += f" AND {sql_in('dataset', named)}"
     if pcfg.sequences:
         where += f" AND {sql_in('sequence', pcfg.sequences)}"
-    meta = catalog.select("volumes", where, ["scan_id", "dataset", "subject_id"], version=volumes_version).to_pandas()
+    meta = reader.select("volumes", where, ["scan_id", "dataset", "subject_id"], version=volumes_version).to_pandas()
     if meta.empty:
+        datasets = sorted(set(cfg.catalog.datasets) | set(pcfg.datasets))
         raise UserError(
-            f"no QC-passing volumes of preprocess version {version} match datasets={pcfg.datasets or 'all'} "
-            f"sequences={pcfg.sequences or 'all'}"
+            f"no QC-passing volumes of preprocess version {version} that this job may read match "
+            f"datasets={datasets or 'all'} sequences={pcfg.sequences or 'all'}"
         )
-    # The access check reads the scans rows behind the selection; a level the job may not read is an error.
-    access = catalog.scans(dataset=sorted(meta["dataset"].unique()), allowed_access=cfg.catalog.allowed_access)
-    levels = access.to_arrow(["scan_id", "access"]).to_pandas()
+    # The access levels of the scans behind the selection: the model's provenance tag.
+    levels = reader.scans(dataset=sorted(meta["dataset"].unique())).to_arrow(["scan_id", "access"]).to_pandas()
     levels = levels[levels["scan_id"].isin(meta["scan_id"])]
     split_of = read_splits(catalog, cfg.splits.seed, sorted(meta["subject_id"].unique()))
     meta["split"] = meta["subject_id"].map(split_of)
@@ -126,6 +134,7 @@ def select_volumes(catalog: Catalog, cfg: Config) -> PretrainSelection:
         eval_ids=sorted(held["scan_id"]),
         datasets={str(k): int(v) for k, v in train["dataset"].value_counts().sort_index().items()},
         access_levels=sorted(set(levels["access"])),
+        left_out=left_out,
         eval_groups={
             str(scan): (str(d), str(subject))
             for scan, d, subject in zip(held["scan_id"], held["dataset"], held["subject_id"], strict=True)

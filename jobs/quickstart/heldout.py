@@ -14,13 +14,16 @@ __all__ = ["heldout_inputs"]
 def heldout_inputs(cfg: Config, task: str, cases: int = 1) -> list[Any] | None:
     """Inputs for :func:`brainiac.jobs.predict.predict_scans`: up to ``cases`` test-split cases of ``task``, as a file
     path (one-sequence tasks) or ``{sequence: path}`` (multi-sequence tasks); ``None`` when the test split has none.
-    Files are the catalog's NIfTI images (``image_uri``: the original file, or the conversion of a DICOM series)."""
+    Files are the catalog's NIfTI images (``image_uri``: the original file, or the conversion of a DICOM series), of
+    the datasets the config may read (``catalog.allowed_access``, ``catalog.datasets``)."""
     from brainiac.models.tasks.spec import task_spec
 
     spec = task_spec(task)
     catalog = Catalog.open(cfg.catalog.uri, cfg.catalog.storage_options)
     rows = (
-        catalog.scans(sequence=spec.sequences, allowed_access=cfg.catalog.allowed_access)
+        catalog.scans(
+            dataset=cfg.catalog.datasets or None, sequence=spec.sequences, allowed_access=cfg.catalog.allowed_access
+        )
         .to_arrow(["subject_id", "session", "sequence", "image_uri", "diagnosis", "labels", "dataset"])
         .to_pylist()
     )

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from brainiac.platform.cli.common import CatalogOption, ConfigOption, SetOption, build_config
+from brainiac.platform.cli.common import CatalogOption, ConfigOption, SetOption, build_config, open_catalog
 
 app = typer.Typer(
     help="Look into the catalog: SQL over its Delta tables (scans, quarantine, ...) and an overview with a plot.",
@@ -20,11 +20,12 @@ DEFAULT_SQL = (
 )
 
 
-def _open(config, set_, catalog):
-    from brainiac.platform.catalog import Catalog
-
+def _open(config, set_, catalog, *, restricted: bool = True):
+    """The catalog of the config, seen through its ``catalog.allowed_access`` (``restricted=False``: whole, for
+    maintenance, which reads and rewrites files without showing rows)."""
     cfg = build_config(config, set_, catalog=catalog)
-    return Catalog.open(cfg.catalog.uri, cfg.catalog.storage_options or None)
+    cat = open_catalog(cfg)
+    return cat if restricted else cat.unrestricted()
 
 
 @app.command()
@@ -55,6 +56,9 @@ def query(
 
     Superseded rows stay in [b]scans[/b] with status = 'superseded'; filter on status = 'current' for today's view.
     Results stream: json and csv print each batch as it arrives, so exporting a large table holds one batch in memory.
+
+    Every table shows only the datasets [b]catalog.allowed_access[/b] allows (default: open, registered); what the
+    query could not see is said on stderr after the results.
     """
     cat = _open(config, set_, catalog)
     if format_ == "table" and limit is None:
@@ -71,6 +75,7 @@ def query(
             else:
                 df.to_csv(sys.stdout, index=False, header=header)
                 header = False
+        _say_left_out(cat)
         return
     from rich.console import Console
     from rich.table import Table
@@ -88,6 +93,14 @@ def query(
     for row in rows:
         table.add_row(*[_cell(v) for v in row.values()])
     Console().print(table)
+    _say_left_out(cat)
+
+
+def _say_left_out(cat) -> None:
+    """After a query: on stderr, the datasets its tables did not show (stdout carries only the result)."""
+    line = cat.access_report().line
+    if line:
+        typer.echo(f"note: {line} (catalog.allowed_access)", err=True)
 
 
 TABLE_ROWS = 50
@@ -127,7 +140,7 @@ def optimize(
     """
     from brainiac.platform.maintenance import optimize_catalog
 
-    cat = _open(config, set_, catalog)
+    cat = _open(config, set_, catalog, restricted=False)
     reports = optimize_catalog(cat, table, retention_hours=retain_hours, dry_run=dry_run)
     for r in reports:
         typer.echo(
@@ -155,7 +168,8 @@ def stats(
     set_: SetOption = None,
 ) -> None:
     """Counts per dataset, sequence, site and access level; age and sex distributions; and the nnU-Net-style per-dataset
-    fingerprint (median spacing and shape, optional intensity percentiles)."""
+    fingerprint (median spacing and shape, optional intensity percentiles). Only the datasets
+    [b]catalog.allowed_access[/b] allows are counted; a line says what was left out."""
     from brainiac.platform.catalog_stats import catalog_stats, plot_overview, scans_frame, stats_json
 
     cat = _open(config, set_, catalog)
@@ -175,5 +189,7 @@ def stats(
             )
         if st["scans"]:
             typer.echo(f"  age (years): {st['age_years']}  sex: {st['sex']}  access: {st['by_access']}")
+        if st.get("left_out"):
+            typer.echo(f"  {st['left_out']}")
     if plot is not None and st["scans"]:
         typer.echo(f"overview plot: {plot_overview(cat, plot, as_of, frame=frame)}")

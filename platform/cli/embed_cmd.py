@@ -6,7 +6,14 @@ from typing import Annotated
 
 import typer
 
-from brainiac.platform.cli.common import CatalogOption, ConfigOption, SetOption, build_config
+from brainiac.platform.cli.common import (
+    CatalogOption,
+    ConfigOption,
+    DatasetOption,
+    SetOption,
+    build_config,
+    report_access,
+)
 
 
 def embed(
@@ -17,6 +24,7 @@ def embed(
         ),
     ],
     catalog: CatalogOption = None,
+    dataset: DatasetOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -32,7 +40,8 @@ def embed(
 
     from brainiac.jobs.embed import embed as run
 
-    cfg = build_config(config, set_, catalog=catalog)
+    cfg = build_config(config, set_, catalog=catalog, datasets=dataset)
+    report_access(cfg)  # an unknown or forbidden --dataset stops here; say what the access levels leave out
     s = run(cfg, model, progress=not quiet)
     Console().print(
         f"[b]embeddings[/b] model {s.model} · preprocess_version {s.preprocess_version} · volumes {s.selected} · "

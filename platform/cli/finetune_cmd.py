@@ -6,7 +6,14 @@ from typing import Annotated
 
 import typer
 
-from brainiac.platform.cli.common import CatalogOption, ConfigOption, SetOption, build_config
+from brainiac.platform.cli.common import (
+    CatalogOption,
+    ConfigOption,
+    DatasetOption,
+    SetOption,
+    build_config,
+    report_access,
+)
 
 
 def finetune(
@@ -20,6 +27,7 @@ def finetune(
         ),
     ],
     catalog: CatalogOption = None,
+    dataset: DatasetOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     strategy: Annotated[
@@ -66,7 +74,8 @@ def finetune(
             extra.append(f"finetune.{key}={value}")
     if seeds is not None:
         extra.append(f"finetune.seeds=[{seeds}]")
-    cfg = build_config(config, extra, catalog=catalog)
+    cfg = build_config(config, extra, catalog=catalog, datasets=dataset)
+    report_access(cfg)  # an unknown or forbidden --dataset stops here; say what the access levels leave out
     s = run(cfg, progress=not quiet)
     console = Console()
     console.print(

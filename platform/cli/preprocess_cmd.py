@@ -6,11 +6,19 @@ from typing import Annotated
 
 import typer
 
-from brainiac.platform.cli.common import CatalogOption, ConfigOption, SetOption, build_config
+from brainiac.platform.cli.common import (
+    CatalogOption,
+    ConfigOption,
+    DatasetOption,
+    SetOption,
+    build_config,
+    report_access,
+)
 
 
 def preprocess(
     catalog: CatalogOption = None,
+    dataset: DatasetOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     limit: Annotated[
@@ -32,7 +40,8 @@ def preprocess(
 
     from brainiac.ingestion.prepare import preprocess as run
 
-    cfg = build_config(config, set_, catalog=catalog)
+    cfg = build_config(config, set_, catalog=catalog, datasets=dataset)
+    report_access(cfg)  # an unknown or forbidden --dataset stops here; say what the access levels leave out
     s = run(cfg, progress=not quiet, limit=limit)
     console = Console()
     console.print(f"[b]volumes[/b] {s.catalog} — preprocess_version {s.preprocess_version}, table v{s.volumes_version}")

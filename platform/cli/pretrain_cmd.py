@@ -6,7 +6,14 @@ from typing import Annotated
 
 import typer
 
-from brainiac.platform.cli.common import CatalogOption, ConfigOption, SetOption, build_config
+from brainiac.platform.cli.common import (
+    CatalogOption,
+    ConfigOption,
+    DatasetOption,
+    SetOption,
+    build_config,
+    report_access,
+)
 from brainiac.platform.config import shipped_yaml_names
 
 JOB_CONFIG_PREFIX = "pretrain/"
@@ -22,6 +29,7 @@ def job_config_name(name: str | None) -> str | None:
 
 def pretrain(
     catalog: CatalogOption = None,
+    dataset: DatasetOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Ray Train workers (pretrain.num_workers).")] = None,
@@ -68,7 +76,8 @@ def pretrain(
         extra.append(f"pretrain.run_name={run_name}")
     if address is not None:
         extra.append(f"cluster.address={address}")
-    cfg = build_config(job_config_name(config), extra, catalog=catalog)
+    cfg = build_config(job_config_name(config), extra, catalog=catalog, datasets=dataset)
+    report_access(cfg)  # an unknown or forbidden --dataset stops here; say what the access levels leave out
     s = run(cfg, progress=not quiet)
     console = Console()
 
