@@ -440,10 +440,11 @@ class AccessReport:
     allowed_access: tuple[str, ...]
     """The levels the job may read (``catalog.allowed_access``)."""
     readable: dict[str, int]
-    """Dataset → current scans, for the datasets the job reads (the named ones, or every readable one)."""
+    """Dataset → rows of ``scans`` (superseded versions included), for the datasets the job reads (the named ones, or
+    every readable one)."""
     left_out: dict[str, tuple[str, int]]
-    """Dataset → (its levels beyond ``allowed_access``, current scans), for the datasets left out. Empty when the job
-    named its datasets: it then reads exactly those."""
+    """Dataset → (its levels beyond ``allowed_access``, rows of ``scans``), for the datasets left out. Empty when the
+    job named its datasets: it then reads exactly those."""
 
     @property
     def line(self) -> str | None:
@@ -476,7 +477,7 @@ class Catalog:
     :meth:`scan_batches`, :meth:`read`, :meth:`sql`, :meth:`scans`) sees only the datasets whose ``scans`` rows are all
     at one of these levels, judged on the newest ``scans`` (time travel does not bring back a dataset since restricted).
     :meth:`table` stays the raw Delta table: callers read its files only for keys they selected through the filter."""
-    _levels: dict[int, dict[str, dict[str, int]]] = dataclasses.field(
+    _levels: dict[int, dict[str, tuple[frozenset[str], int]]] = dataclasses.field(
         default_factory=dict, init=False, compare=False, repr=False
     )
     """Cache of :meth:`_dataset_levels`, keyed by the ``scans`` version it was read at."""
@@ -516,37 +517,58 @@ class Catalog:
         """This catalog with every row visible (for writers, which must see what they merge against)."""
         return self if self.allowed_access is None else dataclasses.replace(self, allowed_access=None)
 
-    def _dataset_levels(self) -> dict[str, dict[str, int]]:
-        """Dataset → {access level → current scans} over every row of the newest ``scans`` (a superseded row adds
-        its level with no scans; a null level counts as ``unknown``), read once per ``scans`` version."""
-        from deltalake import QueryBuilder
+    def _dataset_levels(self) -> dict[str, tuple[frozenset[str], int]]:
+        """Dataset → (its access levels, its rows) in the newest ``scans``, current and superseded rows alike (a null
+        level counts as ``unknown``), read once per ``scans`` version.
 
+        The answer comes from the Delta log alone (each file's partition value, row count and min/max statistics of
+        ``access``), so a reader whose storage credentials cannot open restricted partitions still gets it; a file
+        without statistics is read. Levels between a file's min and max count as present (a mixed file is judged by
+        every level it may hold).
+        """
         dt = self.table("scans")
         if dt is None:
             return {}
         version = int(dt.version())
         cached = self._levels.get(version)
-        if cached is None:
-            sql = (
-                "SELECT dataset, access, sum(CASE WHEN status = 'current' THEN 1 ELSE 0 END) AS n "
-                "FROM scans GROUP BY dataset, access"
-            )
-            cached = {}
-            for row in _to_pyarrow(QueryBuilder().register("scans", dt).execute(sql)).to_pylist():
-                if row["dataset"] is not None:
-                    levels = cached.setdefault(str(row["dataset"]), {})
-                    levels[row["access"] or "unknown"] = int(row["n"] or 0)
-            self._levels.clear()
-            self._levels[version] = cached
+        if cached is not None:
+            return cached
+        actions = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
+        levels: dict[str, set[str]] = {}
+        rows: dict[str, int] = {}
+        unread: set[str] = set()
+        for action in actions:
+            dataset = action.get("partition.dataset")
+            if dataset is None:
+                continue  # a row without a dataset is never readable: it matches no dataset filter
+            dataset = str(dataset)
+            count = int(action.get("num_records") or 0)
+            rows[dataset] = rows.get(dataset, 0) + count
+            found = levels.setdefault(dataset, set())
+            low, high, nulls = action.get("min.access"), action.get("max.access"), action.get("null_count.access")
+            if nulls is None or (low is None and nulls < count):
+                unread.add(dataset)  # no statistics: read the values
+                continue
+            if nulls:
+                found.add("unknown")
+            if low is not None and high is not None:
+                found.update({low, high, *(a for a in ACCESS_LEVELS if low <= a <= high)})
+        for dataset in sorted(unread):
+            where = f"dataset = {sql_literal(dataset)}"
+            values = self.unrestricted().select("scans", where, ["access"])["access"].unique().to_pylist()
+            levels[dataset].update(v if v is not None else "unknown" for v in values)
+        cached = {d: (frozenset(levels[d]), rows[d]) for d in levels}
+        self._levels.clear()
+        self._levels[version] = cached
         return cached
 
-    def _beyond(self, levels: Mapping[str, int]) -> list[str]:
+    def _beyond(self, levels: Iterable[str]) -> list[str]:
         allowed = set(self.allowed_access if self.allowed_access is not None else ACCESS_LEVELS)
         return sorted(set(levels) - allowed)
 
     def readable_datasets(self) -> list[str]:
         """The datasets this catalog's readers see: those whose every ``scans`` row is at an allowed level."""
-        return sorted(d for d, levels in self._dataset_levels().items() if not self._beyond(levels))
+        return sorted(d for d, (levels, _) in self._dataset_levels().items() if not self._beyond(levels))
 
     def access_report(self, datasets: Sequence[str] | None = None) -> AccessReport:
         """What a job of this (restricted) catalog reads and leaves out; ``datasets`` are the ones it was told to read
@@ -567,21 +589,21 @@ class Catalog:
                     f"unknown dataset{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in catalog {self.uri} "
                     f"(readable datasets: {known})"
                 )
-            forbidden = {d: self._beyond(levels[d]) for d in names if self._beyond(levels[d])}
+            forbidden = {d: self._beyond(levels[d][0]) for d in names if self._beyond(levels[d][0])}
             if forbidden:
                 what = ", ".join(f"{d} ({', '.join(lv)})" for d, lv in forbidden.items())
                 raise UserError(
                     f"dataset{'s' if len(forbidden) > 1 else ''} {what} may not be read by this job: "
                     f"catalog.allowed_access is {', '.join(allowed)}"
                 )
-            return AccessReport(tuple(allowed), {d: sum(levels[d].values()) for d in names}, {})
+            return AccessReport(tuple(allowed), {d: levels[d][1] for d in names}, {})
         readable, left_out = {}, {}
-        for d, lv in sorted(levels.items()):
+        for d, (lv, count) in sorted(levels.items()):
             beyond = self._beyond(lv)
             if beyond:
-                left_out[d] = (", ".join(beyond), sum(lv.values()))
+                left_out[d] = (", ".join(beyond), count)
             else:
-                readable[d] = sum(lv.values())
+                readable[d] = count
         return AccessReport(tuple(allowed), readable, left_out)
 
     def set_access(self, dataset: str, level: str) -> int:

@@ -83,7 +83,7 @@ def _query(cat: Catalog, sql: str, capsys, *extra: str) -> tuple[list[dict], str
 def test_sql_shows_only_allowed_datasets_in_every_table(mixed, capsys):
     rows, err = _query(mixed, "SELECT count(*) AS n FROM scans", capsys)
     assert rows == [{"n": SIZES["pub"]}]
-    assert "left out 3 datasets (7 scans) at access levels registered, restricted: allowed open" in err
+    assert "left out 3 datasets (8 scans) at access levels registered, restricted: allowed open" in err
     for table in PER_SCAN_TABLES:
         rows, _ = _query(mixed, f"SELECT DISTINCT dataset FROM {table}", capsys)
         assert [r["dataset"] for r in rows] == ["pub"], table
@@ -124,7 +124,7 @@ def test_scan_query_and_every_read_path_return_only_allowed_rows(mixed):
     assert reader.restricted(["open", "restricted"]).allowed_access == ("open",)  # restricting can only narrow
     report = mixed.scans(allowed_access=["open", "registered"]).access_report()
     assert report.readable == {"pub": 3, "reg": 2}
-    assert report.line == "left out 2 datasets (5 scans) at access level restricted: allowed open, registered"
+    assert report.line == "left out 2 datasets (6 scans) at access level restricted: allowed open, registered"
 
 
 def test_pretrain_selection_reads_allowed_volumes_and_says_what_it_left_out(mixed):
@@ -134,7 +134,7 @@ def test_pretrain_selection_reads_allowed_volumes_and_says_what_it_left_out(mixe
     selection = select_volumes(mixed, cfg)
     assert selection.train_ids == ["pub0", "pub1", "reg0", "reg1"] and selection.eval_ids == ["pub2"]
     assert selection.access_levels == ["open", "registered"]
-    assert selection.left_out == "left out 2 datasets (5 scans) at access level restricted: allowed open, registered"
+    assert selection.left_out == "left out 2 datasets (6 scans) at access level restricted: allowed open, registered"
     cfg.catalog.datasets = ["reg", "pub"]  # named: exactly those, nothing reported as left out
     assert select_volumes(mixed, cfg).left_out is None
     cfg.catalog.datasets = ["hosp"]
@@ -165,6 +165,44 @@ def test_an_access_change_is_one_update_and_hides_the_dataset_in_old_versions(tm
     assert set(reader.sql("SELECT dataset FROM volumes")["dataset"].to_pylist()) == {"pub"}
     with pytest.raises(ValueError, match="unknown access level"):
         cat.set_access("reg", "secret")
+
+
+def test_a_reader_that_cannot_open_restricted_files_still_works(tmp_path):
+    """What IAM on the per-dataset prefixes does (docs/access.md): the restricted partition's files are unreadable
+    (here: not Parquet any more). The levels come from the Delta log and the views prune that partition, so a reader
+    of open data never touches them; the unrestricted catalog does, and fails."""
+    cat = _build(tmp_path)
+    for part in (tmp_path / "catalog" / "scans" / "dataset=hosp").glob("*.parquet"):
+        part.write_bytes(b"denied")
+    reader = cat.restricted(["open", "registered"])
+    assert reader.access_report().left_out == {"hosp": ("restricted", 4), "legacy": ("restricted", 2)}
+    assert reader.sql("SELECT count(*) AS n FROM scans").to_pylist() == [{"n": SIZES["pub"] + SIZES["reg"]}]
+    assert reader.scans(sequence="T1w").to_arrow(["scan_id"]).num_rows == SIZES["pub"] + SIZES["reg"]
+    with pytest.raises(UserError, match="SQL error"):
+        cat.sql("SELECT scan_id FROM scans")
+
+
+def test_the_example_iam_policy_follows_the_layout_and_the_cards(mixed):
+    """infra/aws/catalog-access-policy.json grants a role the open and registered datasets' prefixes and denies the
+    restricted ones: its prefixes are the ones the catalog writes (``scans/dataset=<name>/``), its names real cards."""
+    import re
+
+    from brainiac.ingestion.cards import card_for
+
+    policy = json.loads((Path(__file__).parents[2] / "infra" / "aws" / "catalog-access-policy.json").read_text())
+    by_sid = {s["Sid"]: s for s in policy["Statement"]}
+
+    def datasets(sid: str) -> dict[str, str]:
+        names = re.findall(r"/catalog/(?:scans/dataset=|raw/)([^/]+)/\*$", "\n".join(by_sid[sid]["Resource"]), re.M)
+        assert len(names) == len(by_sid[sid]["Resource"]) and names, sid
+        return {n: card_for(n).access for n in names}
+
+    assert set(datasets("ReadOpenDatasets").values()) == {"open"}
+    assert set(datasets("ReadRegisteredDatasets").values()) == {"registered"}
+    assert set(datasets("NeverRestrictedDatasets").values()) == {"restricted"}
+    assert by_sid["NeverRestrictedDatasets"]["Effect"] == "Deny"
+    partitions = {p.name for p in (Path(mixed.uri) / "scans").iterdir() if p.name.startswith("dataset=")}
+    assert partitions == {f"dataset={d}" for d in [*LEVELS, "legacy"]}  # the prefix the policy names
 
 
 @pytest.mark.timeout(300)
