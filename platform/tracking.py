@@ -2,10 +2,16 @@
 
 The embedded default is a sqlite file under ``./brainiac-data``; its artifacts go beside it in ``mlartifacts/`` instead of
 MLflow's ``./mlruns`` in whatever directory the job happens to run. A server (``http://...``) keeps its own artifact store.
+
+A server with authentication takes MLflow's own client settings: ``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD`` (basic auth), ``MLFLOW_TRACKING_TOKEN`` or ``~/.mlflow/credentials``. When none is set and
+the URI is the ``brainiac stack`` MLflow server, :func:`use_tracking` takes the stack's credentials from its state
+directory (:func:`brainiac.platform.stack.mlflow_credentials_for`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +41,34 @@ def _local_artifact_root(tracking_uri: str) -> Path | None:
     return None
 
 
+def _use_stack_credentials(uri: str) -> bool:
+    """Export the ``brainiac stack`` MLflow credentials when ``uri`` is that server and the user set none; True if
+    it did. Exported (not passed) because MLflow's clients, the Tune callback's included, read only the environment;
+    processes started afterwards (a local Ray's workers) inherit them."""
+    if not uri.startswith(("http://127.0.0.1:", "http://localhost:")):
+        return False
+    if any(
+        os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+    ):
+        return False
+    from brainiac.platform.stack import mlflow_credentials_for
+
+    creds = mlflow_credentials_for(uri)
+    if creds is None:
+        return False
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = creds
+    return True
+
+
 def use_tracking(cfg: TrackingConfig) -> str:
-    """Point MLflow at ``cfg`` (creating the sqlite file's directory) and return the resolved URI."""
+    """Point MLflow at ``cfg`` (creating the sqlite file's directory, or taking the local stack's credentials for its
+    server) and return the resolved URI."""
     import mlflow
 
     uri = resolve_tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    _use_stack_credentials(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri

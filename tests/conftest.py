@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-# Isolate every test run from the user's own config, keys and clusters before anything imports Ray or MLflow.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Isolate every test run from the user's own config, keys and clusters before anything imports Ray or MLflow. Ray
+# runs with token auth (brainiac.platform.cluster), its token in the isolated config dir below.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("BRAINIAC_CATALOG", None)
@@ -86,6 +86,8 @@ class Server:
     name: str
     url: str
     pid: int
+    state_dir: str = ""
+    """Where its PID file, log and (MLflow) auth config live."""
 
 
 def _start(name: str, state_dir: Path) -> Iterator[Server]:
@@ -93,7 +95,7 @@ def _start(name: str, state_dir: Path) -> Iterator[Server]:
     st = stack.start_service(name, state_dir, ports=ports)
     assert st.healthy and st.url and st.pid
     try:
-        yield Server(name, st.url, st.pid)
+        yield Server(name, st.url, st.pid, str(state_dir))
     finally:
         stack.stop_service(name, state_dir)
 
@@ -106,8 +108,22 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """An ``mlflow server`` with a sqlite backend on 127.0.0.1."""
-    yield from _start("mlflow", tmp_path_factory.mktemp("mlflow-server"))
+    """An ``mlflow server`` with a sqlite backend and basic auth on 127.0.0.1. Its admin login is exported as
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` while it runs, as a user of a protected server does."""
+    keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    old = {k: os.environ.get(k) for k in keys}
+    for server in _start("mlflow", tmp_path_factory.mktemp("mlflow-server")):
+        creds = stack.mlflow_credentials(Path(server.state_dir))
+        assert creds is not None
+        os.environ.update(zip(keys, creds, strict=True))
+        try:
+            yield server
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 infra/local/setup.sh --dev
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}" RAY_USAGE_STATS_ENABLED=0 MPLBACKEND=Agg
+export RAY_USAGE_STATS_ENABLED=0 MPLBACKEND=Agg  # Ray runs with token auth (brainiac.platform.cluster)
 echo "[test] ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -10,9 +10,10 @@ import typer
 from brainiac.platform import stack
 
 app = typer.Typer(
-    help="Run a real local stack on 127.0.0.1: a Ray head with its job server, an MLflow server (sqlite) and a moto S3 "
-    "server. Use it to try cluster code paths on a laptop: [b]brainiac stack up[/b], then point jobs at it with "
-    "RAY_ADDRESS=127.0.0.1:6380, MLFLOW_TRACKING_URI=http://127.0.0.1:5000 and AWS_ENDPOINT_URL=http://127.0.0.1:5555.",
+    help="Run a real local stack on 127.0.0.1: a Ray head with its job server (token auth, the user's token), an MLflow "
+    "server (sqlite, basic auth with a generated admin password) and a moto S3 server. Use it to try cluster code paths "
+    "on a laptop: [b]brainiac stack up[/b], then [b]set -a; . .brainiac/stack/stack.env[/b] (RAY_ADDRESS, the token "
+    "path, MLFLOW_TRACKING_URI with its login, AWS_ENDPOINT_URL; mode 0600) and run jobs.",
     no_args_is_help=True,
 )
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from brainiac.platform.cluster import RAY_ENV_DEFAULTS, init_ray
+from brainiac.platform.cluster import LOOPBACK_ENV, RAY_ENV_DEFAULTS, init_ray, ray_token_path
 
 
 @pytest.mark.ray
@@ -26,11 +26,18 @@ def test_local_ray_runs_tasks_with_the_configured_cpus(ray_session):
     assert not again.started_here and again.cpus == 4
     for key in RAY_ENV_DEFAULTS:
         assert key in os.environ
-    assert os.environ["RAY_AUTH_MODE"] in {"disabled", "token"}
+    # token auth with the user's token (mode 0600), servers on loopback, the State API on a loopback port
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(ray_token_path())
+    assert ray_token_path().stat().st_mode & 0o777 == 0o600
+    assert all(os.environ[k] == v for k, v in LOOPBACK_ENV.items())
+    assert ray._private.worker._global_node.node_ip_address == "127.0.0.1"
+    assert ray_session.dashboard_url.startswith("http://127.0.0.1:")
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # only Ray's processes point at it, not this one's children
     # the system settings init_ray gave the local Ray (Ray keeps them on its node object)
     system = ray._private.worker._global_node._config
     assert system["num_workers_soft_limit"] == 4 * 2  # cluster.workers_per_cpu idle workers per CPU
-    # no dashboard: no metrics or task events are collected for it
+    # a dashboard nobody looks at (include_dashboard=False): no metrics or task events are collected for it
     assert system["enable_metrics_collection"] is False and system["task_events_report_interval_ms"] == 0
 
 

@@ -10,12 +10,15 @@ import psutil
 import pytest
 
 from brainiac.platform import stack
+from brainiac.platform.cluster import ensure_ray_token
 
 
 @pytest.mark.stack
 @pytest.mark.timeout(240)
 def test_stack_up_status_down_leaves_no_process(tmp_path):
     env = {**os.environ, "BRAINIAC_STACK_DIR": str(tmp_path / "stack"), "BRAINIAC_RAY_NUM_CPUS": "1"}
+    # The head requires the user's token; Ray's own CLI finds it as every client does.
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ensure_ray_token())}
     for name in stack.DEFAULT_PORTS:
         env[f"BRAINIAC_{name.upper().replace('-', '_')}_PORT"] = str(stack.free_port())
     cli = [sys.executable, "-m", "brainiac.platform.cli.main", "stack"]
