@@ -22,6 +22,14 @@ its sources are 240×240×155):
 
 Copies form groups (connected components of (scan_id, dataset) nodes) recorded in the ``duplicates`` table, so that
 splits can keep every subject of a group on one side.
+
+**Crash safety.** A search is owed for every (scan_id, dataset) a run adds, and a kill between the ``scans`` commit
+and the ``duplicates`` commit used to lose it for good: the next run sees those scans as unchanged and searches only
+what it adds itself, so the copies stayed unlinked and splits put them on both sides. So ingest writes each owed search
+to the small ``duplicate_queue`` table *before* it commits the scans (:func:`queue_searches`), a search removes the
+nodes it covered only *after* its ``duplicates`` commit, and every ingest starts by searching whatever a crashed run
+left in the queue (:func:`repair_unsearched`). The queue holds only the searches in flight, so an empty queue costs one
+read of its Delta log, whatever the size of the catalog.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from brainiac.ingestion.graph import connected_components
 from brainiac.ingestion.signatures import (
@@ -44,6 +53,7 @@ from brainiac.ingestion.signatures import (
     signature_from_bytes,
     signature_of_uri,
 )
+from brainiac.platform.faults import maybe_crash
 
 if TYPE_CHECKING:
     from brainiac.platform.catalog import Catalog
@@ -51,6 +61,8 @@ if TYPE_CHECKING:
 # This module must not import brainiac.platform.catalog at import time: the catalog imports SCAN_SIGNATURES_SCHEMA.
 
 __all__ = [
+    "DUPLICATE_QUEUE_SCHEMA",
+    "QUEUE_TABLE",
     "SCAN_SIGNATURES_SCHEMA",
     "DuplicateGroup",
     "SearchStats",
@@ -60,7 +72,9 @@ __all__ = [
     "candidate_pairs",
     "find_duplicates",
     "link_new_scans",
+    "queue_searches",
     "record_duplicates",
+    "repair_unsearched",
     "search_new_scans",
     "shortlist_pairs",
     "volume_features",
@@ -82,6 +96,23 @@ SCAN_SIGNATURES_SCHEMA = pa.schema(
     ]
 )
 """``<catalog>/scan_signatures``: one row per catalogued (scan_id, dataset) and signature scheme."""
+
+QUEUE_TABLE = "duplicate_queue"
+DUPLICATE_QUEUE_SCHEMA = pa.schema(
+    [
+        ("scan_id", pa.string()),
+        ("dataset", pa.string()),
+        ("queued_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+"""``<catalog>/duplicate_queue``: the (scan_id, dataset) nodes whose duplicate search is owed: written before the
+``scans`` commit that adds them, removed after the ``duplicates`` commit of their search (see the module docstring).
+Empty between runs unless a run crashed."""
+
+STALE_QUEUE_AFTER = dt.timedelta(hours=1)
+"""A queued node that is still not a current scan this long after it was queued never will be (its run crashed before
+its ``scans`` commit and the file is gone, or newer bytes superseded it): the repair drops it. Younger ones may belong
+to a run still in flight, between its queue write and its ``scans`` commit (seconds)."""
 
 HEADER_COLUMNS = ["scan_id", "dataset", "sequence", "shape", "affine"]
 """The narrow ``scans`` columns the header stage reads for the pool (no identifiers beyond the key, no wide JSON)."""
@@ -695,6 +726,7 @@ def append_harvest_signatures(
     catalog.create_if_missing("scan_signatures")
     location = catalog.table_location("scan_signatures")
     write_deltalake(location.uri, table, mode="append", storage_options=location.delta_storage_options())
+    maybe_crash("signatures.appended")
     return table.num_rows
 
 
@@ -787,9 +819,13 @@ def search_new_scans(
                 edges.append(((heads.scan_ids[i], rows[i]["dataset"]), (heads.scan_ids[j], rows[j]["dataset"])))
     groups = _groups(edges)
     stats.groups = len(groups)
+    maybe_crash("duplicates.searched")
     if groups:
         details({s for g in groups for s in g.scan_ids})
         record_duplicates(catalog, list(extra.values()), groups)
+        maybe_crash("duplicates.committed")
+    # Only now is the search of these nodes on storage: a crash before this point leaves them queued for the repair.
+    _dequeue(catalog, fresh.select(["scan_id", "dataset"]))
     log.info("duplicate search: %s", stats)
     return groups, stats
 
@@ -801,6 +837,129 @@ def link_new_scans(catalog: Catalog, new_scan_ids: set[str], options: dict[str, 
     shortlist is decoded (see :func:`search_new_scans`).
     """
     groups, _ = search_new_scans(catalog, new_scan_ids, options or None)
+    return len(groups)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the queue of owed searches (crash safety, see the module docstring)
+
+
+def _create_queue(catalog: Catalog) -> None:
+    """Create the empty ``duplicate_queue`` table (no deletion vectors, like every catalog table) unless it exists."""
+    from deltalake import write_deltalake
+
+    from brainiac.platform.catalog import TABLE_CONFIGURATION
+
+    if catalog.table(QUEUE_TABLE) is not None:
+        return
+    location = catalog.table_location(QUEUE_TABLE)
+    try:
+        write_deltalake(
+            location.uri,
+            DUPLICATE_QUEUE_SCHEMA.empty_table(),
+            mode="ignore",
+            configuration=TABLE_CONFIGURATION,
+            storage_options=location.delta_storage_options(),
+            name=QUEUE_TABLE,
+        )
+    except Exception as exc:  # another writer created it between the check and the write
+        if catalog.table(QUEUE_TABLE) is None:
+            raise RuntimeError(f"could not create {QUEUE_TABLE} in {catalog.uri}") from exc
+
+
+def _queued(catalog: Catalog) -> pa.Table:
+    """Every queued node (``scan_id``, ``dataset``, ``queued_at``): the queue holds only searches in flight, so this is
+    a read of its log and of a few small files, and of the log alone when it is empty."""
+    table = catalog.table(QUEUE_TABLE)
+    if table is None or not table.file_uris():
+        return DUPLICATE_QUEUE_SCHEMA.empty_table()
+    return table.to_pyarrow_dataset().to_table(columns=DUPLICATE_QUEUE_SCHEMA.names).cast(DUPLICATE_QUEUE_SCHEMA)
+
+
+def queue_searches(catalog: Catalog, rows: Sequence[dict[str, Any]], now: dt.datetime | None = None) -> int:
+    """Record that the (scan_id, dataset) nodes of ``rows`` (harvested ``scans`` rows about to be committed) are owed a
+    duplicate search, for the nodes that are not current scans yet; returns how many were queued.
+
+    Ingest calls it just before each ``scans`` commit: if the run dies after that commit and before its search has
+    committed ``duplicates``, the next ingest finds the nodes here (:func:`repair_unsearched`) instead of treating those
+    scans as already linked. One narrow read of ``scans`` (the current nodes among these ids) and one append.
+    """
+    from deltalake import write_deltalake
+
+    from brainiac.platform.catalog import SQL_IN_MAX_VALUES, sql_in
+
+    nodes = sorted({(r["scan_id"], r["dataset"]) for r in rows})
+    if nodes and catalog.table("scans") is not None:
+        datasets = sorted({d for _, d in nodes})
+        where = "status = 'current'"
+        if len(datasets) <= SQL_IN_MAX_VALUES:
+            where = f"{sql_in('dataset', datasets)} AND {where}"
+        held = catalog.select_keys("scans", "scan_id", [s for s, _ in nodes], ["scan_id", "dataset"], where=where)
+        have = set(zip(held["scan_id"].to_pylist(), held["dataset"].to_pylist(), strict=True))
+        nodes = [n for n in nodes if n not in have]
+    if nodes:
+        when = now or dt.datetime.now(dt.UTC)
+        table = pa.Table.from_pylist(
+            [{"scan_id": s, "dataset": d, "queued_at": when} for s, d in nodes], schema=DUPLICATE_QUEUE_SCHEMA
+        )
+        _create_queue(catalog)
+        location = catalog.table_location(QUEUE_TABLE)
+        write_deltalake(location.uri, table, mode="append", storage_options=location.delta_storage_options())
+    maybe_crash("queue.staged")
+    return len(nodes)
+
+
+def _dequeue(catalog: Catalog, nodes: pa.Table) -> int:
+    """Remove the queued entries of ``nodes`` (``scan_id``, ``dataset``), in one MERGE, only if any is queued (no
+    commit otherwise); returns the entries removed."""
+    from brainiac.platform.catalog import merge_with_retry
+
+    if nodes.num_rows == 0:
+        return 0
+    queued = _queued(catalog)
+    wanted = set(zip(nodes["scan_id"].to_pylist(), nodes["dataset"].to_pylist(), strict=True))
+    hits = {n for n in zip(queued["scan_id"].to_pylist(), queued["dataset"].to_pylist(), strict=True) if n in wanted}
+    if not hits:
+        return 0
+    source = pa.Table.from_pylist(
+        [{"scan_id": s, "dataset": d} for s, d in sorted(hits)],
+        schema=pa.schema([("scan_id", pa.string()), ("dataset", pa.string())]),
+    )
+
+    def attempt() -> int:
+        table = catalog.table(QUEUE_TABLE)
+        assert table is not None
+        metrics = (
+            table.merge(source, predicate="t.scan_id = s.scan_id AND t.dataset = s.dataset", source_alias="s",
+                        target_alias="t")
+            .when_matched_delete()
+            .execute()
+        )  # fmt: skip
+        return int(metrics.get("num_target_rows_deleted", 0))
+
+    removed = merge_with_retry(attempt, what=QUEUE_TABLE)
+    maybe_crash("queue.cleared")
+    return removed
+
+
+def repair_unsearched(catalog: Catalog, options: dict[str, str] | None = None, now: dt.datetime | None = None) -> int:
+    """Run the duplicate searches that a crashed ingest owed (the nodes left in ``duplicate_queue``); returns the
+    number of groups they involve. Ingest calls it at its start, once Ray is up.
+
+    Costs a read of the queue's log when nothing is owed. Otherwise it is :func:`search_new_scans` for the queued scan
+    ids, which removes the nodes it searched; a node still not current :data:`STALE_QUEUE_AFTER` after it was queued is
+    dropped (its scans commit never happened, or it was superseded), a younger one is left to the run that queued it.
+    """
+    queued = _queued(catalog)
+    if queued.num_rows == 0:
+        return 0
+    ids = set(queued["scan_id"].to_pylist())
+    log.info("duplicate search: %d scan(s) left unsearched by an interrupted ingest; searching them now", len(ids))
+    groups, _ = search_new_scans(catalog, ids, options or None)
+    cutoff = (now or dt.datetime.now(dt.UTC)) - STALE_QUEUE_AFTER
+    old = queued.filter(pc.less(queued["queued_at"], pa.scalar(cutoff, DUPLICATE_QUEUE_SCHEMA.field("queued_at").type)))
+    if old.num_rows:
+        _dequeue(catalog, old.select(["scan_id", "dataset"]))
     return len(groups)
 
 

@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from brainiac.platform.catalog import VOLUMES_SCHEMA, Catalog
+from brainiac.platform.faults import maybe_crash
 
 if TYPE_CHECKING:
     from deltalake import DeltaTable
@@ -329,6 +330,7 @@ class VolumeCommitter:
                 self._buffer = parts
                 self._refresh()
                 continue
+            maybe_crash("volumes.committed")
             rows = sum(p.rows for p in parts)
             self._known.update(p.path for p in parts)
             for p in parts:
@@ -478,6 +480,7 @@ def run_tasks(
                 on_result(out)
             if out.get("part") is not None:
                 committer.add(out["part"])
+            maybe_crash("preprocess.task")  # its part file is on storage, not yet committed: an orphan if killed now
         if committer.due():
             rows += committer.commit()
     return rows + committer.commit()
