@@ -85,7 +85,7 @@ def held_out_scans(cfg, split: str, cohort: Path | None) -> list[dict[str, Any]]
 
     catalog = Catalog.open(cfg.catalog.uri, cfg.catalog.storage_options)
     rows = catalog.sql(
-        "SELECT s.source_uri, s.labels FROM scans s JOIN splits p ON s.subject_id = p.subject_id "
+        "SELECT s.scan_id, s.source_uri, s.image_uri, s.labels FROM scans s JOIN splits p ON s.subject_id = p.subject_id "
         f"WHERE s.sequence = 'FLAIR' AND s.status = 'current' AND p.split = '{split}' AND p.seed = {cfg.splits.seed} "
         "ORDER BY s.source_uri"
     ).to_pylist()
@@ -93,15 +93,20 @@ def held_out_scans(cfg, split: str, cohort: Path | None) -> list[dict[str, Any]]
     if cohort is not None:
         truth = pd.read_csv(cohort / "_truth" / "scans.csv", dtype={"path": str, "label_path": str})
         truth = truth[(truth["kind"] == "image") & (truth["sequence"] == "FLAIR")]
+    if truth is not None and rows:  # the generator's truth is keyed by source path: the identified zone has them
+        from brainiac.ingestion.identified import identify
+
+        real = identify(pd.DataFrame(rows), catalog.uri, cfg.ingest.identified_uri, cfg.catalog.storage_options)
+        rows = [{**r, "path": p} for r, p in zip(rows, real["source_uri"], strict=True)]
     out = []
     for r in rows:
         if truth is not None:
-            match = truth[[r["source_uri"].endswith("/" + p) for p in truth["path"]]]
+            match = truth[[r["path"].endswith("/" + p) for p in truth["path"]]]
             label = str(cohort / "_truth" / match.iloc[0]["label_path"]) if len(match) else None
         else:
             label = json.loads(r["labels"] or "{}").get("seg_uri")
         if label:
-            out.append({"scan": r["source_uri"], "truth": label})
+            out.append({"scan": r["image_uri"], "truth": label})
     return out
 
 

@@ -183,9 +183,12 @@ def check_duplicates(catalog: Any, truth: dict[str, Any], root: str, uri_root: s
     found: set[frozenset[str]] = set()
     if catalog.table("duplicates") is not None:
         dup = catalog.read("duplicates", columns=["group_id", "scan_id"]).to_pylist()
-        scans = catalog.read("scans", columns=["scan_id", "source_uri"]).to_pylist()
+        from brainiac.ingestion.identified import IdentifiedZone, default_identified_uri
+
+        # The catalog holds source keys; the planted groups are source paths, which the identified zone maps.
+        zone = IdentifiedZone(default_identified_uri(catalog.uri), catalog.location.options or None)
         uri: dict[str, set[str]] = {}
-        for r in scans:
+        for r in zone.read("sources").select(["scan_id", "source_uri"]).to_pylist():
             uri.setdefault(r["scan_id"], set()).add(r["source_uri"])
         groups: dict[str, set[str]] = {}
         for r in dup:

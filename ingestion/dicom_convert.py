@@ -577,14 +577,22 @@ def convert_series(
     digests: list[str] = []
     slices: list[SliceHeader] = []
     datasets: list[Any] = []
-    for uri, path in zip(scan.files, paths, strict=True):
+    for path in paths:
         data = blobs.get(path)
         if isinstance(data, FileNotFoundError) or data is None:
             return problem("missing_file", f"{posixpath.basename(path)} is gone")
         if isinstance(data, BaseException):
             return problem("dicom_unreadable", f"{posixpath.basename(path)}: {describe_error(data)}")
-        blobs[path] = None  # parsed below; keep one copy of the series in memory, not two
         digests.append(hashlib.sha256(data).hexdigest())
+    scan_id = series_scan_id(digests)
+    target = raw_area.join(out_name.replace("{scan_id}", scan_id).replace("{shard}", scan_id[:2]))
+    if "{scan_id}" in out_name and target.exists():  # content-addressed: this series was converted before
+        existing = _already_converted(target, scan_id, blobs[paths[0]])
+        if existing is not None:
+            return existing
+    for uri, path in zip(scan.files, paths, strict=True):
+        data = blobs[path]
+        blobs[path] = None  # parsed below; keep one copy of the series in memory, not two
         try:
             try:
                 ds = pydicom.dcmread(io.BytesIO(data))
@@ -636,15 +644,10 @@ def convert_series(
     else:
         out = volume.astype(np.float32)
 
-    scan_id = series_scan_id(digests)
-    name = out_name.replace("{scan_id}", scan_id)
-    raw, hdr = _nifti_bytes(out, geom.affine, name.endswith(".gz"), compresslevel)
-    target = raw_area.join(name)
-    target_fs = target.fsspec()
-    if not target.is_remote:
-        target_fs.makedirs(posixpath.dirname(target.path), exist_ok=True)
-    with target_fs.open(target.path, "wb") as fh:
-        fh.write(raw)
+    raw, hdr = _nifti_bytes(out, geom.affine, target.path.endswith(".gz"), compresslevel)
+    from brainiac.ingestion.staging import stage_bytes
+
+    stage_bytes(target, raw)  # a temporary name renamed into place: a crash never leaves half a file
 
     import nibabel as nib
 
@@ -663,6 +666,34 @@ def convert_series(
         n_slices=nz,
         qform_code=int(hdr["qform_code"]),
         sform_code=int(hdr["sform_code"]),
+    )
+
+
+def _already_converted(target: StorageLocation, scan_id: str, first_slice: bytes) -> ConvertedSeries | None:
+    """The facts of a series whose content-addressed conversion exists: its geometry from the NIfTI header, its header
+    values from one slice; no pixel is decoded and nothing is written. ``None`` when the file does not read (it is then
+    converted again)."""
+    from brainiac.ingestion.headers import HarvestError, harvest_nifti
+
+    try:
+        facts = harvest_nifti(target)
+        ds = _pydicom().dcmread(io.BytesIO(first_slice), stop_before_pixels=True, force=True)
+    except (HarvestError, OSError, ValueError):
+        return None
+    header = json.loads(json.dumps(safe_dicom_header(ds), default=str))
+    return ConvertedSeries(
+        nifti_uri=target.uri,
+        scan_id=scan_id,
+        bytes=facts.bytes,
+        shape=facts.shape,
+        spacing_mm=facts.spacing_mm,
+        affine=facts.affine,
+        axcodes=facts.axcodes,
+        dtype=facts.dtype,
+        header=header,
+        n_slices=facts.shape[2],
+        qform_code=facts.qform_code,
+        sform_code=facts.sform_code,
     )
 
 

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from brainiac.ingestion.adapters.base import Problem, SourceScan
-from brainiac.ingestion.adapters.listing import split
+from brainiac.ingestion.adapters.listing import readable_inside, split
 from brainiac.ingestion.headers import HarvestError, harvest_nifti
+from brainiac.ingestion.staging import stage_image
 from brainiac.platform.storage import StorageLocation
 
 __all__ = ["Known", "harvest_all", "harvest_stream"]
@@ -41,6 +42,11 @@ def _harvest_one(
         facts.setdefault("sform_code", 1)
         return {"facts": facts, "signature": _signature(facts["image_uri"], options)}
     location = StorageLocation.resolve(scan.source_uri, options or None)
+    if not location.is_remote:  # the file may have become a link out of the root since it was listed
+        root = scan.source_uri[: len(scan.source_uri) - len(scan.relative_path)].rstrip("/")
+        if not readable_inside(location.path, os.path.realpath(root)):
+            return {"problem": {"dataset": scan.dataset, "source_uri": scan.source_uri, "reason": "symlink_outside_root",
+                                "detail": "the file is no longer a regular file inside the dataset root; not read"}}  # fmt: skip
     try:
         facts = harvest_nifti(location)
     except HarvestError as exc:
@@ -54,7 +60,23 @@ def _harvest_one(
         }
     if known is not None and known.scan_id == facts.scan_id:
         return {"unchanged": known.scan_id, "read": True}  # touched, same content: nothing to decode or write
-    return {"facts": asdict(facts), "signature": _signature(scan.source_uri, options)}
+    raw_area = StorageLocation.resolve(raw_area_uri, options or None)
+    out = asdict(facts)
+    out["image_uri"] = stage_image(location, raw_area, scan.dataset, facts.scan_id)
+    masks, mask_problems = {}, []
+    for key, relative in scan.labels.items():
+        if key.endswith("_relative_path"):  # a label mask: staged like the image, by its own content id
+            root = scan.source_uri[: len(scan.source_uri) - len(scan.relative_path)].rstrip("/")
+            mask = StorageLocation.resolve(f"{root}/{relative}", options or None)
+            try:
+                masks[key[: -len("_relative_path")]] = stage_image(mask, raw_area, scan.dataset, kind="masks")
+            except (OSError, ValueError) as exc:  # the scan goes in without this label; the mask is quarantined
+                mask_problems.append(
+                    {"dataset": scan.dataset, "source_uri": mask.uri, "reason": "missing_file",
+                     "detail": f"label mask unreadable ({type(exc).__name__})"}
+                )  # fmt: skip
+    result = {"facts": out, "masks": masks, "signature": _signature(out["image_uri"], options)}
+    return {**result, "mask_problems": mask_problems} if mask_problems else result
 
 
 @dataclass(frozen=True)

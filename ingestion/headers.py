@@ -104,7 +104,7 @@ def harvest_nifti(file: StorageLocation) -> NiftiFacts:
                     head_raw += chunk[: 65536 - len(head_raw)]
                 tail = (tail + chunk)[-4:]
     except FileNotFoundError:
-        raise HarvestError("missing_file", file.uri) from None
+        raise HarvestError("missing_file", "the file vanished since it was listed") from None
     if total == 0:
         raise HarvestError("empty_file", "0 bytes")
     gz = head_raw[:2] == b"\x1f\x8b"

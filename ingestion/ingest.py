@@ -3,7 +3,8 @@ see :mod:`brainiac.ingestion.adapters.listing`), harvest headers and content ids
 PHI-free rows, and MERGE them into the catalog idempotently.
 
 Idempotence (the catalog is the system of record, so re-running must be safe):
-- a scan whose ``(source_uri, scan_id)`` is already current is left alone; a run that changes nothing commits nothing,
+- a scan whose ``(source_uri, scan_id)`` is already current is left alone (``source_uri`` in the catalog is the keyed
+  source key, :func:`brainiac.ingestion.identified.source_key`: the real path stays in the identified zone); a run that changes nothing commits nothing,
   so the table version does not move;
 - a file whose bytes changed at the same path becomes a new row and the old row is marked ``superseded`` in the same
   MERGE commit (history stays reachable by time travel);
@@ -17,9 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
-import hmac
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -32,12 +32,13 @@ import pyarrow as pa
 from brainiac.ingestion.adapters.base import Problem, SourceScan
 from brainiac.ingestion.adapters.bids import BidsAdapter
 from brainiac.ingestion.adapters.brats import BratsAdapter
-from brainiac.ingestion.adapters.common import read_table
+from brainiac.ingestion.adapters.common import problem_for_oserror, read_table
 from brainiac.ingestion.adapters.listing import cached_listings
 from brainiac.ingestion.adapters.manifest import ManifestAdapter
 from brainiac.ingestion.cards import DatasetCard, card_for, load_card, normalize_case_id
-from brainiac.ingestion.duplicates import append_harvest_signatures
+from brainiac.ingestion.duplicates import append_harvest_signatures, queue_searches, repair_unsearched
 from brainiac.ingestion.harvest import Known, harvest_stream
+from brainiac.ingestion.identified import SOURCE_KEY_PREFIX, IdentifiedZone, default_identified_uri, source_key
 from brainiac.ingestion.rows import INGEST_VERSION, build_row, label_lookup
 from brainiac.platform.catalog import (
     QUARANTINE_SCHEMA,
@@ -49,6 +50,7 @@ from brainiac.platform.catalog import (
 )
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
+from brainiac.platform.faults import maybe_crash
 from brainiac.platform.pseudonym import Pseudonymizer, bind_catalog_key
 from brainiac.platform.storage import StorageLocation
 
@@ -96,6 +98,10 @@ class IngestSummary:
     """Files not read at all: the catalog holds them from this ingest version, same size, not modified since."""
     commits: int = 0
     """Commits that wrote harvested scans or quarantine rows (one per ``ingest.commit_scans`` harvested scans)."""
+    identified: str = ""
+    """Where the identified zone (real paths, full quarantine) is."""
+    access_changed: dict[str, int] = field(default_factory=dict)
+    """dataset → stored rows whose access level this run changed (its card's level changed)."""
     phases: dict[str, float] = field(default_factory=dict)
     """Seconds per phase: ``list`` (discovery), ``harvest`` (waiting for harvest tasks), ``write`` (the commits),
     ``duplicates``, ``summary``."""
@@ -233,14 +239,16 @@ def for_harvest(scan: SourceScan) -> SourceScan:
     """What a harvest task needs of a scan (where to read it, its format and files), without the subject, session,
     metadata, labels and sequence hints: for DICOM those are the unsealed PatientID and SeriesDescription, which must not
     travel through the object store (spilled to disk, shipped to other nodes). The driver keeps the full scan."""
-    return dataclasses.replace(scan, subject="", session=None, run=None, sequence_hints={}, meta={}, labels={})
+    masks = {k: v for k, v in scan.labels.items() if k.endswith("_relative_path")}  # label masks are staged there too
+    return dataclasses.replace(scan, subject="", session=None, run=None, sequence_hints={}, meta={}, labels=masks)
 
 
-def known_sources(catalog: Catalog, scans: Sequence[SourceScan]) -> list[Known | None]:
-    """For each NIfTI scan, what the catalog holds at its source when that row is current and was written by this
-    ``ingest_version`` (``None`` otherwise): the harvest then skips a file of the same size not modified since, so a
-    re-ingest of an unchanged pool lists and stats its files but reads none of them. DICOM series are always read."""
-    wanted = [s.source_uri for s in scans if s.format != "dicom"]
+def known_sources(catalog: Catalog, scans: Sequence[SourceScan], keys: Sequence[str]) -> list[Known | None]:
+    """For each NIfTI scan (with its source key), what the catalog holds at its source when that row is current and was
+    written by this ``ingest_version`` (``None`` otherwise): the harvest then skips a file of the same size not modified
+    since, so a re-ingest of an unchanged pool lists and stats its files but reads none of them. DICOM series are always
+    read."""
+    wanted = [k for s, k in zip(scans, keys, strict=True) if s.format != "dicom"]
     if not wanted or catalog.version("scans") is None:
         return [None] * len(scans)
     datasets = sorted({s.dataset for s in scans})
@@ -254,7 +262,7 @@ def known_sources(catalog: Catalog, scans: Sequence[SourceScan]) -> list[Known |
     for r in table.to_pylist():
         if r["ingest_version"] == row_rules.INGEST_VERSION and r["bytes"] is not None and r["ingested_at"] is not None:
             held[r["source_uri"]] = Known(r["scan_id"], int(r["bytes"]), r["ingested_at"].timestamp())
-    return [held.get(s.source_uri) if s.format != "dicom" else None for s in scans]
+    return [held.get(k) if s.format != "dicom" else None for s, k in zip(scans, keys, strict=True)]
 
 
 def link_duplicates(catalog: Catalog, new_ids: set[str], options: dict[str, str]) -> int:
@@ -286,12 +294,119 @@ def current_counts(catalog: Catalog, datasets: Sequence[str]) -> dict[str, dict[
 # the job
 
 
+DATASET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+"""A dataset name: it becomes a column value, a partition folder and an MLflow tag, so it is short and plain."""
+
+
 def _resolve_card(root: StorageLocation, dataset: str | None, card_path: str | None) -> tuple[str, DatasetCard | None]:
+    """The dataset's name and card. A folder name is used only when a shipped card has that name: any other folder
+    name may carry identifiers (``Cohen_Mei_7787823/``), so a dataset without a card must be named with ``--dataset``."""
     if card_path:
         card = load_card(card_path)
-        return dataset or card.name, card
-    name = dataset or root.uri.rstrip("/").rsplit("/", 1)[-1]
-    return name, card_for(name)
+        name = dataset or card.name
+    elif dataset:
+        name, card = dataset, card_for(dataset)
+    else:
+        folder = root.uri.rstrip("/").rsplit("/", 1)[-1]
+        card = card_for(folder)
+        if card is None:
+            raise UserError(
+                f"{root.uri} has no dataset card; name the dataset with --dataset NAME (a folder name is not used as a "
+                "dataset name: it may carry identifiers) or give --card"
+            )
+        name = folder
+    if not DATASET_NAME.fullmatch(name):
+        raise UserError(f"dataset name {name!r} must be lowercase letters, digits, '.', '_' or '-' (at most 64)")
+    return name, card
+
+
+def apply_access_levels(catalog: Catalog, levels: dict[str, str]) -> dict[str, int]:
+    """Give the rows already stored of each dataset its level of this run (a card that changed from ``open`` to
+    ``restricted`` must hide the dataset from every reader at once, not only its new scans); returns dataset → rows
+    changed. One count per dataset (partition-pruned) and an UPDATE only where a row differs: no commit otherwise."""
+    if catalog.version("scans") is None or not levels:
+        return {}
+    differing = catalog.sql(
+        f"SELECT dataset, access, count(*) AS n FROM scans WHERE {sql_in('dataset', list(levels))} "
+        "GROUP BY dataset, access"
+    ).to_pylist()
+    stale = sorted({r["dataset"] for r in differing if r["access"] != levels[r["dataset"]]})
+    changed = {name: catalog.set_access(name, levels[name]) for name in stale}
+    for name, n in changed.items():
+        log.warning("dataset %s: access level set to %s on %d stored rows", name, levels[name], n)
+    return changed
+
+
+def catalog_problem(problem: Problem, key: str) -> Problem:
+    """The catalog's view of a problem: the source key instead of the path, and the detail without any part of the path
+    (a detail may name a slice file); the identified zone keeps both as they were."""
+    detail = problem.detail or ""
+    for part in sorted({p for p in re.split(r"[/#]", problem.source_uri) if len(p) >= 3}, key=len, reverse=True):
+        detail = detail.replace(part, "<path>")
+    return Problem(problem.dataset, key, problem.reason, detail)
+
+
+def rekey_legacy_rows(catalog: Catalog, datasets: Sequence[str], key: bytes, identified: IdentifiedZone) -> int:
+    """Rows written before the identified zone existed (``ingest_version`` < 4) hold real paths: move each path to the
+    identified zone and replace it in ``scans`` and ``quarantine`` by its source key (one MERGE per table; nothing to do,
+    and no commit, once a catalog is converted). Superseded rows lose their ``image_uri`` (it was the user's file); the
+    current rows are re-harvested by this run (their version is old), which stages their images. Old table versions
+    still hold the paths until a vacuum: run ``brainiac catalog optimize`` with a zero retention to drop them."""
+    if catalog.version("scans") is None or not datasets:
+        return 0
+    where = f"{sql_in('dataset', list(datasets))} AND NOT starts_with(source_uri, '{SOURCE_KEY_PREFIX}')"
+    legacy = catalog.sql(f"SELECT scan_id, dataset, source_uri, relative_path, status FROM scans WHERE {where}")
+    if not legacy.num_rows:
+        return 0
+    rows = legacy.to_pylist()
+    now = dt.datetime.now(dt.UTC)
+    identified.record_sources(
+        [
+            {**r, "source_key": source_key(key, r["source_uri"]), "relative_path": r["relative_path"] or ""}
+            for r in rows
+        ],
+        now,
+    )
+    source = pa.Table.from_pylist(
+        [{"scan_id": r["scan_id"], "dataset": r["dataset"], "source_uri": r["source_uri"],
+          "new_source": source_key(key, r["source_uri"])} for r in rows]
+    )  # fmt: skip
+
+    def attempt() -> None:
+        catalog.table("scans").merge(
+            source,
+            predicate="t.dataset = s.dataset AND t.source_uri = s.source_uri AND t.scan_id = s.scan_id",
+            source_alias="s",
+            target_alias="t",
+        ).when_matched_update(
+            updates={
+                "source_uri": "s.new_source",
+                "relative_path": "NULL",
+                "image_uri": "CASE WHEN t.status = 'current' THEN t.image_uri ELSE NULL END",
+                "ingest_version": "'legacy'",
+            }
+        ).execute()
+
+    merge_with_retry(attempt, what="scans (re-keying legacy rows)")
+    if catalog.table("quarantine") is not None:
+        bad = catalog.sql(
+            "SELECT DISTINCT source_uri, dataset FROM quarantine WHERE "
+            f"{sql_in('dataset', list(datasets))} AND NOT starts_with(source_uri, '{SOURCE_KEY_PREFIX}')"
+        )
+        if bad.num_rows:
+            keyed = pa.Table.from_pylist(
+                [{**r, "new_source": source_key(key, r["source_uri"])} for r in bad.to_pylist()]
+            )
+            merge_with_retry(
+                lambda: catalog.table("quarantine")
+                .merge(keyed, predicate="t.source_uri = s.source_uri AND t.dataset = s.dataset",
+                       source_alias="s", target_alias="t")
+                .when_matched_update(updates={"source_uri": "s.new_source", "detail": "''"})
+                .execute(),
+                what="quarantine (re-keying legacy rows)",
+            )  # fmt: skip
+    log.info("re-keyed %d rows ingested before the identified zone", len(rows))
+    return len(rows)
 
 
 def _choose_layout(root: StorageLocation, requested: str, card: DatasetCard | None, registry: dict[str, Any]) -> str:
@@ -318,6 +433,9 @@ def _label_tables(root: StorageLocation, card: DatasetCard | None, dataset: str)
         except FileNotFoundError:
             problems.append(Problem(dataset, root.join(lf.path).uri, "missing_file", "label file named on the card"))
             continue
+        except OSError as exc:  # a link out of the root, a folder, permission denied
+            problems.append(problem_for_oserror(dataset, root.join(lf.path).uri, exc, "label file named on the card"))
+            continue
         if lf.id_column not in df.columns:
             raise UserError(
                 f"label file {lf.path} of {dataset} has no column '{lf.id_column}' (card field label_files.id_column)"
@@ -342,7 +460,8 @@ def ingest(
         cfg: the run config (catalog location and storage options, Ray settings).
         sources: dataset root folders; each is one dataset.
         layout: ``auto`` (card, then detection) or a layout name.
-        dataset: dataset name; default: the card's name or the folder name. Only with a single source.
+        dataset: dataset name; default: the card's name, or the folder name when a shipped card has that name (any other
+            folder needs an explicit name: folder names may carry identifiers). Only with a single source.
         card_path: a dataset card YAML to use instead of the shipped card.
         access: access level for a dataset without a card (default ``restricted``: unknown terms are treated as strict).
 
@@ -357,11 +476,15 @@ def ingest(
     options = dict(cfg.catalog.storage_options)
     catalog = Catalog.open(cfg.catalog.uri, options or None)
     catalog.location.makedirs()  # a local directory, or a check that the S3 bucket exists
+    identified = IdentifiedZone(
+        cfg.ingest.identified_uri or default_identified_uri(catalog.uri),
+        cfg.ingest.identified_storage_options or options or None,
+    )
     pseudonymizer = Pseudonymizer.from_environment()
     bind_catalog_key(catalog.location, pseudonymizer)
     registry = adapters(pseudonymizer.key)
     now = dt.datetime.now(dt.UTC)
-    summary = IngestSummary(catalog=catalog.uri, scans_version=None, quarantine_version=None)
+    summary = IngestSummary(catalog=catalog.uri, scans_version=None, quarantine_version=None, identified=identified.uri)
 
     plans: list[tuple[SourceScan, DatasetCard | None, str, dict]] = []
     problems: list[Problem] = []
@@ -373,6 +496,9 @@ def ingest(
         roots.append(root)
     if roots:  # discovery lists folders and reads DICOM headers in Ray tasks (adapters.listing): Ray starts first
         init_ray(cfg.cluster)
+    repair_unsearched(catalog, options or None)  # duplicate searches a killed run still owes (duplicates.py)
+
+    levels: dict[str, str] = {}
 
     def discover(root: StorageLocation) -> tuple[str, str, list[Problem], list[tuple]]:
         name, card = _resolve_card(root, dataset, card_path)
@@ -381,6 +507,7 @@ def ingest(
         with cached_listings():  # detection and discovery list the root once
             chosen = _choose_layout(root, layout, card, registry)
             level = card.access if card is not None else (access or "restricted")
+            levels[name] = level
             tables, label_problems = _label_tables(root, card, name)
             found += label_problems
             for item in registry[chosen].discover(root, name, card):
@@ -399,27 +526,39 @@ def ingest(
     plans, unreadable = _utf8_names(plans)
     problems += unreadable
     summary.discovered = len(plans)
+    summary.access_changed = apply_access_levels(catalog, levels)
     summary.phases["list"] = round(time.perf_counter() - started, 2)
+    rekey_legacy_rows(catalog, list(summary.datasets), pseudonymizer.key, identified)
 
     # Harvest and commit progressively: every `commit_scans` harvested scans are merged into `scans` (and their problems
     # into `quarantine`), so a crash or a kill keeps every commit made before it and a re-run skips those scans.
     raw_area = catalog.location.join("raw")
-    names = []
-    for scan, _, _, _ in plans:
-        digest = hmac.new(pseudonymizer.key, f"raw\x1f{scan.source_uri}".encode(), hashlib.sha256).hexdigest()[:24]
-        names.append(f"{scan.dataset}/{digest}.nii.gz")
-    known = known_sources(catalog, [p[0] for p in plans]) if cfg.ingest.skip_unchanged else None
+    keys = [source_key(pseudonymizer.key, p[0].source_uri) for p in plans]
+    # DICOM conversions are named by content (the series' scan id): a new series is a new file, never a rewrite.
+    names = [f"{p[0].dataset}/dicom/{{shard}}/{{scan_id}}.nii.gz" for p in plans]
+    known = known_sources(catalog, [p[0] for p in plans], keys) if cfg.ingest.skip_unchanged else None
     phase = dict.fromkeys(("harvest", "write"), 0.0)
     new_ids: set[str] = set()
     rows: list[dict[str, Any]] = []
     signatures: dict[tuple[str, str], dict[str, Any] | None] = {}
     pending_problems: list[Problem] = list(problems)
+    pending_sources: list[dict[str, str]] = []
     quarantined: Counter = Counter(p.reason for p in problems)
 
     def commit() -> None:
         tick = time.perf_counter()
+        # The identified zone first: every catalog row can then be traced back to its source by ingest, even after a
+        # crash between the two commits (an identified row without a catalog row is harmless and re-used).
+        identified.record_sources(pending_sources, now)
+        identified.record_problems(
+            [{**asdict(p), "source_key": source_key(pseudonymizer.key, p.source_uri)} for p in pending_problems], now
+        )
+        keyed_problems = [catalog_problem(p, source_key(pseudonymizer.key, p.source_uri)) for p in pending_problems]
+        pending_sources.clear()
         written: list[dict[str, Any]] = []
+        queue_searches(catalog, rows)  # before the scans commit: a kill after it leaves the search owed, not lost
         inserted, superseded, unchanged = write_scans(catalog, rows, written)
+        maybe_crash("ingest.scans.committed")
         summary.inserted += inserted
         summary.superseded += superseded
         summary.unchanged += unchanged
@@ -429,8 +568,9 @@ def ingest(
                 catalog, written, [signatures.get((r["source_uri"], r["scan_id"])) for r in written]
             )
         signatures.clear()
-        if write_quarantine(catalog, pending_problems, now) or inserted or superseded:
+        if write_quarantine(catalog, keyed_problems, now) or inserted or superseded:
             summary.commits += 1
+        maybe_crash("ingest.quarantine.committed")
         rows.clear()
         pending_problems.clear()
         phase["write"] += time.perf_counter() - tick
@@ -439,6 +579,7 @@ def ingest(
     shipped = [for_harvest(p[0]) for p in plans]
     stream = harvest_stream(shipped, names, options, raw_area.uri, progress=progress, known=known)
     for index, result in stream:
+        maybe_crash("ingest.harvest")
         scan, card, level, tables = plans[index]
         if "unchanged" in result:
             summary.unchanged += 1
@@ -449,19 +590,22 @@ def ingest(
             pending_problems.append(problem)
             quarantined[problem.reason] += 1
         else:
-            root_uri = scan.source_uri[: len(scan.source_uri) - len(scan.relative_path)].rstrip("/")
-            masks = {
-                k[: -len("_relative_path")]: f"{root_uri}/{v}"
-                for k, v in scan.labels.items()
-                if k.endswith("_relative_path")
-            }
-            rows.append(
-                build_row(
-                    scan, result["facts"], card=card, access=level, pseudonymizer=pseudonymizer,
-                    extra_labels=label_lookup(card, tables, scan.subject), mask_uris=masks, now=now,
-                )
+            for mask_problem in result.get("mask_problems", []):
+                pending_problems.append(Problem(**mask_problem))
+                quarantined[mask_problem["reason"]] += 1
+            row = build_row(
+                scan, result["facts"], card=card, access=level, pseudonymizer=pseudonymizer,
+                extra_labels=label_lookup(card, tables, scan.subject), mask_uris=result.get("masks", {}), now=now,
             )  # fmt: skip
-            signatures[(rows[-1]["source_uri"], rows[-1]["scan_id"])] = result.get("signature")
+            # The catalog sees the source key and the staged image only; the real path goes to the identified zone.
+            row["source_uri"] = keys[index]
+            row["relative_path"] = row["image_uri"][len(catalog.uri.rstrip("/")) + 1 :]
+            pending_sources.append(
+                {"source_key": keys[index], "scan_id": row["scan_id"], "dataset": scan.dataset,
+                 "source_uri": scan.source_uri, "relative_path": scan.relative_path}
+            )  # fmt: skip
+            rows.append(row)
+            signatures[(row["source_uri"], row["scan_id"])] = result.get("signature")
         if len(rows) + len(pending_problems) >= cfg.ingest.commit_scans:
             phase["harvest"] += time.perf_counter() - tick
             commit()

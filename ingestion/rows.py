@@ -23,8 +23,9 @@ from brainiac.platform.pseudonym import Pseudonymizer
 
 __all__ = ["INGEST_VERSION", "LABEL_KEYS", "build_row", "parse_idh"]
 
-INGEST_VERSION = "3"
-"""Bumped when the row semantics change, so rows from older ingests can be found and rebuilt (3: ages coarsened)."""
+INGEST_VERSION = "4"
+"""Bumped when the row semantics change, so rows from older ingests can be found and rebuilt (3: ages coarsened; 4: the
+catalog holds source keys and staged images, real paths moved to the identified zone)."""
 
 LABEL_KEYS = ("idh", "survival_days", "stroke_onset_days", "resection", "mgmt")
 """Task labels a card may map from participants, manifests or label files."""

@@ -163,6 +163,14 @@ class IngestConfig:
     was not modified since its row was written (a re-ingest of an unchanged pool then reads no file). ``false``
     re-reads and re-hashes every file (for a store whose modification times cannot be trusted)."""
 
+    identified_uri: str = field(default_factory=lambda: os.environ.get("BRAINIAC_IDENTIFIED", ""))
+    """The identified zone: real source paths ↔ keyed source ids and the full quarantine, read only by ingest (the
+    catalog itself holds pseudonyms and content ids only). Empty: ``<catalog.uri>-identified``. On a cloud store, give it
+    its own bucket or prefix and credentials. Env: ``BRAINIAC_IDENTIFIED``."""
+
+    identified_storage_options: dict[str, str] = field(default_factory=dict)
+    """Object-store options for the identified zone (its own credentials); empty: those of the catalog."""
+
 
 @dataclass
 class SynthConfig:

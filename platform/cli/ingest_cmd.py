@@ -19,7 +19,10 @@ def ingest(
     ] = "auto",
     dataset: Annotated[
         str | None,
-        typer.Option(help="Dataset name (one SOURCE only). Default: the folder name, which also picks a shipped card."),
+        typer.Option(
+            help="Dataset name (one SOURCE only; lowercase, digits, . _ -). Needed unless the folder is named after a "
+            "shipped card: a folder name may carry identifiers, so it is never used as a name on its own."
+        ),
     ] = None,
     card: Annotated[str | None, typer.Option(help="A dataset card YAML to use instead of the shipped card.")] = None,
     access: Annotated[
@@ -34,7 +37,12 @@ def ingest(
     harmonized PHI-free rows to the [b]scans[/b] table and unusable inputs to [b]quarantine[/b].
 
     Re-running is safe: unchanged files add nothing (the table version does not move), changed files supersede their
-    old row, and bad files never stop good ones. Examples:
+    old row, and bad files never stop good ones.
+
+    The catalog holds no source path: each image is copied into the catalog's raw area under its content id, with the
+    header's free text and the gzip file name removed, and [b]source_uri[/b] is a keyed source id. The real paths and
+    the full quarantine go to the [b]identified zone[/b] ([b]ingest.identified_uri[/b], default
+    [b]<catalog>-identified[/b]), which only ingest reads. Examples:
 
       [b]brainiac ingest data/ds000228 data/BraTS2021 --catalog s3://lake/catalog[/b]
       [b]brainiac ingest /pacs/export --layout dicom --dataset hospital-gbm --access restricted[/b]
@@ -66,3 +74,7 @@ def ingest(
         f"discovered {summary.discovered} · new {summary.inserted} · superseded {summary.superseded} · "
         f"unchanged {summary.unchanged} · quarantined: {q} · {summary.seconds:.1f} s"
     )
+    for name, n in summary.access_changed.items():
+        console.print(f"{name}: access level of {n} stored rows changed to its card's level")
+    if summary.quarantined:
+        console.print(f"real paths of the quarantined inputs: the quarantine table of {summary.identified}")

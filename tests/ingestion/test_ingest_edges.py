@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from brainiac.ingestion.identified import identify
 from brainiac.ingestion.ingest import ingest, write_scans
 from brainiac.platform.catalog import Catalog
 from brainiac.platform.config import load_config
@@ -56,7 +57,7 @@ def test_mixed_folder_quarantines_exactly_the_bad_files(pipeline, mixed_bids, tm
     cfg = _config(str(tmp_path / "catalog"))
     summary = ingest(cfg, [str(root)], dataset="synth-lifespan-bids", progress=False)
     cat = Catalog.open(cfg.catalog.uri)
-    q = cat.read("quarantine").to_pandas()
+    q = identify(cat.read("quarantine").to_pandas(), cat.uri)
     assert dict(zip(q["source_uri"], q["reason"], strict=True)) == expected
     n_good = int((pipeline.truth["dataset"] == "synth-lifespan-bids").sum()) + 1  # + the image with the bad sidecar
     assert summary.inserted == n_good and len(cat.scans().to_pandas()) == n_good
@@ -98,11 +99,11 @@ def test_changed_file_supersedes_and_history_stays(pipeline, tmp_path):
     removed.unlink()
     summary = ingest(cfg, [str(root)], progress=False)
     assert (summary.inserted, summary.superseded) == (1, 1)
-    rows = cat.scans(include_superseded=True).to_pandas()
+    rows = identify(cat.scans(include_superseded=True).to_pandas(), cat.uri)
     mine = rows[rows["source_uri"] == str(target)]
     assert sorted(mine["status"]) == ["current", "superseded"]
     assert cat.version("scans") == v1 + 1  # one MERGE commit for insert + supersede
-    old = cat.scans(version=v1).to_pandas()
+    old = identify(cat.scans(version=v1).to_pandas(), cat.uri)
     assert (old.loc[old["source_uri"] == str(target), "status"] == "current").all()  # time travel
     # A file that disappeared is left in place (documented): ingest never deletes what it cannot see.
     assert (rows.loc[rows["source_uri"] == str(removed), "status"] == "current").all()
@@ -119,8 +120,9 @@ def test_ingest_from_s3_to_s3(pipeline, s3_bucket, s3_options):
     expected = int((pipeline.truth["dataset"] == "synth-lifespan-bids").sum())
     assert summary.inserted == expected and not summary.quarantined
     cat = Catalog.open(cfg.catalog.uri, s3_options)
-    rows = cat.scans().to_pandas()
+    rows = identify(cat.scans().to_pandas(), cat.uri, storage_options=s3_options)
     assert len(rows) == expected and rows["source_uri"].str.startswith(f"s3://{s3_bucket}/raw/").all()
+    assert cat.scans().to_pandas()["image_uri"].str.startswith(f"s3://{s3_bucket}/catalog/raw/").all()
     local = pipeline.catalog.scans(dataset="synth-lifespan-bids").to_pandas()
     assert set(rows["scan_id"]) == set(local["scan_id"])  # same bytes, same identity wherever they live
     assert ingest(cfg, [dest.uri], progress=False).inserted == 0
@@ -236,7 +238,7 @@ def test_reingest_reads_no_unchanged_file_and_rereads_a_touched_one(pipeline, tm
     assert first.skipped == 0 and cat.read("scan_signatures").num_rows == first.inserted
     again = ingest(cfg, [str(root)], progress=False)
     assert (again.inserted, again.skipped, again.unchanged) == (0, first.inserted, first.inserted)
-    catalogued = sorted(cat.scans().to_arrow(["source_uri"])["source_uri"].to_pylist())
+    catalogued = sorted(identify(cat.scans().to_pandas(), cat.uri)["source_uri"])
     os.utime(catalogued[0])  # touched now: read and hashed again, still the same content
     img = nib.load(catalogued[1])
     changed = nib.Nifti1Image(np.asanyarray(img.dataobj) + 1, img.affine, img.header)
@@ -264,7 +266,8 @@ def test_harvest_tasks_receive_no_subject_metadata_or_series_description(pipelin
     summary = ingest(cfg, [str(src)], progress=False)
     assert summary.inserted > 0 and len(shipped) == summary.discovered
     for scan in shipped:
-        assert scan.subject == "" and not scan.meta and not scan.sequence_hints and not scan.labels
+        assert scan.subject == "" and not scan.meta and not scan.sequence_hints
+        assert not {k for k in scan.labels if not k.endswith("_relative_path")}  # label masks only, to be staged
         assert scan.session is None and scan.format == "dicom" and scan.files
     table = Catalog.open(cfg.catalog.uri).scans().to_pandas()
     assert table["subject_id"].str.len().min() > 8 and table["sequence"].notna().all()  # rows still built in full
@@ -290,6 +293,7 @@ def test_a_non_utf8_file_name_is_quarantined_and_the_rest_ingested(pipeline, tmp
     assert summary.quarantined.get("bad_filename") == 1
     expected = int((pipeline.truth["dataset"] == src.name).sum())
     assert summary.inserted == expected
-    q = Catalog.open(cfg.catalog.uri).read("quarantine").to_pylist()
+    catalog = Catalog.open(cfg.catalog.uri)
+    q = identify(catalog.read("quarantine").to_pandas(), catalog.uri).to_dict("records")
     assert [r["reason"] for r in q] == ["bad_filename"] and "caf\\xe9" in q[0]["source_uri"]
     assert Problem("ds", "x", "harvest_failed", "d").reason == "harvest_failed"  # every reason the jobs use is known

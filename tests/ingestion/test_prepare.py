@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from brainiac.ingestion.identified import identify
 from brainiac.ingestion.prepare import preprocess
 from brainiac.ingestion.volumes import read_volumes, row_arrays
 
@@ -89,7 +90,8 @@ def test_voxel_defects_are_quarantined_once_and_the_rest_is_processed(pipeline, 
     first = preprocess(cfg, progress=False)
     assert first.quarantined == {"nonfinite_voxels": 1}
     assert first.processed == first.selected - 1
-    q = Catalog.open(cfg.catalog.uri).read("quarantine").to_pandas()
+    catalog = Catalog.open(cfg.catalog.uri)
+    q = identify(catalog.read("quarantine").to_pandas(), catalog.uri)
     assert q["source_uri"].tolist() == [str(victim)]
     again = preprocess(cfg, progress=False)
     assert again.processed == 0 and not again.quarantined  # not retried

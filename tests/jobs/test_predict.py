@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -87,7 +88,9 @@ def odd_flair(pipeline, tmp_path_factory) -> dict[str, Path]:
         "ORDER BY s.source_uri LIMIT 1"
     ).to_pylist()
     assert rows, "the tiny cohort has a BraTS subject in the train split"
-    source = Path(rows[0]["source_uri"])
+    from brainiac.ingestion.identified import identify
+
+    source = Path(identify(pd.DataFrame(rows), catalog.uri)["source_uri"].iloc[0])  # the file on disk, by its key
     truth = pipeline.truth
     row = truth[[source.as_posix().endswith(p) for p in truth["path"]]].iloc[0]
     label = pipeline.cohort.out_dir / "_truth" / row["label_path"]
@@ -144,12 +147,12 @@ def test_preprocess_records_its_config_once_and_it_rebuilds_the_catalog_volume(p
     assert pipeline.catalog.select("preprocess_configs").num_rows == len(rows)
     # The recorded config rebuilds a catalog volume from its raw file, voxel for voxel.
     scan = pipeline.catalog.sql(
-        "SELECT s.source_uri, v.fixed, v.fixed_shape FROM scans s JOIN volumes v ON s.scan_id = v.scan_id "
+        "SELECT s.image_uri, v.fixed, v.fixed_shape FROM scans s JOIN volumes v ON s.scan_id = v.scan_id "
         f"WHERE v.preprocess_version = '{version}' AND s.sequence = 'FLAIR' AND s.dataset = 'synth-brats' LIMIT 1"
     ).to_pylist()[0]
     from brainiac.ingestion.volumes import decode_array
 
-    _, result = preprocess_file(scan["source_uri"], cfg)
+    _, result = preprocess_file(scan["image_uri"], cfg)
     np.testing.assert_array_equal(result.fixed, decode_array(scan["fixed"], scan["fixed_shape"], "float16"))
 
 
@@ -198,9 +201,9 @@ def test_regression_prints_the_value_with_units_and_writes_json(pipeline, regist
     cfg = _finetune_config(pipeline, registry, tmp_path / "runs", "finetune.task=brain_age", "finetune.max_epochs=1")
     s = finetune(cfg, progress=False)
     t1 = pipeline.catalog.sql(
-        "SELECT source_uri FROM scans WHERE sequence = 'T1w' AND dataset = 'synth-lifespan-bids' ORDER BY source_uri "
+        "SELECT image_uri FROM scans WHERE sequence = 'T1w' AND dataset = 'synth-lifespan-bids' ORDER BY image_uri "
         "LIMIT 2"
-    )["source_uri"].to_pylist()
+    )["image_uri"].to_pylist()
     out = tmp_path / "out"
     code, stdout, _ = _run(["predict", "--model", s.model_uri, *t1, "--out", str(out), "--set",
                             f"tracking.uri={registry}", "--no-sequence-check"], capsys)  # fmt: skip

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from brainiac.ingestion.identified import identify
 from brainiac.models.tasks.regions import SALIENCY_REGIONS, grid_mm, head_scale, hippocampus_mask, template_brain_ml
 from brainiac.models.tasks.spec import load_specs
 
@@ -73,8 +74,10 @@ def test_hippocampus_masks_on_the_tiny_pipeline_follow_each_subjects_true_pose_a
     masks = hippocampus_masks(catalog, cfg, data, data.case_ids)
     assert len(data.case_ids) >= 3 and set(masks) == set(data.case_ids)
 
-    scans = catalog.scans(sequence="T1w").to_arrow(["scan_id", "subject_id", "session", "dataset", "relative_path"])
-    scans = scans.to_pandas()
+    scans = catalog.scans(sequence="T1w").to_arrow(
+        ["scan_id", "subject_id", "session", "dataset", "source_uri", "relative_path"]
+    )
+    scans = identify(scans.to_pandas(), catalog.uri)  # real paths, to meet the truth table
     scans["case"] = scans["subject_id"] + "/" + scans["session"].fillna("")
     scans = scans[scans["case"].isin(masks)]
     columns = ["scan_id", "fixed_affine", "fixed_shape", "brain_volume_ml", "transform"]

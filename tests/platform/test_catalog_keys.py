@@ -18,6 +18,7 @@ def _scans(n: int, seed: int = 0) -> pa.Table:
     cols["scan_id"] = pa.array(ids)
     cols["dataset"] = pa.array([f"ds{i % 5}" for i in range(n)])
     cols["status"] = pa.array(["current"] * n)
+    cols["access"] = pa.array(["open"] * n)
     cols["subject_id"] = pa.array([f"sub{i // 3}" for i in range(n)])
     return pa.table(cols, schema=SCANS_SCHEMA)
 
