@@ -341,9 +341,17 @@ def catalog_problem(problem: Problem, key: str) -> Problem:
     """The catalog's view of a problem: the source key instead of the path, and the detail without any part of the path
     (a detail may name a slice file); the identified zone keeps both as they were."""
     detail = problem.detail or ""
-    for part in sorted({p for p in re.split(r"[/#]", problem.source_uri) if len(p) >= 3}, key=len, reverse=True):
+    parts = {p for p in re.split(r"[/#]", problem.source_uri) if len(p) >= 3 and p.lower() not in _GENERIC_FOLDERS}
+    for part in sorted(parts, key=len, reverse=True):
         detail = detail.replace(part, "<path>")
-    return Problem(problem.dataset, key, problem.reason, detail)
+    return Problem(problem.dataset, key, problem.reason, _FILE_NAME.sub("<file>", detail))
+
+
+_GENERIC_FOLDERS = frozenset({"data", "home", "mnt", "tmp", "users", "scratch", "raw", "anat", "func", "dwi", "perf"})
+"""Folder names too common to be identifiers, left in a detail (``pixel data`` stays readable)."""
+
+_FILE_NAME = re.compile(r"[^\s:'\"]+\.(?:dcm|ima|img|nii|nii\.gz|json|tsv|csv|txt)\b", re.IGNORECASE)
+"""A file name quoted in a detail (a DICOM slice's name is not part of its series' path)."""
 
 
 def rekey_legacy_rows(catalog: Catalog, datasets: Sequence[str], key: bytes, identified: IdentifiedZone) -> int:

@@ -44,6 +44,7 @@ __all__ = [
     "configure_ray_environment",
     "ensure_ray_token",
     "init_ray",
+    "is_local_ray",
     "ray_token_path",
 ]
 
@@ -88,7 +89,7 @@ def ensure_ray_token() -> Path:
     return path
 
 
-def _is_local(target: str | None) -> bool:
+def is_local_ray(target: str | None) -> bool:
     """True for a Ray on this machine: ``local`` or an address on loopback (the ``brainiac stack`` head)."""
     if target in (None, "local"):
         return True
@@ -105,7 +106,7 @@ def configure_ray_environment(target: str | None = "local") -> dict[str, str]:
     """
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    if _is_local(target):
+    if is_local_ray(target):
         if os.environ["RAY_AUTH_MODE"].lower() == "token" and not (
             os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
         ):

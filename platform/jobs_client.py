@@ -167,6 +167,12 @@ def connect(address: str | None = None, token: str | None = None, timeout_s: flo
     """
     url = resolve_address(address)
     headers = auth_headers(token)
+    if not headers:  # a Ray on this machine (`brainiac stack`) accepts this user's own token
+        from brainiac.platform.cluster import is_local_ray, ray_token_path
+
+        mine = ray_token_path()
+        if is_local_ray(url) and mine.exists():
+            headers = auth_headers(mine.read_text())
     _probe(url, headers, timeout_s)
     from ray.job_submission import JobSubmissionClient
 

@@ -31,12 +31,11 @@ def _images(nb) -> int:
 
 @pytest.fixture(scope="module")
 def kernel_env(tour, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module):
-    """The environment a notebook kernel inherits: the tour, headless matplotlib, Ray without token auth, and a
+    """The environment a notebook kernel inherits: the tour, headless matplotlib, and a
     ``python3`` kernelspec (installed into a private Jupyter path when this environment has none)."""
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
     monkeypatch_module.setenv("BRAINIAC_TOUR", str(tour.workdir))
-    monkeypatch_module.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch_module.setenv("MPLBACKEND", "Agg")
     assert os.environ.get("BRAINIAC_PSEUDONYM_KEY")  # the tour's key, for any job that pseudonymizes
     try:
