@@ -148,3 +148,44 @@ def test_a_changed_card_level_is_applied_to_stored_rows_on_reingest(pipeline, tm
     version = Catalog.open(cfg.catalog.uri).version("scans")
     assert ingest(cfg, [str(root)], card_path=str(card), progress=False).access_changed == {}
     assert Catalog.open(cfg.catalog.uri).version("scans") == version
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_rows_of_an_older_ingest_are_rekeyed_and_their_images_staged(pipeline, tmp_path: Path) -> None:
+    """A catalog written before the identified zone (real paths in ``source_uri``, the user's file as ``image_uri``)
+    is converted by the next ingest: same scans, one current row per source, no path left in ``scans``."""
+    import shutil
+
+    import pyarrow as pa
+
+    from brainiac.ingestion.ingest import ingest
+    from brainiac.platform.catalog import Catalog
+    from brainiac.platform.config import load_config
+
+    root = tmp_path / "synth-brats"
+    shutil.copytree(pipeline.cohort.out_dir / pipeline.cohort.cohorts["brats"], root)
+    cfg = load_config("tiny", [f"catalog.uri={tmp_path / 'catalog'}"])
+    first = ingest(cfg, [str(root)], progress=False)
+    catalog = Catalog.open(cfg.catalog.uri)
+    zone = IdentifiedZone(default_identified_uri(catalog.uri))
+    real = {(s["source_key"], s["scan_id"]): s for s in zone.read("sources").to_pylist()}
+    rows = catalog.read("scans").to_pylist()
+    legacy = pa.Table.from_pylist(
+        [{"scan_id": r["scan_id"], "key": r["source_uri"], "path": real[(r["source_uri"], r["scan_id"])]["source_uri"],
+          "rel": real[(r["source_uri"], r["scan_id"])]["relative_path"]} for r in rows]
+    )  # fmt: skip
+    catalog.table("scans").merge(
+        legacy, predicate="t.scan_id = s.scan_id AND t.source_uri = s.key", source_alias="s", target_alias="t"
+    ).when_matched_update(
+        {"source_uri": "s.path", "relative_path": "s.rel", "image_uri": "s.path", "ingest_version": "'3'"}
+    ).execute()  # what version 3 wrote
+    shutil.rmtree(zone.location.path)
+    shutil.rmtree(tmp_path / "catalog" / "raw")
+    again = ingest(cfg, [str(root)], progress=False)
+    assert (again.inserted, again.superseded) == (0, 0)
+    after = catalog.read("scans").to_pandas()
+    assert len(after) == first.inserted and (after["status"] == "current").all()
+    assert after["source_uri"].str.startswith("src-").all() and not after["relative_path"].str.contains(str(root)).any()
+    assert all(Path(u).exists() and u.startswith(catalog.uri) for u in after["image_uri"])
+    assert (after["ingest_version"] == after["ingest_version"].iloc[0]).all() and after["ingest_version"].iloc[0] != "3"
