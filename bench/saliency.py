@@ -130,7 +130,9 @@ def run_task(args, catalog: Path, tracking_uri: str, task: str) -> dict[str, Any
     evaluate_s = time.perf_counter() - t
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    model = mlflow.pytorch.load_model(trained.model_uri).eval()
+    from brainiac.models.export import load_model_artifacts
+
+    model = load_model_artifacts(trained.model_uri, tracking_uri).module
     t = time.perf_counter()
     both = case_ratios(
         {"trained": model, "untrained": untrained(model)}, cfg, trained.model_uri, tracking_uri, args.cases

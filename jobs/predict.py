@@ -233,13 +233,14 @@ def _resolve(uri: str, tracking_uri: str):
     return mv, task_spec(mv.tags["task"])
 
 
-def _load(uri: str, mv, spec: TaskSpec, tracking_uri: str, info: Callable[[str], None]) -> _Model:
+def _load(mv, spec: TaskSpec, tracking_uri: str, info: Callable[[str], None]) -> _Model:
     """Load a resolved task model version with its recorded preprocessing.
 
     Raises:
-        UserError: the version records no preprocessing, or its model cannot be read back.
+        UserError: the version records no preprocessing, or its model cannot be read back (no weights and spec, as
+            for a model logged as a pickle; weights that are not plain tensors or do not fit the spec).
     """
-    import mlflow
+    from brainiac.models.export import load_model_artifacts
 
     label = f"{mv.name}/{mv.version}"
     cfg = model_preprocess_config(mv, tracking_uri)
@@ -249,10 +250,8 @@ def _load(uri: str, mv, spec: TaskSpec, tracking_uri: str, info: Callable[[str],
     if recorded and cfg.version() != recorded:  # same settings, other code revision (PIPELINE_REVISION)
         info(f"warning: {label} was trained on preprocess version {recorded}; its settings hash to {cfg.version()} "
              "under this code revision, so inputs may differ slightly from its training volumes")  # fmt: skip
-    try:
-        module = mlflow.pytorch.load_model(f"models:/{mv.name}/{mv.version}", map_location="cpu").eval()
-    except Exception as exc:  # MLflow and torch raise many types for a model that cannot be read back
-        raise UserError(f"cannot load {uri} ({label}): {_first_line(exc)}") from None
+    # Weights + typed spec, rebuilt and loaded strictly; a version logged as a pickle is refused, never unpickled.
+    module = load_model_artifacts(f"models:/{mv.name}/{mv.version}", tracking_uri).module
     return _Model(
         label, spec, module, cfg, float(mv.tags.get("target_mean", 0.0)), float(mv.tags.get("target_std", 1.0))
     )
@@ -271,7 +270,7 @@ def _sequence_checker(tracking_uri: str, info: Callable[[str], None]) -> _Model 
         info(f"{SEQUENCE_MODEL} is not a sequence task model: input sequences are not checked")
         return None
     try:
-        return _load(SEQUENCE_MODEL, mv, task_spec("sequence"), tracking_uri, info)
+        return _load(mv, task_spec("sequence"), tracking_uri, info)
     except UserError as exc:  # the check is a courtesy: a broken checker must not block the task model
         info(f"{exc}: input sequences are not checked")
         return None
@@ -412,7 +411,7 @@ def predict_scans(
     tracking_uri = use_tracking(cfg.tracking)
     version, spec = _resolve(model_uri, tracking_uri)
     cases = _as_cases(spec, inputs)
-    model = _load(model_uri, version, spec, tracking_uri, say)
+    model = _load(version, spec, tracking_uri, say)
     checker = None
     if sequence_check and spec.name != "sequence":
         checker = _sequence_checker(tracking_uri, say)

@@ -21,7 +21,7 @@ import numpy as np
 
 from brainiac.jobs.finetune.data import TaskData, load_task_data
 from brainiac.jobs.finetune.engine import TargetScale, predict, score
-from brainiac.models.export import model_version
+from brainiac.models.export import load_model_artifacts, model_version
 from brainiac.models.tasks.spec import TaskSpec, task_spec
 from brainiac.platform.catalog import Catalog, sql_literal
 from brainiac.platform.config import Config
@@ -175,7 +175,7 @@ def evaluate(
         raise UserError(f"{model_uri} carries no 'task' tag: it is not a fine-tuned task model")
     spec = task_spec(mv.tags["task"])
     scale = TargetScale(float(mv.tags.get("target_mean", 0.0)), float(mv.tags.get("target_std", 1.0)))
-    model = mlflow.pytorch.load_model(model_uri).eval()
+    model = load_model_artifacts(model_uri, uri).module  # weights + spec, never a pickle
     catalog = Catalog.open(cfg.catalog.uri, cfg.catalog.storage_options)
     data = load_task_data(catalog, cfg, spec, preprocess_version=mv.tags.get("preprocess_version", ""))
     test = data.indices("test")

@@ -194,7 +194,8 @@ def _test(spec: TaskSpec, data: TaskData, paths: list[str], cfg: Config, backbon
     per_seed: list[dict[str, float]] = []
     predictions, first = [], None
     for path in paths:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        # The trial file holds tensors and floats only: read it without unpickling arbitrary objects.
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         encoder = build_backbone(backbone) if encoder_state is not None else None
         model = build_task_model(spec, backbone, encoder, cfg.finetune.strategy)
         model.load_state_dict(saved["state"], strict=True)
@@ -213,19 +214,20 @@ def _test(spec: TaskSpec, data: TaskData, paths: list[str], cfg: Config, backbon
     return out, first
 
 
-def _register(cfg: Config, spec: TaskSpec, client, run_id: str, model, scale, data: TaskData, init: str):
-    """Log the chosen model with a tensor signature and register it as ``brainiac-<task>`` with the alias.
+def _register(cfg: Config, spec: TaskSpec, client, run_id: str, model, scale, data: TaskData, init: str, backbone):
+    """Log the chosen model as weights plus a typed spec and register it as ``brainiac-<task>`` with the alias.
 
-    The preprocessing settings that produced the training volumes go beside it (``model/preprocess.json``), from the
+    The run's ``model/`` folder holds ``weights.pt`` and ``model_spec.json`` (:func:`brainiac.models.export.
+    save_model_artifacts`: no pickle, so loading it runs no code) and is the registered version's source. The
+    preprocessing settings that produced the training volumes go beside it (``model/preprocess.json``), from the
     catalog's record of ``data.preprocess_version``, else from ``cfg.preprocess`` when its version is that one, so that
     ``brainiac predict`` can rebuild the model's inputs from a new scan without the catalog. A version with neither is
     registered anyway (predict then refuses it with a clear message).
     """
     import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
     from brainiac.ingestion.prepare import preprocess_config_of
+    from brainiac.models.export import MODEL_DIR, ModelSpec, save_model_artifacts
 
     catalog = Catalog.open(cfg.catalog.uri, cfg.catalog.storage_options)
     preprocess_cfg = preprocess_config_of(catalog, data.preprocess_version)
@@ -236,20 +238,12 @@ def _register(cfg: Config, spec: TaskSpec, client, run_id: str, model, scale, da
                     data.preprocess_version)  # fmt: skip
 
     name = f"brainiac-{spec.name}"
-    shape = (-1, *data.inputs.shape[1:])
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), shape)]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_outputs)
-                                   if spec.kind != "segmentation" else (-1, 1, *data.inputs.shape[2:]))]),
-    )  # fmt: skip
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model.eval(), name="model", signature=signature, serialization_format="pickle",
-            pip_requirements=["torch", "monai"], input_example=None,
-        )  # fmt: skip
-        mlflow.log_dict({"mean": scale.mean, "std": scale.std, "units": spec.units}, "model/target_scale.json")
-        if preprocess_cfg is not None:
-            mlflow.log_dict(preprocess_cfg.to_dict(), "model/preprocess.json")
+    model_spec = ModelSpec.for_task(spec, backbone, data.inputs.shape[1:], cfg.finetune.strategy)
+    source = save_model_artifacts(client, run_id, model.eval(), model_spec, MODEL_DIR)
+    client.log_dict(run_id, {"mean": scale.mean, "std": scale.std, "units": spec.units},
+                    f"{MODEL_DIR}/target_scale.json")  # fmt: skip
+    if preprocess_cfg is not None:
+        client.log_dict(run_id, preprocess_cfg.to_dict(), f"{MODEL_DIR}/preprocess.json")
     tags = {"task": spec.name, "strategy": cfg.finetune.strategy, "regime": _regime(cfg), "init": init,
             "preprocess_version": data.preprocess_version, "volumes_table_version": str(data.volumes_version),
             "access": ",".join(data.access_levels), "target_mean": str(scale.mean), "target_std": str(scale.std),
@@ -258,7 +252,7 @@ def _register(cfg: Config, spec: TaskSpec, client, run_id: str, model, scale, da
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description=f"BrainIAC fine-tuned model: {spec.description}")
-    version = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, cfg.finetune.alias, version.version)
     return f"models:/{name}@{cfg.finetune.alias}", str(version.version)
 
@@ -396,7 +390,9 @@ def finetune(cfg: Config, *, progress: bool = True) -> FinetuneSummary:
     client.log_dict(run_id, summary.as_dict(), "summary.json")
     summary.mlflow_run_id = run_id
     if f.register:
-        summary.model_uri, summary.model_version = _register(cfg, spec, client, run_id, model, scale, data, init)
+        summary.model_uri, summary.model_version = _register(
+            cfg, spec, client, run_id, model, scale, data, init, backbone
+        )
     client.set_terminated(run_id, status="FINISHED")
     summary.seconds = time.perf_counter() - started
     return summary

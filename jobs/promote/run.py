@@ -131,14 +131,18 @@ def _history(client, name: str) -> list[str]:
 
 
 def _evaluate(cfg: Config, spec, model_uri: str, tags: dict[str, str], data, test: np.ndarray):
-    """Predictions, test metrics with CIs and the robustness rows of one registered version on the test cases."""
-    import mlflow
+    """Predictions, test metrics with CIs and the robustness rows of one registered version on the test cases.
 
+    The version is rebuilt from its weights and spec (:func:`~brainiac.models.export.load_model_artifacts`): a version
+    logged as a pickle is refused, never unpickled.
+    """
     from brainiac.jobs.finetune.engine import TargetScale, predict
     from brainiac.jobs.finetune.evaluate import metric_cis
+    from brainiac.models.export import load_model_artifacts
+    from brainiac.platform.tracking import resolve_tracking_uri
 
     p = cfg.promote
-    model = mlflow.pytorch.load_model(model_uri).eval()
+    model = load_model_artifacts(model_uri, resolve_tracking_uri(cfg.tracking)).module
     scale = TargetScale(float(tags.get("target_mean", 0.0)), float(tags.get("target_std", 1.0)))
     x, y, raw = data.inputs[test], data.targets[test], data.raw[test]
     predictions = predict(model, spec, x, scale)

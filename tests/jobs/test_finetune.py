@@ -16,7 +16,7 @@ import torch
 
 from brainiac.jobs.finetune.data import load_task_data, regime_subjects
 from brainiac.jobs.finetune.engine import predict, score, train_trial
-from brainiac.models.export import load_encoder
+from brainiac.models.export import load_encoder, load_model_artifacts
 from brainiac.models.tasks.model import encoder_of
 from brainiac.models.tasks.spec import load_specs, task_spec
 
@@ -112,12 +112,10 @@ def test_tune_sweep_logs_child_runs_and_registers_a_challenger(pipeline, tmp_pat
     version = client.get_model_version_by_alias("brainiac-sequence", "challenger")
     assert version.run_id == s.mlflow_run_id and version.tags["strategy"] == "full"
     assert version.tags["task_spec"] == task_spec("sequence").fingerprint()  # what the lineage gate of promote checks
-    mlflow.set_registry_uri(uri)
-    model = mlflow.pytorch.load_model("models:/brainiac-sequence@challenger")
-    out = model(torch.zeros(2, 1, 32, 32, 32))
+    loaded = load_model_artifacts("models:/brainiac-sequence@challenger", uri)  # weights + spec, no pickle
+    out = loaded.module(torch.zeros(2, 1, 32, 32, 32))
     assert out.shape == (2, 4)
-    signature = mlflow.models.get_model_info("models:/brainiac-sequence@challenger").signature
-    assert signature.inputs.inputs[0].shape == (-1, 1, 32, 32, 32)
+    assert loaded.spec.input_shape == [1, 32, 32, 32] and loaded.spec.strategy == "full"
 
 
 def test_finetune_cli_errors_are_one_line_and_exit_2(tmp_path):

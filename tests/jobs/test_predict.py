@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 from brainiac.jobs.predict import model_preprocess_config, preprocess_file
 from brainiac.platform.cli.main import main
@@ -208,6 +207,7 @@ def test_regression_prints_the_value_with_units_and_writes_json(pipeline, regist
     code, stdout, _ = _run(["predict", "--model", s.model_uri, *t1, "--out", str(out), "--set",
                             f"tracking.uri={registry}", "--no-sequence-check"], capsys)  # fmt: skip
     assert code == 0, stdout
+    stdout = " ".join(stdout.split())  # rich wraps lines at the terminal width (staged scans have 64-hex names)
     assert stdout.count("brain age ") == 2 and stdout.count(" years") >= 2
     for path in t1:
         stem = Path(path).name.removesuffix(".gz").removesuffix(".nii")
@@ -218,29 +218,30 @@ def test_regression_prints_the_value_with_units_and_writes_json(pipeline, regist
 
 
 def _register_constant_sequence_model(registry: str, preprocess_cfg, alias: str) -> str:
-    """A real registered model that calls every input T1w (p ≈ 1), with the recorded preprocessing of a task model."""
+    """A real registered task model (weights + spec) that calls every input T1w (p ≈ 1), with the recorded
+    preprocessing of a task model."""
+    from brainiac.models.config import BackboneConfig
+    from brainiac.models.export import ModelSpec, build_model, save_model_artifacts
+    from brainiac.models.tasks.spec import task_spec
+
     size = preprocess_cfg.fixed_size
-    model = nn.Sequential(nn.Flatten(), nn.Linear(size**3, 4))
+    spec = ModelSpec.for_task(task_spec("sequence"), BackboneConfig.tiny(img_size=size), (1, size, size, size))
+    model = build_model(spec)
     with torch.no_grad():
-        model[1].weight.zero_()
-        model[1].bias.copy_(torch.tensor([12.0, 0.0, 0.0, 0.0]))  # classes: T1w, T2w, FLAIR, T1ce
-    mlflow.set_tracking_uri(registry)
-    mlflow.set_registry_uri(registry)
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([12.0, 0.0, 0.0, 0.0]))  # classes: T1w, T2w, FLAIR, T1ce
     client = mlflow.MlflowClient(registry, registry_uri=registry)
-    with mlflow.start_run(run_name="constant-sequence-model", experiment_id=_experiment(registry)) as run:
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                        pip_requirements=["torch"])  # fmt: skip
-        mlflow.log_dict(preprocess_cfg.to_dict(), "model/preprocess.json")
+    run_id = client.create_run(_experiment(registry), run_name="constant-sequence-model").info.run_id
+    source = save_model_artifacts(client, run_id, model, spec)
+    client.log_dict(run_id, preprocess_cfg.to_dict(), "model/preprocess.json")
+    client.set_terminated(run_id)
     name = "brainiac-sequence"
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name)
     version = client.create_model_version(
-        name,
-        source=info.model_uri,
-        run_id=run.info.run_id,
-        tags={"task": "sequence", "preprocess_version": preprocess_cfg.version()},
+        name, source=source, run_id=run_id, tags={"task": "sequence", "preprocess_version": preprocess_cfg.version()}
     )
     client.set_registered_model_alias(name, alias, version.version)
     return f"models:/{name}@{alias}"
@@ -283,6 +284,12 @@ def test_user_errors_are_one_line_and_exit_2(registry, tmp_path, capsys):
         v = client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
                                         tags=tags)  # fmt: skip
         client.set_registered_model_alias(name, "bare", v.version)
+    # A version whose run records its preprocessing but holds no weights + spec (as a model logged as a pickle).
+    other = client.create_run(_experiment(registry)).info.run_id
+    client.log_dict(other, {}, "model/preprocess.json")
+    v = client.create_model_version("brainiac-brain_age", source=f"runs:/{other}/model", run_id=other,
+                                    tags={"task": "brain_age"})  # fmt: skip
+    client.set_registered_model_alias("brainiac-brain_age", "noweights", v.version)
     scan = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8), dtype=np.float32), np.eye(4)), scan)
     text = tmp_path / "notes.nii.gz"
@@ -296,6 +303,7 @@ def test_user_errors_are_one_line_and_exit_2(registry, tmp_path, capsys):
         (["--model", "models:/brainiac-nope@champion", str(scan)], "cannot find models:/brainiac-nope@champion"),
         (["--model", "models:/brainiac-untagged@bare", str(scan)], "not a fine-tuned task model"),
         (["--model", "models:/brainiac-brain_age@bare", str(scan)], "records no preprocess config; re-register"),
+        (["--model", "models:/brainiac-brain_age@noweights", str(scan)], "has no model_spec.json; re-log it"),
     ]
     for argv, needle in cases:
         code, _, err = _run(["predict", *argv, *base], capsys)

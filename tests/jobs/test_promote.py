@@ -33,7 +33,7 @@ def trained(pipeline, tmp_path_factory):
     """A sequence model fine-tuned on the tiny pipeline, and a degraded copy whose head predicts one class for every
     input (balanced accuracy 1/4 by construction); both with the trained version's tags."""
     from brainiac.jobs.finetune.run import finetune
-    from brainiac.models.export import model_version
+    from brainiac.models.export import load_model_artifacts, model_version
 
     cfg = pipeline.pretrain_config(
         "finetune.task=sequence", "finetune.strategy=full", f"finetune.init={pipeline.encoder.model_uri}",
@@ -43,26 +43,43 @@ def trained(pipeline, tmp_path_factory):
     summary = finetune(cfg, progress=False)
     uri = f"sqlite:///{pipeline.root / 'mlflow.db'}"
     tags = dict(model_version(summary.model_uri, uri).tags)
-    model = mlflow.pytorch.load_model(summary.model_uri).eval()
+    loaded = load_model_artifacts(summary.model_uri, uri)
+    model = loaded.module
     degraded = copy.deepcopy(model)
     with torch.no_grad():
         degraded.head.weight.zero_()
         degraded.head.bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))
-    return {"good": model, "bad": degraded, "tags": tags, "test": summary.test}
+    return {"good": model, "bad": degraded, "spec": loaded.spec, "tags": tags, "test": summary.test}
 
 
-def _register(tracking_uri: str, model, tags: dict[str, str]) -> str:
-    """Log ``model`` to a run of ``tracking_uri`` and register it as a new version of NAME with ``tags``."""
+def _register(tracking_uri: str, model, spec, tags: dict[str, str]) -> str:
+    """Log ``model`` (weights + spec) to a run of ``tracking_uri`` and register the run's ``model/`` folder as a new
+    version of NAME with ``tags``."""
+    from brainiac.models.export import save_model_artifacts
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    experiment = mlflow.set_experiment("promote-test").experiment_id
+    run_id = client.create_run(experiment).info.run_id
+    source = save_model_artifacts(client, run_id, model, spec)
+    client.set_terminated(run_id)
+    try:
+        client.get_registered_model(NAME)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(NAME)
+    version = client.create_model_version(NAME, source, run_id, tags=tags)
+    return str(version.version)
+
+
+def _register_pickled(tracking_uri: str, model, tags: dict[str, str]) -> str:
+    """A version logged the old way (``mlflow.pytorch.log_model`` pickle), which promote must refuse to load."""
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
     mlflow.set_experiment("promote-test")
     with mlflow.start_run() as run:
         info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=["torch"])
-    try:
-        client.get_registered_model(NAME)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(NAME)
     version = client.create_model_version(NAME, info.model_uri, run.info.run_id, tags=tags, model_id=info.model_id)
     return str(version.version)
 
@@ -81,7 +98,7 @@ def test_promote_gates_move_and_roll_back_the_champion(pipeline, trained, tmp_pa
     )
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     assert trained["test"]["balanced_accuracy"]["mean"] > 0.5, trained["test"]  # the good model really is better
-    bad = _register(uri, trained["bad"], trained["tags"])
+    bad = _register(uri, trained["bad"], trained["spec"], trained["tags"])
 
     # 1. First promotion, no champion: only the absolute gates decide. A failing one leaves no champion.
     assert _promote(pipeline, uri, "--candidate", bad, "--gate", "balanced_accuracy>=0.5") == 1
@@ -94,7 +111,7 @@ def test_promote_gates_move_and_roll_back_the_champion(pipeline, trained, tmp_pa
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == bad
 
     # 2. A better candidate passes the paired improvement gate: champion moves, the old one keeps `previous`.
-    good = _register(uri, trained["good"], trained["tags"])
+    good = _register(uri, trained["good"], trained["spec"], trained["tags"])
     assert (
         _promote(pipeline, uri, "--candidate", good, "--set", "promote.robustness_artifacts=[gibbs, rician_noise]") == 0
     )
@@ -113,7 +130,7 @@ def test_promote_gates_move_and_roll_back_the_champion(pipeline, trained, tmp_pa
     assert "## Gates" in card and "## Robustness" in card and "previous champion" in card
 
     # 3. A worse candidate fails the improvement gate; the champion is untouched and the reasons are on the version.
-    worse = _register(uri, trained["bad"], trained["tags"])
+    worse = _register(uri, trained["bad"], trained["spec"], trained["tags"])
     assert _promote(pipeline, uri, "--candidate", worse, "--min-delta", "0.0") == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "improvement in balanced_accuracy" in out
@@ -129,6 +146,15 @@ def test_promote_gates_move_and_roll_back_the_champion(pipeline, trained, tmp_pa
     assert client.get_model_version(NAME, good).tags["promotion.decision"] == "rolled back"
     assert _promote(pipeline, uri, "--rollback") == 2  # nothing earlier than the first champion
     assert "no earlier champion" in capsys.readouterr().err
+
+    # 5. A version logged as a pickle is never loaded: one error line, exit 2, the champion untouched.
+    pickled = _register_pickled(uri, trained["good"], trained["tags"])
+    capsys.readouterr()  # MLflow's own warning while logging the pickle is not promote's output
+    assert _promote(pipeline, uri, "--candidate", pickled) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "pickled MLflow model" in err and "re-log it" in err
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == bad
 
 
 def test_gates_are_direction_aware_and_name_their_reasons():
