@@ -31,7 +31,9 @@ def parse(value: str) -> tuple[str, int]:
     Raises:
         ValueError: an empty point or a count that is not a positive integer.
     """
-    point, _, count = value.strip().rpartition(":") if ":" in value else (value.strip(), "", "1")
+    point, sep, count = value.strip().rpartition(":")
+    if not sep:
+        point, count = count, "1"
     if not point or not count.isdigit() or int(count) < 1:
         raise ValueError(f"{ENV} must be '<point>:<n>' with n >= 1, got {value!r}")
     return point, int(count)

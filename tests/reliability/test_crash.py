@@ -247,3 +247,21 @@ def test_repair_drops_only_stale_entries_of_scans_never_committed(reference: Ref
     assert queue_searches(catalog, held) == 0
     assert repair_unsearched(catalog) == 0
     assert faults.snapshot(catalog, [QUEUE_TABLE])[QUEUE_TABLE] == {(young["scan_id"], "synth-brats"): 1}
+
+
+def test_fault_point_parsing_and_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``<point>:<n>`` and ``<point>`` parse; a malformed value is refused; unset, or naming another point, the hook
+    does nothing (the test process is still alive to assert it)."""
+    from brainiac.platform import faults as hooks
+
+    assert hooks.parse("ingest.harvest:7") == ("ingest.harvest", 7)
+    assert hooks.parse("queue.cleared") == ("queue.cleared", 1)
+    for bad in ("", ":3", "ingest.harvest:0", "ingest.harvest:x"):
+        with pytest.raises(ValueError, match="BRAINIAC_FAULT_POINT"):
+            hooks.parse(bad)
+    monkeypatch.delenv(hooks.ENV, raising=False)
+    hooks.maybe_crash("ingest.harvest")
+    monkeypatch.setenv(hooks.ENV, "some.other.point:1")
+    for _ in range(3):
+        hooks.maybe_crash("ingest.harvest")
+    assert hooks._hits["ingest.harvest"] == 0

@@ -5,8 +5,8 @@
   as S3 does. (Restarting moto itself would not be a realistic outage: moto keeps everything in memory, so a restarted
   moto has lost every bucket, which S3 never does.) The promise: the job rides it out, or fails with one clear line;
   either way every table still opens at its last commit and a rerun converges to the catalog of an uninterrupted local
-  run. A 1 s blip is ridden out today (the clients' own retries); an 8 s outage is not yet kept (xfail, see
-  ``OUTAGE_FIXES``).
+  run. Today a 1 s blip is ridden out in 15 of 16 runs (the clients' own retries) and an 8 s outage never is: the
+  job prints a traceback and hangs at exit (both xfail, see ``OUTAGE_FIXES``); the tables open either way.
 - **Wrong credentials.** A second moto with authentication on (it knows no access key, so every key is wrong): each
   command that opens the catalog prints one line and exits with status 2 (ingest does today; ``catalog query`` and
   ``preprocess`` are xfail, see ``CREDENTIAL_FIX``), and the secret appears nowhere in its output (all three).
@@ -64,17 +64,21 @@ def cohort(tmp_path_factory: pytest.TempPathFactory, ray_session, pseudonym_key)
     return {"sources": sources, "reference": faults.snapshot(Catalog.open(str(local)), INGEST_TABLES)}
 
 
-def _object_exists(options: dict[str, str], bucket: str, key: str) -> bool:
+def _s3_client(options: dict[str, str]):
     import boto3
-    from botocore.exceptions import ClientError
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=options["AWS_ENDPOINT_URL"],
         region_name=options["AWS_REGION"],
         aws_access_key_id=options["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=options["AWS_SECRET_ACCESS_KEY"],
     )
+
+
+def _object_exists(client, bucket: str, key: str) -> bool:
+    from botocore.exceptions import ClientError
+
     try:
         client.head_object(Bucket=bucket, Key=key)
     except ClientError:
@@ -83,23 +87,24 @@ def _object_exists(options: dict[str, str], bucket: str, key: str) -> bool:
 
 
 OUTAGE_FIXES = (
-    "an outage longer than deltalake's default retries (10 retries in ~3-7 s) fails a commit with a traceback, and the "
-    "process then hangs at exit: harvest_stream's finally calls ray.cancel after atexit's ray.shutdown, which starts a "
-    "new Ray during interpreter shutdown. Needs: a retry policy in StorageLocation.delta_storage_options "
-    "(backoff_config.init_backoff / retry_timeout), harvest_stream cancelling only while ray.is_initialized() (and "
-    "ingest closing the stream), and one line + exit 2 for an unreachable store in platform/cli/main.py"
+    "an outage longer than the clients' retries (deltalake: 10 retries in ~3-7 s; pyarrow's S3FileSystem: 3 quick "
+    "attempts) fails a commit with a traceback, and the process then hangs at exit: harvest_stream's finally calls "
+    "ray.cancel after atexit's ray.shutdown, which starts a new Ray during interpreter shutdown. Needs: a retry policy "
+    "in StorageLocation (delta: backoff_config.init_backoff / retry_timeout; pyarrow: retry_strategy), harvest_stream "
+    "cancelling only while ray.is_initialized() (and ingest closing the stream), and one line + exit 2 for an "
+    "unreachable store in platform/cli/main.py"
 )
 
 
 def _wait_or_hang(child: subprocess.Popen, err_path: Path, deadline_s: float) -> str | None:
     """Wait for ``child``; returns ``None`` when it exited, else why it was killed: still running at the deadline, or
-    still running 20 s after printing a traceback (a failed job that hangs at exit instead of ending)."""
+    still running 8 s after printing a traceback (a failed job that hangs at exit instead of ending)."""
     deadline = time.monotonic() + deadline_s
     failed_at = None
     while child.poll() is None:
         if failed_at is None and "Traceback (most recent call last)" in err_path.read_text(errors="replace"):
             failed_at = time.monotonic()
-        if failed_at is not None and time.monotonic() - failed_at > 20:
+        if failed_at is not None and time.monotonic() - failed_at > 8:
             child.kill()
             return "printed a traceback and then hung at exit"
         if time.monotonic() > deadline:
@@ -112,7 +117,12 @@ def _wait_or_hang(child: subprocess.Popen, err_path: Path, deadline_s: float) ->
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "outage_s",
-    [1.0, pytest.param(8.0, marks=pytest.mark.xfail(reason=OUTAGE_FIXES, strict=True))],
+    [
+        # Ridden out in 15 of 16 runs here; a blip that catches one of pyarrow's S3 reads (Catalog.select_keys: the AWS
+        # SDK's 3 quick attempts) fails the job like a long outage does. Make it strict once OUTAGE_FIXES are in.
+        pytest.param(1.0, marks=pytest.mark.xfail(reason=OUTAGE_FIXES, strict=False)),
+        pytest.param(8.0, marks=pytest.mark.xfail(reason=OUTAGE_FIXES, strict=True)),
+    ],
     ids=["1s-blip", "8s-outage"],
 )
 def test_s3_unreachable_mid_ingest(
@@ -144,8 +154,9 @@ def test_s3_unreachable_mid_ingest(
             # Cut the network as soon as the first scans commit (table version 1) is on the store (seen from behind
             # the relay), so the outage falls between the commits of a running job.
             deadline = time.monotonic() + 150
+            client = _s3_client(s3_options)
             first_commit = "catalog/scans/_delta_log/00000000000000000001.json"
-            while not _object_exists(s3_options, s3_bucket, first_commit) and child.poll() is None:
+            while not _object_exists(client, s3_bucket, first_commit) and child.poll() is None:
                 assert time.monotonic() < deadline, "the ingest never committed its first batch"
                 time.sleep(0.05)
             assert child.poll() is None, "the ingest ended before the outage"
