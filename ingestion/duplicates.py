@@ -928,7 +928,8 @@ def _dequeue(catalog: Catalog, nodes: pa.Table) -> int:
 
     def attempt() -> int:
         table = catalog.table(QUEUE_TABLE)
-        assert table is not None
+        if table is None:
+            raise RuntimeError(f"the {QUEUE_TABLE} table vanished while its entries were being cleared")
         metrics = (
             table.merge(source, predicate="t.scan_id = s.scan_id AND t.dataset = s.dataset", source_alias="s",
                         target_alias="t")

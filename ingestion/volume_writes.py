@@ -324,7 +324,7 @@ class VolumeCommitter:
             except Exception as exc:  # deltalake raises several types for a lost race
                 if not _is_conflict(exc) or attempt == COMMIT_ATTEMPTS:
                     raise
-                delay = 0.1 * (2 ** (attempt - 1)) * (0.5 + random.random())
+                delay = 0.1 * (2 ** (attempt - 1)) * (0.5 + random.random())  # noqa: S311 - retry jitter, not a secret
                 log.info("volumes: commit race lost (attempt %d), refreshing and retrying in %.2fs", attempt, delay)
                 time.sleep(delay)
                 self._buffer = parts
@@ -354,7 +354,8 @@ class VolumeCommitter:
         """
         self.table.create_checkpoint()
         table = self.catalog.table("volumes")
-        assert table is not None
+        if table is None:
+            raise RuntimeError("the volumes table vanished after its checkpoint")
         self.table = table
 
     def _clear(self) -> None:

@@ -410,7 +410,7 @@ def merge_with_retry(write: Callable[[], Any], *, what: str, attempts: int = 8, 
         except Exception as exc:  # deltalake raises several types for a lost commit race
             if not _is_conflict(exc) or attempt == attempts:
                 raise
-            delay = base_delay_s * (2 ** (attempt - 1)) * (0.5 + random.random())
+            delay = base_delay_s * (2 ** (attempt - 1)) * (0.5 + random.random())  # noqa: S311 - retry jitter, not a secret
             log.info("%s: commit conflict (attempt %d/%d), retrying in %.2fs: %s", what, attempt, attempts, delay, exc)
             time.sleep(delay)
     raise AssertionError("unreachable")
@@ -672,13 +672,13 @@ class Catalog:
                     where = "FALSE"
                 else:
                     source = hidden.get("scans") or register_hidden("scans", scans_dt)
-                    where = f'"subject_id" IN (SELECT "subject_id" FROM "{source}" WHERE {scans_where})'
+                    where = f'"subject_id" IN (SELECT "subject_id" FROM "{source}" WHERE {scans_where})'  # noqa: S608 - a random table name registered here; scans_where built from quoted literals
             elif "dataset" in columns:
                 where = sql_in("dataset", datasets)
             else:
                 log.warning("table %s has no dataset column: left out of a restricted catalog's SQL", name)
                 continue
-            views.append((name, f'SELECT * FROM "{hidden.get(name) or register_hidden(name, dt)}" WHERE {where}'))
+            views.append((name, f'SELECT * FROM "{hidden.get(name) or register_hidden(name, dt)}" WHERE {where}'))  # noqa: S608 - table names are ours; where built from quoted literals
         for name, select in views:
             _to_pyarrow(qb.execute(f'CREATE VIEW "{name}" AS {select}'))
         for raw in hidden.values():  # the views hold their own plans; the raw tables leave the session
@@ -734,7 +734,7 @@ class Catalog:
             return empty.select(list(columns)) if columns else empty
         cols = ", ".join(f'"{c}"' for c in columns) if columns else "*"
         sql = (
-            f'SELECT {cols} FROM "{name}"'
+            f'SELECT {cols} FROM "{name}"'  # noqa: S608 - identifiers quoted, where is the caller's own filter (read-only session)
             + (f" WHERE {where}" if where else "")
             + (f" LIMIT {int(limit)}" if limit else "")
         )
@@ -819,7 +819,7 @@ class Catalog:
         self, name: str, dt: DeltaTable, columns: Sequence[str] | None, where: str | None
     ) -> Iterator[pa.RecordBatch]:
         cols = ", ".join(f'"{c}"' for c in columns) if columns else "*"
-        sql = f'SELECT {cols} FROM "{name}"' + (f" WHERE {where}" if where else "")
+        sql = f'SELECT {cols} FROM "{name}"' + (f" WHERE {where}" if where else "")  # noqa: S608 - identifiers quoted, where is the caller's own filter (read-only session)
         reader = pa.RecordBatchReader.from_stream(self._session({name: dt}).execute(sql))
         schema = SCHEMAS.get(name)
         for batch in reader:
@@ -875,7 +875,8 @@ class Catalog:
             if not _is_conflict(exc):
                 raise
         table = self.table(name)
-        assert table is not None
+        if table is None:
+            raise RuntimeError(f"table {name} vanished right after it was created")
         return table
 
     # -- queries ---------------------------------------------------------------------------------------------------------
@@ -903,7 +904,7 @@ class Catalog:
             raise UserError(f"--limit must be >= 0, got {limit}")
         text = read_only_statement(query)
         if limit is not None:
-            text = f"SELECT * FROM ({text}) AS limited LIMIT {int(limit)}"
+            text = f"SELECT * FROM ({text}) AS limited LIMIT {int(limit)}"  # noqa: S608 - the user's statement, already checked read-only; limit is an int
         reader = self._sql_reader(text, as_of)
         try:
             empty = True

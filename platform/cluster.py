@@ -62,7 +62,7 @@ RAY_ENV_DEFAULTS = {
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 """Makes Ray take 127.0.0.1 as the node IP, so that GCS, raylet, workers and agents listen on loopback only."""
 
-TOKEN_FILE = "ray-auth-token"
+TOKEN_FILE = "ray-auth-token"  # noqa: S105 - a file name, not a password
 
 
 def ray_token_path() -> Path:
@@ -175,7 +175,7 @@ def local_temp_dir() -> Path:
     shared ``<tmp>/ray`` (whose ``ray_current_cluster`` names whichever ``ray start`` ran last). ``/tmp`` when the
     temp dir's name is long: Ray's socket paths below it must fit in 107 bytes."""
     base = tempfile.gettempdir()
-    path = Path(base if len(base) <= 40 else "/tmp") / f"brainiac-ray-{os.getuid()}"
+    path = Path(base if len(base) <= 40 else "/tmp") / f"brainiac-ray-{os.getuid()}"  # noqa: S108 - a per-user 0700 folder (Ray's socket paths must stay short)
     path.mkdir(mode=0o700, exist_ok=True)
     return path
 

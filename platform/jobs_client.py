@@ -134,9 +134,9 @@ def auth_headers(token: str | None = None) -> dict[str, str]:
 
 def _probe(url: str, headers: dict[str, str], timeout_s: float) -> None:
     """Fail in seconds, with one line, when ``url`` is not a reachable Ray dashboard (Ray's client has no timeout)."""
-    request = urllib.request.Request(f"{url}/api/version", headers=headers)
+    request = urllib.request.Request(f"{url}/api/version", headers=headers)  # noqa: S310 - resolve_address admits http(s) only
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:  # noqa: S310 - resolve_address admits http(s) only
             body = resp.read(4096)
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
@@ -344,7 +344,7 @@ def _build_from_tree(src: _Source, version: str, out: Path, tmp: Path) -> None:
         shutil.copy2(path, copy / rel)
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir", "-q",
            "-w", str(tmp / "dist"), str(copy)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})  # noqa: S603 - pip wheel of the user's own project, argument list (no shell)
     built = sorted((tmp / "dist").glob("*.whl"))
     if proc.returncode != 0 or len(built) != 1:
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel produced"]

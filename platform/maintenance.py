@@ -76,7 +76,8 @@ def optimize_table(
         metrics = table.optimize.compact(target_size=TARGET_FILE_BYTES, writer_properties=props)
         report.files_compacted = int(metrics.get("numFilesRemoved", 0))
         table = catalog.table(name)
-        assert table is not None
+        if table is None:
+            raise RuntimeError(f"table {name} vanished during maintenance")
     if vacuum:
         removed = table.vacuum(
             retention_hours=retention_hours,
@@ -89,7 +90,8 @@ def optimize_table(
         table.cleanup_metadata()
         report.checkpoint = True
         table = catalog.table(name)
-        assert table is not None
+        if table is None:
+            raise RuntimeError(f"table {name} vanished during maintenance")
     report.version_after = table.version()
     report.files_after = len(table.file_uris())
     return report

@@ -87,7 +87,7 @@ def _bin(name: str) -> str:
 
 def _http_ok(url: str, timeout: float = 1.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - http URLs of our own services on 127.0.0.1
             return resp.status < 500
     except urllib.error.HTTPError as exc:
         return exc.code < 500
@@ -197,7 +197,8 @@ def _read_auth(state: Path) -> configparser.SectionProxy | None:
 def _mlflow_env(state: Path, ports: dict[str, int]) -> dict[str, str]:
     path = _mlflow_auth_config(state)
     auth = _read_auth(state)
-    assert auth is not None
+    if auth is None:
+        raise RuntimeError(f"the MLflow login file in {state} was not written")
     return {
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "MLFLOW_AUTH_CONFIG_PATH": str(path),
@@ -358,7 +359,7 @@ def start_service(name: str, state_dir: Path | None = None, ports: dict[str, int
     log_path = state_dir / f"{name}.log"
     env = service_env(name, state_dir, ports)
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: S603 - our services' fixed argument lists, no shell
             svc.argv(state_dir, ports), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, cwd=state_dir, start_new_session=True,
         )  # fmt: skip
