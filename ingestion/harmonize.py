@@ -1,4 +1,5 @@
-"""Canonical vocabulary for catalog columns: sequence, sex, diagnosis, manufacturer, field strength and age in years.
+"""Canonical vocabulary for catalog columns: sequence, sex, diagnosis, manufacturer, field strength, age in years and
+survival as (time in days, event).
 
 Real datasets spell the same fact many ways (``PTGENDER=Female``, ``sex=F``, DICOM ``PatientSex=F``; ``SIEMENS`` vs
 ``Siemens Healthineers``; ADNI ``DX=CN`` vs OASIS ``control``; ages as ``045Y``, ``age_at_scan=45.2`` or months). Every
@@ -24,6 +25,8 @@ __all__ = [
     "coarse_age",
     "infer_sequence",
     "parse_age_years",
+    "parse_survival",
+    "parse_vital_status",
 ]
 
 Sequence = Literal["T1w", "T1ce", "T2w", "FLAIR", "DWI", "ADC", "SWI", "PD", "other"]
@@ -216,3 +219,91 @@ def coarse_age(years: float) -> float:
     if years < 2.0:
         return round(round(years * 12) / 12, 3)
     return round(years, 1)
+
+
+# -- survival -----------------------------------------------------------------------------------------------------------
+
+_DEAD = re.compile(r"\b(dead|deceased|died|death|expired)\b", re.I)
+_ALIVE = re.compile(r"\b(alive|living|censored|lost[-_ ]to[-_ ]follow[-_ ]?up)\b", re.I)
+_EVENT_CODES = {"1": True, "yes": True, "y": True, "true": True, "0": False, "no": False, "n": False, "false": False}
+_TIME_UNITS = {"day": 1.0, "week": 7.0, "month": 30.4375, "year": 365.25}
+_SURVIVAL_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+# What may stand around the one number of a survival text besides a status word: units and filler, nothing else, so
+# that "ALIVE, last seen 2019-03-04" or "see notes" is refused instead of misread.
+_SURVIVAL_FILLER = re.compile(r"\b(days?|weeks?|months?|years?|d|later|after|since|surgery|diagnosis|follow[-_ ]?up|"
+                              r"at|last|os|of|for)\b|[()\[\],;:~+=-]", re.I)  # fmt: skip
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
+
+
+def parse_vital_status(value: object) -> bool | None:
+    """Whether a vital-status / event column records the event (death): ``True`` for ``1``, ``dead``, ``Deceased``,
+    ``died``, ``yes``; ``False`` for ``0``, ``alive``, ``Living``, ``censored``, ``no``; ``None`` for anything else
+    (missing, ``unknown``, free text), never a guess. UCSF-PDGM's ``1-dead 0-alive`` column, UPENN-GBM's
+    ``Survival_Status`` and a PACS export's ``VitalStatus`` all read through this."""
+    if _missing(value) or isinstance(value, bool):
+        return value if isinstance(value, bool) else None
+    text = str(value).strip().lower()
+    if text.endswith(".0"):
+        text = text[:-2]
+    if text in _EVENT_CODES:
+        return _EVENT_CODES[text]
+    dead, alive = bool(_DEAD.search(text)), bool(_ALIVE.search(text))
+    return dead if dead != alive else None
+
+
+def parse_survival(value: object, event: object = None) -> tuple[float | None, bool | None]:
+    """``(time in days, event)`` of a right-censored survival label, or ``(None, None)`` when it cannot be read.
+
+    BraTS 2019/2020 ``Survival_days`` holds a number (days to death: an observed event) for most cases and
+    ``ALIVE (361 days later)`` for those still alive at last follow-up (censored at 361 days). Reading only what
+    ``float()`` accepts drops exactly the survivors and biases the labels towards short survival, so every form is read:
+
+    - a number (``123``, ``"123.0"``) or ``"123 days"``: the event at 123 days (BraTS' convention for a bare number);
+    - a status word with one number, in either order (``ALIVE (361 days later)``, ``alive 361``, ``Deceased, 200 d``):
+      censored (alive, living, censored, lost to follow-up) or the event (dead, deceased, died) at that time;
+    - a number with a trailing ``+`` (``361+``): censored, the survival-analysis shorthand;
+    - units other than days (``14 months``) are converted (30.4375 days a month, 365.25 a year).
+
+    ``event`` is a separate vital-status column when the dataset card maps one (``survival_event``), read by
+    :func:`parse_vital_status`; it decides the event for a bare number. Anything uncertain gives ``(None, None)``
+    rather than a guess: missing or negative times, free text besides the number and units, several numbers, an event
+    column that is present but unreadable, or an event column that contradicts the text. Dropping such a case does not
+    depend on whether the patient died, so it cannot bias the labels the way dropping every ``ALIVE`` row did.
+    """
+    if _missing(value) or isinstance(value, bool):
+        return None, None
+    text_event: bool | None = None
+    if isinstance(value, int | float):
+        time = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            time = float(text)
+        except ValueError:
+            numbers = _SURVIVAL_NUMBER.findall(text)
+            dead, alive = bool(_DEAD.search(text)), bool(_ALIVE.search(text))
+            rest = _SURVIVAL_FILLER.sub(" ", _ALIVE.sub(" ", _DEAD.sub(" ", _SURVIVAL_NUMBER.sub(" ", text))))
+            if len(numbers) != 1 or (dead and alive) or rest.strip() or re.search(r"-\s*\d", text):
+                return None, None
+            time = float(numbers[0])
+            lower = text.lower()
+            unit = next((f for u, f in _TIME_UNITS.items() if re.search(rf"\b{u}s?\b", lower)), 1.0)
+            time *= unit
+            if dead or alive:
+                text_event = dead
+            elif text.rstrip().endswith("+"):
+                text_event = False
+    if not math.isfinite(time) or time < 0:
+        return None, None
+    column_event: bool | None = None
+    if not _missing(event):
+        column_event = parse_vital_status(event)
+        if column_event is None:
+            return None, None
+    if column_event is not None and text_event is not None and column_event != text_event:
+        return None, None
+    chosen = column_event if column_event is not None else text_event
+    return time, True if chosen is None else chosen

@@ -18,16 +18,19 @@ from brainiac.ingestion.harmonize import (
     coarse_age,
     infer_sequence,
     parse_age_years,
+    parse_survival,
 )
 from brainiac.platform.pseudonym import Pseudonymizer
 
 __all__ = ["INGEST_VERSION", "LABEL_KEYS", "build_row", "parse_idh"]
 
-INGEST_VERSION = "4"
+INGEST_VERSION = "5"
 """Bumped when the row semantics change, so rows from older ingests can be found and rebuilt (3: ages coarsened; 4: the
-catalog holds source keys and staged images, real paths moved to the identified zone)."""
+catalog holds source keys and staged images, real paths moved to the identified zone; 5: survival is read as (time,
+event): ``labels.survival_days`` holds the event or censoring time and ``labels.survival_event`` whether the death was
+observed, so BraTS' ``ALIVE (361 days later)`` rows are kept as censored instead of dropped)."""
 
-LABEL_KEYS = ("idh", "survival_days", "stroke_onset_days", "resection", "mgmt")
+LABEL_KEYS = ("idh", "survival_days", "survival_event", "stroke_onset_days", "resection", "mgmt")
 """Task labels a card may map from participants, manifests or label files."""
 
 
@@ -106,9 +109,11 @@ def build_row(
     positive = card.idh_positive if card is not None else ["mutant", "mut", "positive", "1", "true"]
     if merged.get("idh") is not None:
         labels["idh"] = parse_idh(merged["idh"], positive)
-    for key in ("survival_days", "stroke_onset_days"):
-        if (value := _number(merged.get(key))) is not None:
-            labels[key] = value
+    survival_time, survival_event = parse_survival(merged.get("survival_days"), merged.get("survival_event"))
+    if survival_time is not None:
+        labels["survival_days"], labels["survival_event"] = survival_time, survival_event
+    if (value := _number(merged.get("stroke_onset_days"))) is not None:
+        labels["stroke_onset_days"] = value
     for key in ("resection", "mgmt"):
         if merged.get(key) not in (None, ""):
             labels[key] = str(merged[key])

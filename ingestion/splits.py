@@ -5,14 +5,15 @@ is in the catalog: a growing lake never reshuffles old subjects, and re-running 
 is a small dataset's first assignment, which is nudged so that train, val and test each get one of its subjects
 (``splits.cover_small_datasets``); stored rows never move either way. Subjects linked
 in the ``duplicates`` table (the same person stored in two datasets) take the split of their group's first member, so
-no image reaches two splits. Few-shot (K per class) and fraction draws come from the train split, deterministic per
-seed.
+no image reaches two splits. Few-shot (K cases per class) and fraction (of subjects) draws come from the train split,
+deterministic per seed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from brainiac.platform.catalog import SPLITS_SCHEMA, Catalog, insert_missing, me
 __all__ = ["SPLITS_SCHEMA", "SplitConfig", "assign", "draw_fraction", "draw_shots", "subject_groups", "write_splits"]
 
 SPLITS = ("train", "val", "test")
+
+log = logging.getLogger(__name__)
 
 
 def _unit(seed: int, key: str) -> float:
@@ -164,15 +167,38 @@ def draw_fraction(train_subjects: Sequence[str], fraction: float, seed: int) -> 
     return sorted(ranked[: max(1, round(fraction * len(ranked)))])
 
 
-def draw_shots(labels: Mapping[str, object], k: int, seed: int) -> list[str]:
-    """K subjects per class from ``labels`` (train subjects → class), deterministic per seed; a class with fewer than
-    K subjects gives all it has."""
+def draw_shots(labels: Mapping[str, object], k: int, seed: int, groups: Mapping[str, str] | None = None) -> list[str]:
+    """K cases per class from ``labels`` (train case → class), deterministic per seed; a class with fewer than K cases
+    gives all it has, and a log line says so.
+
+    A case is the unit the task predicts on: a scan for a per-scan task (sequence), a subject session otherwise, so
+    "K = 5" means five training examples per class, not five subjects with all their scans (which gave 11-16 scans per
+    class for the sequence task). ``groups`` (case → subject) spreads a class's draw over subjects: cases of subjects
+    not yet drawn in that class come first, so K cases come from K different subjects whenever the class has them.
+    Callers pass only train-split cases, so the draw never reaches validation or test subjects. Each case's rank is a
+    keyed hash of (seed, class, case), independent of the mapping's order and of which other cases exist.
+    """
     if k < 1:
         raise ValueError(f"shots per class must be >= 1, got {k}")
     by_class: dict[object, list[str]] = defaultdict(list)
-    for s, c in labels.items():
-        by_class[c].append(s)
+    for case, c in labels.items():
+        by_class[c].append(case)
     out = []
     for c, members in sorted(by_class.items(), key=lambda kv: str(kv[0])):
-        out += sorted(members, key=lambda s: _unit(seed, f"shots\x1f{c}\x1f{s}"))[:k]
+        ranked = sorted(members, key=lambda case: _unit(seed, f"shots\x1f{c}\x1f{case}"))
+        if len(ranked) < k:
+            log.warning("few-shot draw: class %s has %d train cases, fewer than K = %d; all of them are used",
+                        c, len(ranked), k)  # fmt: skip
+        if groups is None:
+            out += ranked[:k]
+            continue
+        chosen: list[str] = []
+        seen: set[str] = set()
+        for case in ranked:  # first pass: one case per subject
+            if len(chosen) < k and groups.get(case, case) not in seen:
+                chosen.append(case)
+                seen.add(groups.get(case, case))
+        taken = set(chosen)
+        chosen += [case for case in ranked if case not in taken][: k - len(chosen)]
+        out += chosen
     return sorted(out)

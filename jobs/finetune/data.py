@@ -4,12 +4,14 @@ Cases join current ``scans`` rows (of the datasets ``catalog.allowed_access`` al
 names) with QC-passing ``volumes`` of one preprocess version. The sequence task takes every scan as a case; the others
 take one case per subject session holding every listed sequence (channel order = the spec's). Splits come from the
 catalog's ``splits`` table, so a subject is on exactly one side, and the few-shot / fraction regimes draw only from the
-train subjects, deterministically per seed.
+train subjects, deterministically per seed: K cases per class (scans for the sequence task, subject sessions otherwise),
+or a fraction of the subjects.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +25,9 @@ from brainiac.platform.catalog import Catalog, sql_literal
 from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
-__all__ = ["TaskData", "load_task_data", "regime_subjects"]
+__all__ = ["CaseSelection", "TaskData", "load_task_data", "regime_cases", "regime_subjects"]
+
+log = logging.getLogger(__name__)
 
 SCAN_COLUMNS = ["scan_id", "dataset", "subject_id", "session", "sequence", "age_years", "diagnosis", "labels"]
 
@@ -34,8 +38,10 @@ class TaskData:
 
     Attributes:
         inputs: (n, S, D, H, W) float16, S = number of sequences.
-        targets: (n,) float32 (regression, binary 0/1), int64 class indices, or (n, D, H, W) uint8 masks.
-        raw: (n,) the label before binarising (e.g. survival days), for the C-index.
+        targets: (n,) float32 (regression, binary 0/1), int64 class indices, or (n, D, H, W) uint8 masks. A survival
+            case censored before the threshold has no class: NaN (kept only for the Cox loss).
+        raw: (n,) the label before binarising; for a task with an ``event_label`` (survival) (n, 2): the time and
+            whether the event was observed there (1) or the case was censored (0), for the Cox loss and the C-index.
     """
 
     spec: TaskSpec
@@ -57,12 +63,14 @@ class TaskData:
     """What ``catalog.allowed_access`` left out of the catalog (datasets, scans, levels), or ``None``."""
 
     def indices(self, split: str, subjects: set[str] | None = None) -> np.ndarray:
-        """Case indices of ``split`` (optionally only those of ``subjects``)."""
+        """Case indices of ``split`` (optionally only those of ``subjects``; a :class:`CaseSelection` keeps only its
+        cases, so a few-shot draw is exactly the cases drawn, not every case of their subjects)."""
+        cases = subjects.cases if isinstance(subjects, CaseSelection) else None
         return np.array(
             [
                 i
                 for i, (s, sub) in enumerate(zip(self.split, self.subjects, strict=True))
-                if s == split and (subjects is None or sub in subjects)
+                if s == split and (subjects is None or sub in subjects) and (cases is None or self.case_ids[i] in cases)
             ],
             dtype=np.int64,
         )
@@ -71,18 +79,67 @@ class TaskData:
         return {s: int(sum(1 for x in self.split if x == s)) for s in ("train", "val", "test")}
 
 
+class CaseSelection(frozenset):
+    """The subjects of a data regime that also names the exact cases drawn (:attr:`cases`, by case id).
+
+    A set of subject ids, as :func:`regime_subjects` always returned, so set comparisons and membership tests keep
+    working; :meth:`TaskData.indices` additionally keeps only :attr:`cases`, so a subject that has several cases
+    contributes only the drawn ones.
+    """
+
+    cases: frozenset[str]
+
+    def __new__(cls, subjects: set[str], cases: set[str]) -> CaseSelection:
+        out = super().__new__(cls, subjects)
+        out.cases = frozenset(cases)
+        return out
+
+    def __reduce__(self) -> tuple:
+        return (CaseSelection, (set(self), set(self.cases)))
+
+
+def _labels_json(row: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(row.get("labels") or "{}")
+
+
 def _label_of(row: dict[str, Any], spec: TaskSpec) -> Any:
     if spec.label.startswith("labels."):
-        return json.loads(row.get("labels") or "{}").get(spec.label.split(".", 1)[1])
+        return _labels_json(row).get(spec.label.split(".", 1)[1])
     return row.get(spec.label)
 
 
-def _target(value: Any, spec: TaskSpec) -> tuple[float | int | None, float | None]:
-    """(target, raw) for a label value, or (None, None) when the case has no usable label."""
+def _event_of(row: dict[str, Any], spec: TaskSpec) -> bool:
+    """Whether the event was observed at the label's time. Rows of ingests before version 5 carry no event flag: they
+    held only numeric survival times, which BraTS-style tables give for deaths, so they read as events."""
+    value = _labels_json(row).get(spec.event_label.split(".", 1)[1])
+    return True if value is None else bool(value)
+
+
+def _target(
+    value: Any, spec: TaskSpec, event: bool = True
+) -> tuple[float | int | None, float | tuple[float, float] | None]:
+    """(target, raw) for a label value, or (None, None) when the case has no usable label.
+
+    With an ``event_label`` the value is a right-censored time and raw is ``(time, event)``. A case alive beyond the
+    threshold is positive whether or not it died later, a death at or before it negative; a case censored at or before
+    the threshold may yet pass it, so it has no class: left out of a ``bce`` task, kept with a NaN target for the Cox
+    loss (whose risk sets it belongs to until its censoring time).
+    """
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None, None
     if spec.kind == "regression":
         return float(value), float(value)
+    if spec.event_label:
+        time = float(value)
+        if time > spec.threshold:
+            target = 1.0
+        elif event:
+            target = 0.0
+        elif spec.loss == "cox":
+            target = float("nan")
+        else:
+            return None, None
+        return target, (time, float(event))
     if spec.threshold is not None:
         return float(float(value) > spec.threshold), float(value)
     text = str(value).lower() if isinstance(value, bool) else str(value)
@@ -129,7 +186,11 @@ def load_task_data(
         rows = [r for r in rows if r.get("diagnosis") in spec.diagnosis]
     labelled = []
     for r in rows:
-        target, raw = _target(_label_of(r, spec), spec) if spec.kind != "segmentation" else (0, 0.0)
+        if spec.kind == "segmentation":
+            target, raw = 0, 0.0
+        else:
+            event = _event_of(r, spec) if spec.event_label else True
+            target, raw = _target(_label_of(r, spec), spec, event)
         if target is not None:
             labelled.append({**r, "target": target, "raw": raw})
     if spec.mixed_datasets_only:
@@ -213,22 +274,45 @@ def load_task_data(
     )
 
 
-def regime_subjects(data: TaskData, *, shots: int | None, fraction: float | None, seed: int) -> set[str]:
-    """Train subjects of a data regime: all, a ``fraction`` of them, or ``shots`` per class (regression: per quantile
-    bin of the label). Only train subjects are ever drawn, so validation and test never shrink or leak."""
+def regime_cases(data: TaskData, *, shots: int | None, fraction: float | None, seed: int) -> np.ndarray:
+    """Train case indices of a data regime: all, those of a ``fraction`` of the train subjects, or ``shots`` cases per
+    class (regression: per quantile bin of the label; segmentation: ``shots`` cases), class-stratified.
+
+    A case is what the task predicts on (a scan for a per-scan task, a subject session otherwise), so the few-shot
+    regime trains on exactly K examples per class (all of a class with fewer, said in a log line); draws spread over
+    distinct subjects first. Only train cases are ever drawn, so validation and test never shrink or leak. Survival
+    cases without a class (censored before the threshold, Cox loss only) are their own stratum.
+    """
     train = data.indices("train")
-    subjects = [data.subjects[i] for i in train]
     if fraction is not None:
-        return set(draw_fraction(subjects, fraction, seed))
+        keep = set(draw_fraction([data.subjects[i] for i in train], fraction, seed))
+        return np.array([i for i in train if data.subjects[i] in keep], dtype=np.int64)
     if shots is None:
-        return set(subjects)
+        return train
     spec = data.spec
     if spec.kind == "segmentation":
-        labels = {data.subjects[i]: "case" for i in train}
+        strata: dict[int, object] = {int(i): "case" for i in train}
     elif spec.kind == "regression":
         values = data.targets[train].astype(float)
         edges = np.quantile(values, np.linspace(0, 1, spec.regression_bins + 1)[1:-1])
-        labels = {data.subjects[i]: int(np.searchsorted(edges, data.targets[i], side="right")) for i in train}
+        strata = {int(i): int(np.searchsorted(edges, data.targets[i], side="right")) for i in train}
     else:
-        labels = {data.subjects[i]: int(data.targets[i]) for i in train}
-    return set(draw_shots(labels, shots, seed))
+        strata = {int(i): int(data.targets[i]) if np.isfinite(data.targets[i]) else "no class" for i in train}
+    labels = {data.case_ids[i]: c for i, c in strata.items()}
+    groups = {data.case_ids[i]: data.subjects[i] for i in strata}
+    drawn = set(draw_shots(labels, shots, seed, groups=groups))
+    out = np.array([i for i in train if data.case_ids[i] in drawn], dtype=np.int64)
+    log.info("task %s: %d-shot draw (seed %d) holds %d train cases of %d subjects", spec.name, shots, seed, len(out),
+             len({data.subjects[i] for i in out}))  # fmt: skip
+    return out
+
+
+def regime_subjects(data: TaskData, *, shots: int | None, fraction: float | None, seed: int) -> CaseSelection:
+    """The train subjects of a data regime, carrying the exact cases of :func:`regime_cases`.
+
+    A :class:`CaseSelection`: a set of subject ids for callers that ask who is in the regime, which
+    :meth:`TaskData.indices` narrows to the drawn cases (``data.indices("train", regime_subjects(...))`` gives K cases
+    per class, not every case of K subjects per class).
+    """
+    cases = regime_cases(data, shots=shots, fraction=fraction, seed=seed)
+    return CaseSelection({data.subjects[i] for i in cases}, {data.case_ids[i] for i in cases})

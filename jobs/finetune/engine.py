@@ -22,7 +22,7 @@ from brainiac.models.config import AugmentConfig, BackboneConfig
 from brainiac.models.tasks.model import build_task_model, parameter_groups
 from brainiac.models.tasks.spec import TaskSpec
 
-__all__ = ["FitResult", "TargetScale", "predict", "score", "train_trial"]
+__all__ = ["FitResult", "TargetScale", "predict", "score", "survival_pairs", "train_trial"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,19 @@ def _augment_segmentation(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) 
     return x * scale + 0.05 * torch.randn(x.shape, generator=g), y
 
 
+def survival_pairs(raw: np.ndarray | torch.Tensor) -> tuple[Any, Any]:
+    """(time, event) columns of a survival task's ``raw`` (n, 2), as :class:`~brainiac.jobs.finetune.data.TaskData`
+    holds it. A 1-D ``raw`` is refused: it carries no censoring, and reading every case as an event would bias both the
+    Cox loss and the C-index towards the patients who died.
+
+    Raises:
+        ValueError: ``raw`` is not (n, 2).
+    """
+    if raw.ndim != 2 or raw.shape[1] != 2:
+        raise ValueError(f"survival raw must be (n, 2) of (time, event), got shape {tuple(raw.shape)}")
+    return raw[:, 0], raw[:, 1]
+
+
 def _loss_fn(spec: TaskSpec) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     if spec.loss == "ce":
         return lambda out, y, raw: F.cross_entropy(out, y.long())
@@ -72,7 +85,11 @@ def _loss_fn(spec: TaskSpec) -> Callable[[torch.Tensor, torch.Tensor, torch.Tens
     if spec.loss == "cox":
         from brainiac.models.tasks.losses import cox_partial_likelihood_loss
 
-        return lambda out, y, raw: cox_partial_likelihood_loss(out.squeeze(1), raw, torch.ones_like(raw))
+        def cox(out: torch.Tensor, y: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+            time, event = survival_pairs(raw)
+            return cox_partial_likelihood_loss(out.squeeze(1), torch.as_tensor(time), torch.as_tensor(event))
+
+        return cox
     if spec.loss == "dice_bce":
         from monai.losses import DiceCELoss
 
@@ -86,7 +103,12 @@ def predict(
     model: nn.Module, spec: TaskSpec, inputs: np.ndarray, scale: TargetScale, batch_size: int = 8
 ) -> np.ndarray:
     """Predictions in the spec's terms: class probabilities (n, k), P(positive) (n,), values in ``spec.units`` (n,),
-    or foreground probabilities (n, D, H, W)."""
+    or foreground probabilities (n, D, H, W).
+
+    A Cox model's output is a log hazard ratio (higher = shorter survival), while the survival task's positive class
+    is *long* survival: its prediction is ``sigmoid(-risk)``, a score ordered like P(survival > threshold) (not a
+    calibrated probability: the baseline hazard is not modelled). Every survival model thus predicts in one direction,
+    and AUC, C-index, Tune's selection and promotion read them alike."""
     model.eval()
     outs = []
     for start in range(0, len(inputs), batch_size):
@@ -95,7 +117,7 @@ def predict(
         if spec.kind == "multiclass":
             outs.append(out.softmax(dim=1))
         elif spec.kind == "binary":
-            outs.append(out.squeeze(1).sigmoid())
+            outs.append((-out.squeeze(1) if spec.loss == "cox" else out.squeeze(1)).sigmoid())
         elif spec.kind == "regression":
             outs.append(out.squeeze(1) * scale.std + scale.mean)
         else:
@@ -104,23 +126,34 @@ def predict(
 
 
 def score(spec: TaskSpec, predictions: np.ndarray, targets: np.ndarray, raw: np.ndarray) -> dict[str, float]:
-    """The spec's metrics for predictions against targets (NaN where a metric is undefined, e.g. AUC of one class)."""
+    """The spec's metrics for predictions against targets (NaN where a metric is undefined, e.g. AUC of one class).
+
+    Survival: ``predictions`` score long survival (see :func:`predict`), so the risk of Harrell's C-index is their
+    negation, and ``raw`` (n, 2) gives each case's time and whether the death was observed: censored cases count only
+    in pairs where they outlived an observed death. AUC and F1 use the cases with a class (those censored before the
+    threshold, NaN targets, have none).
+    """
     from brainiac.models.tasks import metrics as M
 
     out: dict[str, float] = {}
     if len(targets) == 0:
         return {m: math.nan for m in spec.metrics}
+    binary_t, binary_p = targets, predictions
+    if spec.kind == "binary":  # the C-index below keeps every case
+        known = np.isfinite(targets)
+        binary_t, binary_p = targets[known], predictions[known]
     for name in spec.metrics:
         if name == "balanced_accuracy":
             out[name] = M.balanced_accuracy(targets, predictions.argmax(axis=1))
         elif name == "macro_auc":
             out[name] = M.macro_auc(targets, predictions)
         elif name == "auc":
-            out[name] = M.auc(targets, predictions)
+            out[name] = M.auc(binary_t, binary_p)
         elif name == "f1":
-            out[name] = M.f1(targets, (predictions > 0.5).astype(int))
-        elif name == "c_index":  # survival: a higher predicted risk (P(short survival)) should mean a shorter time
-            out[name] = M.concordance_index(raw, np.ones_like(raw), 1 - predictions)
+            out[name] = M.f1(binary_t, (binary_p > 0.5).astype(int))
+        elif name == "c_index":  # risk = -score of long survival: higher risk, shorter time
+            time, event = survival_pairs(np.asarray(raw, dtype=np.float64))
+            out[name] = M.concordance_index(time, event, -np.asarray(predictions, dtype=np.float64))
         elif name == "mae":
             out[name] = M.mae(targets, predictions)
         elif name == "dice":
@@ -154,7 +187,8 @@ def train_trial(
     augment: bool,
     report: Callable[[dict[str, float], nn.Module, TargetScale], None] | None = None,
 ) -> FitResult:
-    """Train one config on ``data`` (``train_x``, ``train_y``, ``train_raw``, ``val_x``, ``val_y``, ``val_raw``).
+    """Train one config on ``data`` (``train_x``, ``train_y``, ``train_raw``, ``val_x``, ``val_y``, ``val_raw``; a
+    survival task's raw is (n, 2) of time and event, which the Cox loss reads).
 
     ``encoder_state`` holds the pretrained encoder's weights (``None`` for scratch); ``hp`` has ``lr``,
     ``weight_decay``, ``dropout``, ``encoder_lr_mult``, ``freeze_depth`` and ``seed``. ``report`` is called after

@@ -42,6 +42,11 @@ class TaskSpec:
     """Label values in class order (binary: [negative, positive])."""
     threshold: float | None = None
     """Binary task from a number: positive when the label exceeds it."""
+    event_label: str = ""
+    """Survival: ``labels.<key>`` saying whether the event was observed at the label's time (true) or the case was
+    censored there (false). With it the label is a right-censored time: a case censored before ``threshold`` has no
+    binary class (it is left out of a ``bce`` task, and kept, class unknown, for the Cox loss's risk sets), and the
+    cases' ``raw`` is (time, event) for the Cox loss and the C-index. Empty: every time is an observed event."""
     units: str = ""
     diagnosis: list[str] = field(default_factory=list)
     """Keep only scans with these diagnoses (empty = all)."""
@@ -77,6 +82,8 @@ class TaskSpec:
         from dataclasses import asdict
 
         body = {k: v for k, v in asdict(self).items() if k not in ("description", "saliency_region")}
+        if not body["event_label"]:  # added later: a task without one keeps the fingerprint it always had
+            del body["event_label"]
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def __post_init__(self) -> None:
@@ -87,6 +94,10 @@ class TaskSpec:
             raise ConfigError(f"task {self.name}: unknown metrics {unknown}")
         if self.kind == "multiclass" and len(self.classes) < 2:
             raise ConfigError(f"task {self.name}: a multiclass task lists its classes")
+        if self.event_label and not (self.event_label.startswith("labels.") and self.threshold is not None):
+            raise ConfigError(f"task {self.name}: event_label must be a labels.<key> of a task with a threshold")
+        if self.loss == "cox" and not self.event_label:
+            raise ConfigError(f"task {self.name}: the Cox loss needs an event_label (which cases were censored)")
         if self.kind == "binary" and self.threshold is None and len(self.classes) != 2:
             raise ConfigError(f"task {self.name}: a binary task needs two classes or a threshold")
 

@@ -85,6 +85,21 @@ def test_draws_are_deterministic_and_from_what_they_are_given():
     assert draw_shots({"a": 0, "b": 1}, 5, seed=0) == ["a", "b"]
 
 
+def test_shots_are_cases_spread_over_subjects():
+    # 10 subjects with 3 scans of each class: K = 4 cases per class, from 4 different subjects, whatever the seed.
+    cases = {f"s{s}-{c}-{r}": c for s in range(10) for c in range(2) for r in range(3)}
+    groups = {case: case.split("-")[0] for case in cases}
+    for seed in range(5):
+        shots = draw_shots(cases, 4, seed=seed, groups=groups)
+        assert shots == draw_shots(dict(reversed(cases.items())), 4, seed=seed, groups=groups)
+        for c in range(2):
+            drawn = [case for case in shots if cases[case] == c]
+            assert len(drawn) == 4 and len({groups[case] for case in drawn}) == 4
+    # Fewer subjects than K: the draw still stops at K cases, taking a second case of a subject.
+    two = {f"s{s}-0-{r}": 0 for s in range(2) for r in range(3)}
+    assert len(draw_shots(two, 4, seed=0, groups={case: case[:2] for case in two})) == 4
+
+
 @pytest.mark.timeout(600)
 def test_no_subject_or_duplicate_group_in_two_splits(pipeline):
     cat = pipeline.catalog
