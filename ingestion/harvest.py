@@ -234,8 +234,9 @@ def harvest_stream(
                 bar.update(len(chunk))
     finally:
         bar.close()
-        for ref in pending:
-            ray.cancel(ref)
+        if ray.is_initialized():  # at interpreter exit Ray may be shut down already: cancelling would start a new one
+            for ref in pending:
+                ray.cancel(ref)
 
 
 def harvest_all(

@@ -16,6 +16,7 @@ twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -586,38 +587,39 @@ def ingest(
     tick = time.perf_counter()
     shipped = [for_harvest(p[0]) for p in plans]
     stream = harvest_stream(shipped, names, options, raw_area.uri, progress=progress, known=known)
-    for index, result in stream:
-        maybe_crash("ingest.harvest")
-        scan, card, level, tables = plans[index]
-        if "unchanged" in result:
-            summary.unchanged += 1
-            summary.skipped += 0 if result.get("read") else 1
-            continue
-        if "problem" in result:
-            problem = Problem(**result["problem"])
-            pending_problems.append(problem)
-            quarantined[problem.reason] += 1
-        else:
-            for mask_problem in result.get("mask_problems", []):
-                pending_problems.append(Problem(**mask_problem))
-                quarantined[mask_problem["reason"]] += 1
-            row = build_row(
-                scan, result["facts"], card=card, access=level, pseudonymizer=pseudonymizer,
-                extra_labels=label_lookup(card, tables, scan.subject), mask_uris=result.get("masks", {}), now=now,
-            )  # fmt: skip
-            # The catalog sees the source key and the staged image only; the real path goes to the identified zone.
-            row["source_uri"] = keys[index]
-            row["relative_path"] = row["image_uri"][len(catalog.uri.rstrip("/")) + 1 :]
-            pending_sources.append(
-                {"source_key": keys[index], "scan_id": row["scan_id"], "dataset": scan.dataset,
-                 "source_uri": scan.source_uri, "relative_path": scan.relative_path}
-            )  # fmt: skip
-            rows.append(row)
-            signatures[(row["source_uri"], row["scan_id"])] = result.get("signature")
-        if len(rows) + len(pending_problems) >= cfg.ingest.commit_scans:
-            phase["harvest"] += time.perf_counter() - tick
-            commit()
-            tick = time.perf_counter()
+    with contextlib.closing(stream):  # an error below cancels the pending harvest tasks now, not at exit
+        for index, result in stream:
+            maybe_crash("ingest.harvest")
+            scan, card, level, tables = plans[index]
+            if "unchanged" in result:
+                summary.unchanged += 1
+                summary.skipped += 0 if result.get("read") else 1
+                continue
+            if "problem" in result:
+                problem = Problem(**result["problem"])
+                pending_problems.append(problem)
+                quarantined[problem.reason] += 1
+            else:
+                for mask_problem in result.get("mask_problems", []):
+                    pending_problems.append(Problem(**mask_problem))
+                    quarantined[mask_problem["reason"]] += 1
+                row = build_row(
+                    scan, result["facts"], card=card, access=level, pseudonymizer=pseudonymizer,
+                    extra_labels=label_lookup(card, tables, scan.subject), mask_uris=result.get("masks", {}), now=now,
+                )  # fmt: skip
+                # The catalog sees the source key and the staged image only; the real path goes to the identified zone.
+                row["source_uri"] = keys[index]
+                row["relative_path"] = row["image_uri"][len(catalog.uri.rstrip("/")) + 1 :]
+                pending_sources.append(
+                    {"source_key": keys[index], "scan_id": row["scan_id"], "dataset": scan.dataset,
+                     "source_uri": scan.source_uri, "relative_path": scan.relative_path}
+                )  # fmt: skip
+                rows.append(row)
+                signatures[(row["source_uri"], row["scan_id"])] = result.get("signature")
+            if len(rows) + len(pending_problems) >= cfg.ingest.commit_scans:
+                phase["harvest"] += time.perf_counter() - tick
+                commit()
+                tick = time.perf_counter()
     phase["harvest"] += time.perf_counter() - tick
     commit()
     summary.phases.update({k: round(v, 2) for k, v in phase.items()})

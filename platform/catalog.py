@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from brainiac.ingestion.duplicates import SCAN_SIGNATURES_SCHEMA
+from brainiac.ingestion.duplicates import DUPLICATE_QUEUE_SCHEMA, SCAN_SIGNATURES_SCHEMA
 from brainiac.platform.errors import UserError
 from brainiac.platform.storage import StorageLocation
 
@@ -193,6 +193,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "embeddings": EMBEDDINGS_SCHEMA,
     "preprocess_configs": PREPROCESS_CONFIGS_SCHEMA,
     "scan_signatures": SCAN_SIGNATURES_SCHEMA,  # duplicate search (ingestion/duplicates.py)
+    "duplicate_queue": DUPLICATE_QUEUE_SCHEMA,  # searches owed by a killed ingest (ingestion/duplicates.py)
 }
 PARTITIONS: dict[str, list[str]] = {"scans": ["dataset"], "volumes": ["preprocess_version"], "embeddings": ["model"]}
 TABLE_CONFIGURATION = {"delta.enableDeletionVectors": "false"}

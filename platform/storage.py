@@ -26,7 +26,14 @@ if TYPE_CHECKING:
     import fsspec
     import pyarrow.fs
 
-__all__ = ["S3_OPTION_KEYS", "StorageLocation", "s3_options_from_env"]
+__all__ = [
+    "DELTA_RETRY_OPTIONS",
+    "S3_MAX_ATTEMPTS",
+    "S3_OPTION_KEYS",
+    "StorageLocation",
+    "s3_options_from_env",
+    "storage_error_message",
+]
 
 S3_OPTION_KEYS = (
     "AWS_ENDPOINT_URL",
@@ -41,6 +48,39 @@ S3_OPTION_KEYS = (
 """Options understood for S3; the names are deltalake's (object_store's), the other clients are derived from them."""
 
 _SECRET_OPTION_KEYS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+DELTA_RETRY_OPTIONS = {
+    "max_retries": "12",
+    "retry_timeout": "120s",
+    "backoff_config.init_backoff": "1s",
+    "backoff_config.max_backoff": "20s",
+}
+"""object_store's retry settings for Delta reads and commits on S3 (overridable through ``catalog.storage_options``)."""
+
+S3_MAX_ATTEMPTS = 10
+"""Attempts per request of the fsspec (botocore) and pyarrow S3 clients."""
+
+_CREDENTIAL_MARKERS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "lacked the necessary privileges", "AccessDenied")
+_UNREACHABLE_MARKERS = ("error sending request", "Connection refused", "connection refused", "dns error",
+                        "Could not connect", "EndpointConnectionError", "Connect timeout")  # fmt: skip
+
+
+def storage_error_message(exc: BaseException) -> str | None:
+    """One line for an object-store failure that is not a bug: credentials refused (the user's to fix) or a store that
+    stayed unreachable through every retry; ``None`` for anything else. Never quotes a secret (only the error's kind)."""
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None:
+        text += f" {type(cause).__name__}: {cause}"
+    if any(m in text for m in _CREDENTIAL_MARKERS):
+        return (
+            "the object store refused the credentials (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+            "catalog.storage_options)"
+        )
+    if any(m in text for m in _UNREACHABLE_MARKERS):
+        return "the object store stayed unreachable through every retry; nothing after the last commit was written"
+    return None
 
 
 def s3_options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -142,8 +182,12 @@ class StorageLocation:
 
     # -- clients -------------------------------------------------------------------------------------------------------
     def delta_storage_options(self) -> dict[str, str] | None:
-        """``storage_options`` for deltalake (``DeltaTable``, ``write_deltalake``) and Ray's ``read_delta``."""
-        return dict(self.options) if self.is_remote else None
+        """``storage_options`` for deltalake (``DeltaTable``, ``write_deltalake``) and Ray's ``read_delta``, with a retry
+        policy that rides out an object store unreachable for up to about two minutes (object_store's default gives up
+        after ~3-7 s, failing a commit mid-job); the user's own settings win."""
+        if not self.is_remote:
+            return None
+        return {**DELTA_RETRY_OPTIONS, **self.options}
 
     def fsspec(self) -> fsspec.AbstractFileSystem:
         """An fsspec filesystem (s3fs for S3). Use it with :attr:`path`-style paths."""
@@ -162,6 +206,7 @@ class StorageLocation:
         if o.get("AWS_ENDPOINT_URL"):
             client_kwargs["endpoint_url"] = o["AWS_ENDPOINT_URL"]
         return s3fs.S3FileSystem(
+            config_kwargs={"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}},
             key=o.get("AWS_ACCESS_KEY_ID"),
             secret=o.get("AWS_SECRET_ACCESS_KEY"),
             token=o.get("AWS_SESSION_TOKEN"),
@@ -187,6 +232,7 @@ class StorageLocation:
             parsed = urlparse(endpoint)
             kwargs["endpoint_override"] = parsed.netloc or endpoint
             kwargs["scheme"] = parsed.scheme or "https"
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
         return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
 
     # -- small conveniences ----------------------------------------------------------------------------------------------

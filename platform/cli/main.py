@@ -107,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         echo("interrupted", err=True)
         return 130
+    except Exception as exc:
+        from brainiac.platform.storage import storage_error_message
+
+        message = storage_error_message(exc)
+        if message is None:
+            raise
+        echo(f"error: {message}", err=True)
+        return 2 if "credentials" in message else 1
     return result if isinstance(result, int) else 0
 
 

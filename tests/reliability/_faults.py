@@ -178,7 +178,14 @@ class TcpProxy:
 
         sock = self._socket.socket(self._socket.AF_INET, self._socket.SOCK_STREAM)
         sock.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
+        for attempt in range(50):  # the old listener's accept thread may hold the port for a moment after down()
+            try:
+                sock.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
         sock.listen(64)
         self.port = sock.getsockname()[1]
         with self._lock:
@@ -193,6 +200,8 @@ class TcpProxy:
             conns, self._conns = self._conns, []
             self.refused_since = time.monotonic()
         if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(self._socket.SHUT_RDWR)  # wakes the thread blocked in accept(), freeing the port
             listener.close()
         for conn in conns:
             with contextlib.suppress(OSError):

@@ -5,11 +5,12 @@
   as S3 does. (Restarting moto itself would not be a realistic outage: moto keeps everything in memory, so a restarted
   moto has lost every bucket, which S3 never does.) The promise: the job rides it out, or fails with one clear line;
   either way every table still opens at its last commit and a rerun converges to the catalog of an uninterrupted local
-  run. Today a 1 s blip is ridden out in 15 of 16 runs (the clients' own retries) and an 8 s outage never is: the
-  job prints a traceback and hangs at exit (both xfail, see ``OUTAGE_FIXES``); the tables open either way.
+  run. Both a 1 s blip and an 8 s outage are ridden out: Delta's object-store client retries for up to two minutes
+  (``StorageLocation.delta_storage_options``) and the fsspec/pyarrow S3 clients make 10 attempts per request; a store
+  down longer than that fails the job with one line (``storage_error_message``), and pending harvest tasks are
+  cancelled while Ray is still up (the job used to hang at exit).
 - **Wrong credentials.** A second moto with authentication on (it knows no access key, so every key is wrong): each
-  command that opens the catalog prints one line and exits with status 2 (ingest does today; ``catalog query`` and
-  ``preprocess`` are xfail, see ``CREDENTIAL_FIX``), and the secret appears nowhere in its output (all three).
+  command that opens the catalog prints one line and exits with status 2, and the secret appears nowhere in its output.
 """
 
 from __future__ import annotations
@@ -86,16 +87,6 @@ def _object_exists(client, bucket: str, key: str) -> bool:
     return True
 
 
-OUTAGE_FIXES = (
-    "an outage longer than the clients' retries (deltalake: 10 retries in ~3-7 s; pyarrow's S3FileSystem: 3 quick "
-    "attempts) fails a commit with a traceback, and the process then hangs at exit: harvest_stream's finally calls "
-    "ray.cancel after atexit's ray.shutdown, which starts a new Ray during interpreter shutdown. Needs: a retry policy "
-    "in StorageLocation (delta: backoff_config.init_backoff / retry_timeout; pyarrow: retry_strategy), harvest_stream "
-    "cancelling only while ray.is_initialized() (and ingest closing the stream), and one line + exit 2 for an "
-    "unreachable store in platform/cli/main.py"
-)
-
-
 def _wait_or_hang(child: subprocess.Popen, err_path: Path, deadline_s: float) -> str | None:
     """Wait for ``child``; returns ``None`` when it exited, else why it was killed: still running at the deadline, or
     still running 8 s after printing a traceback (a failed job that hangs at exit instead of ending)."""
@@ -118,12 +109,9 @@ def _wait_or_hang(child: subprocess.Popen, err_path: Path, deadline_s: float) ->
 @pytest.mark.parametrize(
     "outage_s",
     [
-        # Ridden out in 15 of 16 runs here; a blip that catches one of pyarrow's S3 reads (Catalog.select_keys: the AWS
-        # SDK's 3 quick attempts) fails the job like a long outage does. Make it strict once OUTAGE_FIXES are in.
-        pytest.param(1.0, marks=pytest.mark.xfail(reason=OUTAGE_FIXES, strict=False)),
-        pytest.param(8.0, marks=pytest.mark.xfail(reason=OUTAGE_FIXES, strict=True)),
+        pytest.param(1.0, id="1s-blip"),
+        pytest.param(8.0, id="8s-outage"),
     ],
-    ids=["1s-blip", "8s-outage"],
 )
 def test_s3_unreachable_mid_ingest(
     outage_s: float,
@@ -228,20 +216,13 @@ WRONG_CREDENTIAL_COMMANDS = {
 }
 
 
-CREDENTIAL_FIX = (
-    "opening a table with rejected credentials raises deltalake's OSError ('lacked the necessary privileges', 403 "
-    "InvalidAccessKeyId) as a traceback, exit 1: Catalog.table (or platform/cli/main.py) should turn an object-store "
-    "403 into a UserError naming the catalog and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-)
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "command",
     [
         "ingest",  # the bucket check of ingest already says it in one line (as "does not exist or is not reachable")
-        pytest.param("catalog-query", marks=pytest.mark.xfail(reason=CREDENTIAL_FIX, strict=True)),
-        pytest.param("preprocess", marks=pytest.mark.xfail(reason=CREDENTIAL_FIX, strict=True)),
+        "catalog-query",
+        "preprocess",
     ],
 )
 def test_wrong_credentials_one_line_no_secret(command: str, strict_s3: str, cohort: dict) -> None:
