@@ -127,7 +127,9 @@ def measure_ingest(cfg: Any, sources: list[str]) -> dict[str, Any]:
 
     with _marks(ingest_module) as marks, RssSampler() as rss:
         start = time.perf_counter()
-        summary = ingest_module.ingest(cfg, sources, progress=False)
+        # The pool's folder names are the bench's own (no card, no identifier): each names its dataset.
+        names = {s: s.rstrip("/").rsplit("/", 1)[-1] for s in sources}
+        summary = ingest_module.ingest(cfg, sources, progress=False, names=names)
         end = time.perf_counter()
     reported = dict(getattr(summary, "phases", {}) or {})
     by = {p: [(a, b) for q, a, b in marks if q == p] for p in ("harvest", "write", "duplicates")}

@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -462,6 +462,7 @@ def ingest(
     card_path: str | None = None,
     access: str | None = None,
     progress: bool = True,
+    names: Mapping[str, str] | None = None,
 ) -> IngestSummary:
     """Ingest ``sources`` (dataset roots, local or ``s3://``) into the catalog of ``cfg``.
 
@@ -473,6 +474,8 @@ def ingest(
             folder needs an explicit name: folder names may carry identifiers). Only with a single source.
         card_path: a dataset card YAML to use instead of the shipped card.
         access: access level for a dataset without a card (default ``restricted``: unknown terms are treated as strict).
+        names: dataset name of each source (as given in ``sources``), for a job that ingests many roots without cards
+            (a pool whose folder names it chose itself); ``dataset`` wins for a single source.
 
     Raises:
         UserError: a source that does not exist, an unknown layout, a card that does not validate.
@@ -498,11 +501,13 @@ def ingest(
     plans: list[tuple[SourceScan, DatasetCard | None, str, dict]] = []
     problems: list[Problem] = []
     roots = []
+    given: dict[str, str] = {}  # root URI -> the source as the caller wrote it (the key of ``names``)
     for source in sources:
         root = StorageLocation.resolve(source, options or None)
         if not root.exists():
             raise UserError(f"source not found: {source}")
         roots.append(root)
+        given[root.uri] = source
     if roots:  # discovery lists folders and reads DICOM headers in Ray tasks (adapters.listing): Ray starts first
         init_ray(cfg.cluster)
     repair_unsearched(catalog, options or None)  # duplicate searches a killed run still owes (duplicates.py)
@@ -510,7 +515,7 @@ def ingest(
     levels: dict[str, str] = {}
 
     def discover(root: StorageLocation) -> tuple[str, str, list[Problem], list[tuple]]:
-        name, card = _resolve_card(root, dataset, card_path)
+        name, card = _resolve_card(root, dataset or (names or {}).get(given[root.uri]), card_path)
         found: list[Problem] = []
         planned: list[tuple] = []
         with cached_listings():  # detection and discovery list the root once

@@ -112,7 +112,7 @@ def test_no_phi_in_any_table(pipeline):
     for name in pipeline.catalog.tables():
         frame = pipeline.catalog.read(name).to_pandas()
         for column in frame.columns:  # binary columns (arrays, signatures) as hex: JSON cannot hold raw bytes
-            if frame[column].map(lambda v: isinstance(v, bytes)).any():
+            if any(isinstance(v, bytes) for v in frame[column]):
                 frame[column] = frame[column].map(lambda v: v.hex() if isinstance(v, bytes) else v)
         text = frame.to_json(date_format="iso")
         leaked = sorted(s for s in secrets if s in text)

@@ -59,7 +59,23 @@ def _volumes(append_volumes, root, datasets: int = 3, per_dataset: int = 7) -> l
                  "fixed_shape": [8, 8, 8], "dtype": "float16", "qc_pass": qc}
             )  # fmt: skip
         append_volumes(root, rows, 4)
+    _open_scans(root, [f"scan-{i:03d}" for i in range(index)], [f"ds{i // per_dataset}" for i in range(index)])
     return passing
+
+
+def _open_scans(root, scan_ids: list[str], datasets: list[str]) -> None:
+    """``scans`` rows (access ``open``) for the volumes: readers judge a dataset's access level by its scans."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from brainiac.platform.catalog import SCANS_SCHEMA, TABLE_CONFIGURATION
+
+    n = len(scan_ids)
+    cols = {c: pa.nulls(n, SCANS_SCHEMA.field(c).type) for c in SCANS_SCHEMA.names}
+    cols.update(scan_id=pa.array(scan_ids), dataset=pa.array(datasets), access=pa.array(["open"] * n),
+                status=pa.array(["current"] * n))  # fmt: skip
+    write_deltalake(str(root / "catalog" / "scans"), pa.table(cols, schema=SCANS_SCHEMA), mode="append",
+                    partition_by=["dataset"], configuration=TABLE_CONFIGURATION)  # fmt: skip
 
 
 class _MeanEncoder(torch.nn.Module):
