@@ -209,6 +209,7 @@ def test_an_unexpected_reader_error_quarantines_that_scan_only(tmp_path, monkeyp
 
     good = tmp_path / "good.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), good)
+    (tmp_path / "bad.nii.gz").write_bytes(good.read_bytes())  # a real file: only the (patched) reader fails on it
     scans = [
         SourceScan("ds", "bids", str(tmp_path / name), name, "s1", format="nifti")
         for name in ("good.nii.gz", "bad.nii.gz")

@@ -157,6 +157,9 @@ def test_unreadable_folder_and_vanished_file_are_quarantined_with_errno(tmp_path
         return Entries(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
+    import brainiac.ingestion.adapters.listing as listing
+
+    monkeypatch.setattr(listing, "ray_ready", lambda: False)  # list in this process, where scandir is patched
     scans, problems = _split(BidsAdapter().discover(StorageLocation.resolve(root), "odd"))
     assert {s.relative_path for s in scans} == {"sub-01/anat/sub-01_T1w.nii.gz", "sub-03/anat/sub-03_T1w.nii.gz"}
     assert _by_rel(root, problems) == {"sub-02/anat": "unreadable", "sub-03/anat/sub-03_run-2_T1w.nii.gz": "unreadable"}
