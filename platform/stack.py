@@ -58,7 +58,9 @@ __all__ = [
 ]
 
 HOST = "127.0.0.1"
-DEFAULT_PORTS = {"ray": 6380, "ray-agent": 52366, "ray-dashboard": 8265, "mlflow": 5000, "s3": 5555}
+DEFAULT_PORTS = {
+    "ray": 6380, "ray-client": 6381, "ray-agent": 52366, "ray-dashboard": 8265, "mlflow": 5000, "s3": 5555
+}  # fmt: skip
 """Default ports; override with ``BRAINIAC_<NAME>_PORT`` (``BRAINIAC_RAY_PORT``, ``BRAINIAC_MLFLOW_PORT``, ...)."""
 
 
@@ -118,7 +120,8 @@ def _ray_argv(state: Path, ports: dict[str, int]) -> list[str]:
         _bin("ray"), "start", "--head", "--block",
         f"--node-ip-address={HOST}", f"--port={ports['ray']}",
         "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={ports['ray-dashboard']}",
-        f"--ray-client-server-port={ports['ray'] + 1}",
+        # Its own port: GCS port + 1 may be held by another process (a failed bind kills the whole head).
+        f"--ray-client-server-port={ports['ray-client']}",
         # An explicit agent port: the default (52365) may be held by another Ray on this machine, and a head without
         # its agent answers /api/version but refuses every job ("No available agent").
         f"--dashboard-agent-listen-port={ports['ray-agent']}",
@@ -231,7 +234,7 @@ SERVICES: dict[str, Service] = {
     "ray": Service(
         "ray",
         _ray_argv,
-        ("ray", "ray-agent", "ray-dashboard"),
+        ("ray", "ray-client", "ray-agent", "ray-dashboard"),
         lambda p: (
             f"http://{HOST}:{p['ray-dashboard']}/api/version",
             f"http://{HOST}:{p['ray-agent']}/api/local_raylet_healthz",
