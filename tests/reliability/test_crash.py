@@ -14,7 +14,6 @@ catalog. ``ingest.commit_scans=4`` gives four harvest commits, so the kills land
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
 from dataclasses import dataclass
@@ -26,18 +25,7 @@ from brainiac.ingestion.duplicates import QUEUE_TABLE
 from brainiac.platform.catalog import Catalog
 from brainiac.platform.config import Config, load_config
 
-
-def _helpers():
-    name = "reliability_faults_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_faults.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-faults = _helpers()
+faults = sys.modules["reliability_faults_helpers"]  # loaded by this folder's conftest.py
 
 COMMIT_SCANS = 4
 INGEST_TABLES = ["scans", "quarantine", "duplicates", QUEUE_TABLE]

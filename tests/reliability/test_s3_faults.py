@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -30,18 +29,7 @@ from brainiac.ingestion.duplicates import QUEUE_TABLE
 from brainiac.platform.catalog import Catalog
 from brainiac.platform.config import load_config
 
-
-def _helpers():
-    name = "reliability_faults_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_faults.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-faults = _helpers()
+faults = sys.modules["reliability_faults_helpers"]  # loaded by this folder's conftest.py
 
 COMMIT_SCANS = 4
 OUTAGE_S = 4.0
