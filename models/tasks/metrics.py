@@ -1,9 +1,9 @@
 """Evaluation metrics of the fine-tuning engine, as plain functions over numpy arrays.
 
 Every metric takes whole arrays of one split (one row per case) and returns a Python float, so that the engine can log it
-to MLflow directly and :func:`bootstrap_ci` can resample cases. A metric that is undefined on its input (an AUC with only
-one class, a C-index without comparable pairs, an HD95 with an empty mask) returns NaN rather than raising, so that a
-bootstrap resample that happens to be degenerate is skipped instead of aborting the evaluation.
+to MLflow directly and :func:`bootstrap_ci` can resample subjects. A metric that is undefined on its input (an AUC with
+only one class, a C-index without comparable pairs, an HD95 with an empty mask) returns NaN rather than raising; the
+bootstrap stratifies by class so that this rarely happens, and counts the resamples where it still does.
 
 Only numpy (and MONAI for the surface distance) is used: scikit-learn is deliberately not a dependency.
 """
@@ -11,14 +11,18 @@ Only numpy (and MONAI for the surface distance) is used: scikit-learn is deliber
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
 __all__ = [
+    "MAX_NAN_FRACTION",
     "METRICS",
+    "Resampler",
     "auc",
     "balanced_accuracy",
     "bootstrap_ci",
@@ -28,7 +32,11 @@ __all__ = [
     "hd95",
     "macro_auc",
     "mae",
+    "paired_bootstrap",
 ]
+
+MAX_NAN_FRACTION = 0.1
+"""Largest fraction of bootstrap resamples on which a metric may be NaN before its interval is reported as (NaN, NaN)."""
 
 _PAIR_BLOCK = 4_000_000
 """Largest number of (event, case) pairs the C-index compares at once, bounding its memory to a few tens of MB."""
@@ -254,45 +262,178 @@ def hd95(pred: ArrayLike, target: ArrayLike, spacing: Sequence[float] = (1.0, 1.
     return float(value.reshape(-1)[0])
 
 
-def bootstrap_ci(
-    metric: Callable[..., float],
-    *arrays: ArrayLike,
-    n_boot: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> tuple[float, float, float]:
-    """Point estimate of ``metric(*arrays)`` and its percentile bootstrap confidence interval.
+def _stratum_key(label: object) -> object:
+    """A hashable stratum key for one case's label; NaN and ``None`` share one key (cases without a class)."""
+    if label is None:
+        return _MISSING
+    if isinstance(label, float | np.floating) and np.isnan(label):
+        return _MISSING
+    return label.item() if isinstance(label, np.generic) else label
 
-    Cases are resampled with replacement ``n_boot`` times, the same indices for every array (so labels stay paired with
-    their predictions), and the ``alpha/2`` and ``1 - alpha/2`` quantiles of the resampled metric form the interval
-    (95 % by default). The issue's results report mean and 95 % CI on the test split; test splits are small, so the
-    interval is what tells a real difference from noise. Resamples on which the metric is NaN (e.g. a single-class AUC)
-    are skipped; if all are, the interval is (NaN, NaN). For per-image metrics (Dice, HD95) pass the per-case values
-    and ``np.nanmean`` as the metric. Deterministic for a given ``seed``.
 
-    Returns ``(estimate, low, high)``.
+_MISSING = ("<no stratum>",)
+"""Stratum key of cases whose label is NaN or ``None`` (e.g. survival cases censored before the class threshold)."""
+
+
+@dataclass(frozen=True)
+class Resampler:
+    """A subject-clustered, stratified bootstrap design over ``n`` cases, precomputed once.
+
+    ``groups`` gives each case its subject: a resample draws whole subjects with replacement and takes all their cases,
+    so cases that are not independent (several scans or sessions of one subject) are not counted as independent
+    evidence, which would make intervals too narrow. ``strata`` gives each case its class: subjects are drawn within
+    each stratum, keeping that stratum's number of subjects, so every resample holds every class and AUC-type metrics
+    stay defined. A subject whose cases carry different labels is put in the stratum of its most frequent label
+    (the first seen on a tie). NaN/``None`` labels form one stratum of their own.
     """
+
+    n: int
+    """Number of cases."""
+    strata_groups: tuple[np.ndarray, ...]
+    """Per stratum, the indices of its groups (subjects)."""
+    starts: np.ndarray
+    """Per group, where its cases start in :attr:`order`."""
+    lengths: np.ndarray
+    """Per group, how many cases it has."""
+    order: np.ndarray
+    """Case indices sorted by group."""
+
+    @classmethod
+    def build(cls, n: int, groups: ArrayLike | None = None, strata: ArrayLike | None = None) -> Resampler:
+        """The design for ``n`` cases (``groups``/``strata``: one entry per case, or ``None``: each case its own group,
+        one stratum)."""
+        if groups is None:
+            codes = np.arange(n, dtype=np.int64)
+        else:
+            g = list(np.asarray(groups, dtype=object).reshape(-1))
+            if len(g) != n:
+                raise ValueError(f"groups must have one entry per case ({n}), got {len(g)}")
+            first: dict[object, int] = {}
+            codes = np.fromiter((first.setdefault(x, len(first)) for x in g), dtype=np.int64, count=n)
+        n_groups = int(codes.max()) + 1 if n else 0
+        order = np.argsort(codes, kind="stable")
+        lengths = np.bincount(codes, minlength=n_groups).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if n_groups else lengths
+        if strata is None:
+            strata_groups: tuple[np.ndarray, ...] = (np.arange(n_groups, dtype=np.int64),)
+        else:
+            s = list(np.asarray(strata, dtype=object).reshape(-1))
+            if len(s) != n:
+                raise ValueError(f"strata must have one entry per case ({n}), got {len(s)}")
+            votes: list[Counter] = [Counter() for _ in range(n_groups)]
+            for code, label in zip(codes, s, strict=True):
+                votes[code][_stratum_key(label)] += 1
+            by: dict[object, list[int]] = {}
+            for gi, v in enumerate(votes):
+                by.setdefault(v.most_common(1)[0][0], []).append(gi)  # most_common keeps first-seen order on ties
+            strata_groups = tuple(np.asarray(ids, dtype=np.int64) for ids in by.values())
+        return cls(n, strata_groups, starts, lengths, order)
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """Case indices of one resample: whole subjects drawn with replacement within each stratum."""
+        chosen = np.concatenate(
+            [ids[rng.integers(0, len(ids), size=len(ids))] for ids in self.strata_groups if len(ids)]
+        )
+        lengths = self.lengths[chosen]
+        # all of each chosen group's cases: order[starts[g] : starts[g] + lengths[g]], concatenated without a loop
+        offsets = np.repeat(self.starts[chosen] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        return self.order[offsets + np.arange(int(lengths.sum()))]
+
+    def indices(self, n_boot: int, seed: int = 0) -> Iterator[np.ndarray]:
+        """``n_boot`` resamples' case indices, deterministic for ``seed``."""
+        rng = np.random.default_rng(seed)
+        for _ in range(n_boot):
+            yield self.draw(rng)
+
+
+def _interval(values: np.ndarray, alpha: float, max_nan_fraction: float) -> tuple[float, float]:
+    """Percentile interval of the resampled ``values``; (NaN, NaN) when more than ``max_nan_fraction`` of them are NaN
+    (dropping them would leave an interval conditioned on the easy resamples, i.e. silently too narrow)."""
+    finite = values[~np.isnan(values)]
+    if len(finite) == 0 or (len(values) - len(finite)) > max_nan_fraction * len(values):
+        return float("nan"), float("nan")
+    low, high = np.quantile(finite, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def _check(arrays: Sequence[ArrayLike], alpha: float) -> list[np.ndarray]:
+    """The arrays as numpy arrays of one common length, refusing an empty list or an ``alpha`` outside (0, 1)."""
     if not arrays:
-        raise ValueError("bootstrap_ci needs at least one array")
+        raise ValueError("the bootstrap needs at least one array")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     arrs = [np.asarray(a) for a in arrays]
-    n = len(arrs[0])
-    if any(len(a) != n for a in arrs):
+    if any(len(a) != len(arrs[0]) for a in arrs):
         raise ValueError(f"arrays must have the same length, got {[len(a) for a in arrs]}")
+    return arrs
+
+
+def bootstrap_ci(
+    metric: Callable[..., float],
+    *arrays: ArrayLike,
+    groups: ArrayLike | None = None,
+    strata: ArrayLike | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    max_nan_fraction: float = MAX_NAN_FRACTION,
+) -> tuple[float, float, float]:
+    """Point estimate of ``metric(*arrays)`` and its subject-clustered, stratified percentile bootstrap interval.
+
+    Each of the ``n_boot`` resamples draws whole subjects (``groups``, one id per case; default: each case its own
+    subject) with replacement within each stratum (``strata``, one class label per case; default: one stratum), takes
+    all their cases, and applies the same indices to every array (so labels stay paired with predictions); see
+    :class:`Resampler`. The ``alpha/2`` and ``1 - alpha/2`` quantiles of the resampled metric form the interval (95 %
+    by default). Clustering by subject keeps repeated scans of one subject from counting as independent evidence;
+    stratifying by class keeps every class in every resample, so AUC and balanced accuracy stay defined.
+
+    Resamples on which the metric is still NaN are counted: up to ``max_nan_fraction`` of them (10 %) are left out,
+    beyond that the interval is (NaN, NaN) — quoting the quantiles of only the well-behaved resamples would be a
+    silently narrowed interval. For per-image metrics (Dice, HD95) pass the per-case values and ``np.nanmean`` as the
+    metric. Deterministic for a given ``seed``.
+
+    Returns ``(estimate, low, high)``.
+    """
+    arrs = _check(arrays, alpha)
+    n = len(arrs[0])
     estimate = float(metric(*arrs))
     if n == 0:
         return estimate, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    values = np.empty(n_boot, dtype=np.float64)
-    for b in range(n_boot):
-        idx = rng.integers(0, n, size=n)
-        values[b] = metric(*(a[idx] for a in arrs))
-    values = values[~np.isnan(values)]
-    if len(values) == 0:
-        return estimate, float("nan"), float("nan")
-    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-    return estimate, float(low), float(high)
+    design = Resampler.build(n, groups, strata)
+    values = np.array([metric(*(a[idx] for a in arrs)) for idx in design.indices(n_boot, seed)], dtype=np.float64)
+    return (estimate, *_interval(values, alpha, max_nan_fraction))
+
+
+def paired_bootstrap(
+    metric: Callable[..., float],
+    a_arrays: Sequence[ArrayLike],
+    b_arrays: Sequence[ArrayLike],
+    *,
+    groups: ArrayLike | None = None,
+    strata: ArrayLike | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    max_nan_fraction: float = MAX_NAN_FRACTION,
+) -> tuple[float, float, float]:
+    """``metric(*a_arrays) - metric(*b_arrays)`` with a paired bootstrap interval over the same resampled subjects.
+
+    ``a_arrays`` and ``b_arrays`` describe the same cases (e.g. ``(candidate_predictions, targets)`` and
+    ``(reference_predictions, targets)``); each resample (see :func:`bootstrap_ci` for ``groups``, ``strata`` and the
+    NaN rule) scores both on the same cases, so the difficulty the two share cancels and the interval of the difference
+    is far tighter than comparing two separate intervals. Positive means ``a`` scores higher; flip the sign for a
+    lower-is-better metric. Returns ``(estimate, low, high)``.
+    """
+    arrs = _check([*a_arrays, *b_arrays], alpha)
+    k = len(a_arrays)
+    if k == 0 or k == len(arrs):
+        raise ValueError("paired_bootstrap needs at least one array on each side")
+
+    def delta(*xs: np.ndarray) -> float:
+        return float(metric(*xs[:k])) - float(metric(*xs[k:]))
+
+    return bootstrap_ci(delta, *arrs, groups=groups, strata=strata, n_boot=n_boot, seed=seed, alpha=alpha,
+                        max_nan_fraction=max_nan_fraction)  # fmt: skip
 
 
 METRICS: dict[str, Callable[..., float]] = {

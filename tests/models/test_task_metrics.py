@@ -11,6 +11,7 @@ import torch
 from brainiac.models.tasks.losses import cox_partial_likelihood_loss
 from brainiac.models.tasks.metrics import (
     METRICS,
+    Resampler,
     auc,
     balanced_accuracy,
     bootstrap_ci,
@@ -20,6 +21,7 @@ from brainiac.models.tasks.metrics import (
     hd95,
     macro_auc,
     mae,
+    paired_bootstrap,
 )
 
 
@@ -230,13 +232,88 @@ def test_bootstrap_ci_narrows_with_more_data() -> None:
     assert widths[1] < widths[0] / 3  # ~sqrt(1000 / 40) = 5 times narrower
 
 
-def test_bootstrap_ci_skips_nan_resamples() -> None:
-    # One positive in 30: many resamples lose it and have no AUC; they must be skipped, not poison the interval.
+def test_bootstrap_ci_refuses_an_interval_narrowed_by_dropped_nan_resamples() -> None:
+    # One positive in 30: a case bootstrap loses it in ~36 % of resamples. Dropping those would quote the interval of the
+    # lucky resamples only; the interval is (NaN, NaN) instead. Stratified by class, every resample keeps the positive.
     y = np.zeros(30, dtype=int)
     y[0] = 1
     s = np.linspace(0, 1, 30)[::-1].copy()
     est, low, high = bootstrap_ci(auc, y, s, n_boot=200)
-    assert est == 1.0 and low == 1.0 and high == 1.0
+    assert est == 1.0 and math.isnan(low) and math.isnan(high)
+    assert bootstrap_ci(auc, y, s, strata=y, n_boot=200) == (1.0, 1.0, 1.0)
+
+
+def test_stratified_bootstrap_never_loses_a_class() -> None:
+    # 3 positives among 40: an unstratified resample loses all of them ~8 % of the time (and ~1/3 keep only one).
+    rng = np.random.default_rng(1)
+    y = np.zeros(40, dtype=int)
+    y[:3] = 1
+    s = y * 0.5 + rng.normal(size=40)
+    design = Resampler.build(40, strata=y)
+    for idx in design.indices(500, seed=0):
+        assert len(idx) == 40 and y[idx].sum() == 3
+        assert not math.isnan(auc(y[idx], s[idx]))
+    est, low, high = bootstrap_ci(auc, y, s, strata=y, n_boot=500)
+    assert np.isfinite([low, high]).all() and low <= est <= high
+
+
+def test_cluster_bootstrap_counts_copies_of_a_subject_once() -> None:
+    # Every subject's case copied 4 times: a case bootstrap sees 4x the data and narrows the interval ~2x; resampling
+    # subjects gives the interval of the 30 distinct subjects, as wide as on the undup'd data.
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=30)
+    p = y + rng.normal(size=30)
+    subjects = np.repeat(np.arange(30), 4)
+    yd, pd = np.repeat(y, 4), np.repeat(p, 4)
+    _, lo1, hi1 = bootstrap_ci(mae, y, p, n_boot=800)
+    _, loc, hic = bootstrap_ci(mae, yd, pd, n_boot=800)
+    _, log, hig = bootstrap_ci(mae, yd, pd, groups=subjects, n_boot=800)
+    assert (hic - loc) < 0.7 * (hi1 - lo1)
+    assert (hig - log) > 1.4 * (hic - loc)
+    assert abs((hig - log) - (hi1 - lo1)) < 0.2 * (hi1 - lo1)
+
+
+def test_cluster_bootstrap_takes_all_cases_of_a_drawn_subject_and_strata_by_subject() -> None:
+    subjects = np.array(["a", "a", "b", "c", "c", "c", "d"])
+    labels = np.array([1, 1, 0, 1, 1, 0, 0])  # c's majority label is 1
+    design = Resampler.build(7, subjects, labels)
+    assert sorted(len(g) for g in design.strata_groups) == [2, 2]
+    for idx in design.indices(50, seed=2):
+        drawn = subjects[idx]
+        for sub in set(drawn):
+            assert (drawn == sub).sum() % (subjects == sub).sum() == 0
+        assert len({s for s in drawn if s in "ac"}) >= 1 and len({s for s in drawn if s in "bd"}) >= 1
+
+
+def test_bootstrap_nan_strata_form_their_own_stratum_and_seed_determines() -> None:
+    rng = np.random.default_rng(0)
+    y = np.array([0.0, 1.0, np.nan] * 10)
+    s = rng.normal(size=30)
+    groups = np.arange(30) // 2
+
+    def known_auc(t, x):
+        keep = np.isfinite(t)
+        return auc(t[keep].astype(int), x[keep])
+
+    a = bootstrap_ci(known_auc, y, s, groups=np.arange(30), strata=y, n_boot=200, seed=5)
+    assert np.isfinite(a).all()
+    assert a == bootstrap_ci(known_auc, y, s, groups=np.arange(30), strata=y, n_boot=200, seed=5)
+    assert a != bootstrap_ci(known_auc, y, s, groups=np.arange(30), strata=y, n_boot=200, seed=6)
+    # subjects of mixed labels (pairs of cases): still resampled whole; determinism holds too
+    b = bootstrap_ci(known_auc, y, s, groups=groups, strata=y, n_boot=200, seed=5)
+    assert b == bootstrap_ci(known_auc, y, s, groups=groups, strata=y, n_boot=200, seed=5)
+
+
+def test_paired_bootstrap_detects_a_consistent_difference() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=60)
+    noise = rng.normal(size=60)
+    good, bad = y * 1.5 + noise, y * 0.2 + noise
+    est, low, high = paired_bootstrap(auc, (y, good), (y, bad), strata=y, n_boot=400)
+    assert est == auc(y, good) - auc(y, bad)
+    assert 0 < low <= est <= high
+    # the same model against itself: exactly zero on every resample
+    assert paired_bootstrap(auc, (y, good), (y, good), n_boot=50) == (0.0, 0.0, 0.0)
 
 
 def test_registry_names() -> None:
