@@ -80,8 +80,9 @@ class ViTEncoder(Encoder):
     """MONAI ViT with a real CLS token or mean pooling (Dosovitskiy et al. 2021; BrainIAC V2 uses ViT-B at 96³).
 
     The MONAI network lives in ``self.vit`` with MONAI's own parameter names (``patch_embedding``, ``blocks``, ``norm``
-    and, for ``pooling="cls"``, ``cls_token``), so its weights copy into ``monai.networks.nets.UNETR(...).vit`` once
-    ``cls_token`` is dropped. MONAI's classification head is removed: the CLS token's final state is the feature.
+    and, for ``pooling="cls"``, ``cls_token``), so its weights copy strictly into the segmentation UNETR's ViT
+    (:mod:`brainiac.models.tasks.segmentation`), which keeps the CLS token through the blocks as here. MONAI's
+    classification head is removed: the CLS token's final state is the feature.
     """
 
     def __init__(self, cfg: BackboneConfig) -> None:

@@ -1,12 +1,20 @@
 """Tumour segmentation head: MONAI UNETR whose ViT is the pretrained encoder (BrainIAC V2's segmentation model).
 
-:func:`build_unetr` builds ``monai.networks.nets.UNETR`` and copies the pretrained :class:`ViTEncoder`'s weights into
-``unetr.vit``, strictly: every key of ``unetr.vit`` must come from the encoder, and the only encoder key allowed to be
-left behind is ``cls_token``. UNETR builds its ViT with ``classification=False``, so it has no CLS token: its decoder
-reshapes the patch tokens (and the hidden states of blocks 3, 6 and 9) back onto the patch grid, and a CLS token has no
-place on that grid. The token is a pooling device for classification heads; dropping it changes nothing the patch tokens
-compute, because UNETR's ViT never sees it. Any other missing, unexpected or mis-shaped key is a :class:`UserError`
-naming the keys.
+:func:`build_unetr` builds :class:`DepthAwareUNETR` (MONAI's ``UNETR`` decoder) and copies the pretrained
+:class:`ViTEncoder`'s weights into ``unetr.vit``, strictly: the two ViTs have exactly the same keys and shapes, and any
+missing, unexpected or mis-shaped key is a :class:`UserError` naming the keys.
+
+The CLS token stays. An encoder pretrained with ``pooling="cls"`` prepended a learned CLS token that every patch token
+attends to in every block, so dropping it (as MONAI's UNETR, built with ``classification=False``, does) changes what
+every block computes for the patch tokens: the features the decoder saw were not the pretrained ones. Here the ViT is
+built like the encoder's (CLS token prepended, no position embedding for it, exactly as in MONAI's ``ViT`` and hence
+in :class:`ViTEncoder`), runs all blocks with it, and the token is stripped only afterwards, before the skip
+connections and the final state are reshaped onto the patch grid (a CLS token has no place on that grid). A
+``pooling="mean"`` encoder has no CLS token and neither has its UNETR.
+
+Weights saved before the CLS token was kept (a ``vit`` state without ``cls_token``) still load with ``strict=True``:
+a load pre-hook sees the key is absent and removes the token from the model, which then computes exactly what those
+weights were trained with (no CLS token). Nothing is filled in or skipped silently.
 
 MONAI's UNETR hard-codes a 16³ patch and 12 transformer blocks (its skip connections read blocks 3, 6 and 9).
 :class:`DepthAwareUNETR` keeps MONAI's decoder but builds the ViT at the encoder's depth and reads the blocks at
@@ -19,6 +27,9 @@ script froze a *separate copy* of the ViT that the UNETR never called, so its "f
 
 from __future__ import annotations
 
+import logging
+
+import torch
 from monai.networks.nets import UNETR
 from torch import nn
 
@@ -27,7 +38,6 @@ from brainiac.models.config import BackboneConfig
 from brainiac.platform.errors import UserError
 
 __all__ = [
-    "DROPPED_ENCODER_KEYS",
     "DepthAwareUNETR",
     "build_unetr",
     "decoder_parameters",
@@ -35,14 +45,26 @@ __all__ = [
     "freeze_encoder",
 ]
 
-DROPPED_ENCODER_KEYS = frozenset({"cls_token"})
-"""Keys of ``ViTEncoder.vit`` that UNETR's ViT has no place for (it is built with ``classification=False``)."""
+_log = logging.getLogger(__name__)
 
 _UNETR_PATCH = 16
 
 
+def _without_cls_token_if_saved_without(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
+    """Load pre-hook of ``unetr.vit``: a state saved before the CLS token was kept loads as the model it came from.
+
+    Such a state has ``vit.*`` keys but no ``vit.cls_token``; its UNETR ran the blocks on patch tokens only. Removing
+    the token from the module (rather than inventing a value for it, or loading non-strictly) makes ``strict=True``
+    hold and the model compute exactly what it computed when it was saved.
+    """
+    saved_vit = any(key.startswith(prefix) for key in state_dict)
+    if "cls_token" in module._parameters and saved_vit and prefix + "cls_token" not in state_dict:
+        _log.info("UNETR weights saved without a CLS token: running them as trained, without one")
+        del module.cls_token
+
+
 class DepthAwareUNETR(UNETR):
-    """MONAI UNETR whose ViT has the pretrained encoder's depth; skip connections read blocks L/4, L/2 and 3L/4."""
+    """MONAI UNETR whose ViT is built like the encoder's (depth, CLS token); skips read blocks L/4, L/2 and 3L/4."""
 
     def __init__(self, backbone: BackboneConfig, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -53,12 +75,36 @@ class DepthAwareUNETR(UNETR):
             in_channels=backbone.in_channels, img_size=backbone.img_size, patch_size=backbone.patch_size,
             hidden_size=backbone.hidden_size, mlp_dim=backbone.mlp_dim, num_layers=layers,
             num_heads=backbone.num_heads, proj_type="conv", pos_embed_type=backbone.pos_embed_type,
-            classification=False, dropout_rate=backbone.dropout_rate, spatial_dims=3, qkv_bias=backbone.qkv_bias,
+            classification=backbone.pooling == "cls", dropout_rate=backbone.dropout_rate, spatial_dims=3,
+            post_activation="none", qkv_bias=backbone.qkv_bias,
         )  # fmt: skip
+        if hasattr(self.vit, "classification_head"):
+            # As in ViTEncoder: keep the CLS token, drop MONAI's classifier on it (nothing here trains it).
+            del self.vit.classification_head
+        for block in self.vit.blocks:
+            block.attn.use_flash_attention = backbone.flash_attention  # as ViTEncoder: MONAI does not pass it through
+        self.vit.register_load_state_dict_pre_hook(_without_cls_token_if_saved_without)
         self.skip_layers = (layers // 4, layers // 2, (3 * layers) // 4)
 
-    def forward(self, x_in):
+    @property
+    def has_cls_token(self) -> bool:
+        """Whether the blocks run with the CLS token (False for ``pooling="mean"`` and for pre-CLS saved weights)."""
+        return "cls_token" in self.vit._parameters
+
+    def vit_tokens(self, x_in: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Patch tokens of ``self.vit`` for (B, C, D, H, W) input: the normed final state and every block's output.
+
+        The blocks run with the CLS token (when the encoder has one); it is stripped from every returned state, so
+        each is (B, N, C) in the patch grid's row-major order, equal to :class:`ViTEncoder`'s ``tokens`` and
+        ``hidden_states`` for the same weights.
+        """
         x, hidden = self.vit(x_in)
+        if self.has_cls_token:
+            x, hidden = x[:, 1:], [h[:, 1:] for h in hidden]
+        return x, hidden
+
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        x, hidden = self.vit_tokens(x_in)
         enc1 = self.encoder1(x_in)
         enc2 = self.encoder2(self.proj_feat(hidden[self.skip_layers[0]]))
         enc3 = self.encoder3(self.proj_feat(hidden[self.skip_layers[1]]))
@@ -133,8 +179,8 @@ def build_unetr(
 
 def _copy_encoder_weights(encoder: ViTEncoder, unetr: UNETR) -> None:
     source = encoder.vit.state_dict()
-    target = unetr.vit.state_dict()
-    state = {k: v for k, v in source.items() if k not in DROPPED_ENCODER_KEYS}
+    target = unetr.vit.state_dict()  # same keys as the encoder's ViT, cls_token included when it has one
+    state = dict(source)
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
     mismatched = sorted(

@@ -66,8 +66,7 @@ def test_unetr_vit_is_bit_identical_to_the_encoder_and_segments(pooling: str) ->
     enc = _pretrained(cfg)
     unetr = build_unetr(enc, cfg, out_channels=2)
     src, dst = enc.vit.state_dict(), unetr.vit.state_dict()
-    assert set(src) - set(dst) == ({"cls_token"} if pooling == "cls" else set())
-    assert set(dst) <= set(src)
+    assert set(src) == set(dst)  # the CLS token too: the blocks run with it, as in pretraining
     assert all(torch.equal(dst[k], src[k]) for k in dst)
     # Copied, not shared: training the UNETR must not move the encoder it came from.
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(unetr.vit.parameters(), enc.vit.parameters(), strict=False))
@@ -77,11 +76,73 @@ def test_unetr_vit_is_bit_identical_to_the_encoder_and_segments(pooling: str) ->
         out = unetr(x)
         patch_tokens = enc.eval().forward_features(x).tokens
     assert out.shape == (2, 2, 32, 32, 32)
-    # UNETR's ViT computes the encoder's patch tokens exactly (the CLS token only ever was extra).
-    if pooling == "mean":
-        torch.testing.assert_close(unetr.vit(x)[0], patch_tokens)
+    # UNETR's ViT computes the encoder's patch tokens (with the CLS token in the blocks, stripped afterwards).
+    torch.testing.assert_close(unetr.vit_tokens(x)[0], patch_tokens)
     assert {id(p) for p in encoder_parameters(unetr)} == {id(p) for p in unetr.vit.parameters()}
     assert len(encoder_parameters(unetr)) + len(decoder_parameters(unetr)) == len(list(unetr.parameters()))
+
+
+def _decode(unetr: nn.Module, x_in: torch.Tensor, final: torch.Tensor, hidden: list[torch.Tensor]) -> torch.Tensor:
+    """UNETR's decoder on given patch-token states (final normed state and per-block outputs), as MONAI wires it."""
+    proj = unetr.proj_feat
+    skips = [unetr.encoder2, unetr.encoder3, unetr.encoder4]
+    enc2, enc3, enc4 = (m(proj(hidden[i])) for m, i in zip(skips, unetr.skip_layers, strict=True))
+    dec3 = unetr.decoder5(proj(final), enc4)
+    return unetr.out(unetr.decoder2(unetr.decoder3(unetr.decoder4(dec3, enc3), enc2), unetr.encoder1(x_in)))
+
+
+def test_unetr_blocks_see_the_cls_token_the_encoder_was_pretrained_with() -> None:
+    """Every block's patch tokens in the UNETR equal the encoder's own: the CLS token they attend to is kept.
+
+    Defect 6 of issue 19: UNETR's ViT was built without the CLS token, so from block 0 on its patch tokens differed
+    from the pretrained encoder's, and the decoder's skips (blocks 3, 6, 9) and final state read the wrong features.
+    """
+    cfg = _unetr_backbone(pooling="cls")
+    enc = _pretrained(cfg)
+    with torch.no_grad():
+        enc.vit.cls_token.normal_(0.0, 1.0)  # a pretrained CLS token, not MONAI's zero init, so dropping it shows
+    unetr = build_unetr(enc, cfg).eval()
+    x, _ = _batch()
+    with torch.no_grad():
+        ref = enc.eval().forward_features(x)
+        out, hidden = unetr.vit(x)
+        n = ref.tokens.shape[1]
+        assert out.shape[1] == n + 1 and all(h.shape[1] == n + 1 for h in hidden)  # CLS first, then the patches
+        assert len(hidden) == len(ref.hidden_states) == 12
+        for got, want in zip(hidden, ref.hidden_states, strict=True):
+            torch.testing.assert_close(got[:, 1:], want)
+        torch.testing.assert_close(out[:, 1:], ref.tokens)
+        # ... and the decoder reads exactly those pretrained patch features (CLS stripped before the reshape).
+        torch.testing.assert_close(unetr(x), _decode(unetr, x, ref.tokens, ref.hidden_states))
+
+
+def test_unetr_weights_saved_without_cls_token_load_strictly_and_compute_as_before() -> None:
+    """A segmenter saved before the CLS token was kept still loads with ``strict=True`` and gives its old outputs."""
+    cfg = _unetr_backbone(pooling="cls")
+    saved = build_unetr(_pretrained(cfg, seed=1), cfg).state_dict()
+    legacy = {k: v for k, v in saved.items() if k != "vit.cls_token"}  # the old model had no such key
+    model = build_unetr(_pretrained(cfg, seed=2), cfg)
+    assert model.has_cls_token
+    model.load_state_dict(legacy, strict=True)
+    assert not model.has_cls_token and "vit.cls_token" not in model.state_dict()
+    # What the old UNETR computed: MONAI's ViT without a CLS token on the same weights, then the same decoder.
+    old_vit = ViT(
+        in_channels=1, img_size=cfg.img_size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
+        mlp_dim=cfg.mlp_dim, num_layers=cfg.num_layers, num_heads=cfg.num_heads, proj_type="conv",
+        pos_embed_type=cfg.pos_embed_type, classification=False, spatial_dims=3, qkv_bias=cfg.qkv_bias,
+    )  # fmt: skip
+    old_vit.load_state_dict({k[4:]: v for k, v in legacy.items() if k.startswith("vit.")}, strict=True)
+    model.eval()
+    x, _ = _batch(3)
+    with torch.no_grad():
+        final, hidden = old_vit.eval()(x)
+        torch.testing.assert_close(model(x), _decode(model, x, final, hidden))
+    # A current state (with the token) keeps it, and a mean-pooled encoder never had one.
+    fresh = build_unetr(_pretrained(cfg, seed=2), cfg)
+    fresh.load_state_dict(saved, strict=True)
+    assert fresh.has_cls_token and torch.equal(fresh.vit.cls_token, saved["vit.cls_token"])
+    mean_cfg = _unetr_backbone(pooling="mean")
+    assert not build_unetr(_pretrained(mean_cfg), mean_cfg).has_cls_token
 
 
 def test_unetr_at_the_encoder_depth_reads_skips_at_quarter_depths() -> None:
