@@ -1,10 +1,11 @@
 """``brainiac evaluate``: a registered task model on the test split, with bootstrap CIs, robustness and saliency.
 
 The model version's tags say which task and preprocess version it belongs to, so evaluating needs only its URI. Results
-go to a new MLflow run linked to the version: the test metrics with 95 % bootstrap CIs, a metric-vs-strength table and
-plot for each imaging artifact, and saliency overlays for a few test cases. On tasks whose spec names where the signal
-lies (``saliency_region``: the tumour for ``idh`` and ``survival``, the hippocampus for ``mci``), the saliency mass
-inside that region is compared with random regions of the same size (:func:`brainiac.models.tasks.saliency.mass_ratio`).
+go to a new MLflow run linked to the version: the test metrics with 95 % subject-clustered, class-stratified bootstrap
+CIs, a metric-vs-strength table and plot for each imaging artifact, and saliency overlays for a few test cases. On tasks
+whose spec names where the signal lies (``saliency_region``: the tumour for ``idh`` and ``survival``, the hippocampus
+for ``mci``), the saliency mass inside that region is compared with random regions of the same size
+(:func:`brainiac.models.tasks.saliency.mass_ratio`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from brainiac.platform.errors import UserError
 
 __all__ = [
     "REGION_PROVIDERS",
+    "CaseScorer",
     "EvaluationSummary",
+    "case_strata",
     "evaluate",
     "hippocampus_masks",
     "metric_cis",
     "region_ratios",
+    "seed_mean_cis",
     "tumour_masks",
 ]
 
@@ -128,24 +132,130 @@ REGION_PROVIDERS: dict[str, RegionProvider] = {"tumour": tumour_masks, "hippocam
 """Region masks for each value of :attr:`TaskSpec.saliency_region`."""
 
 
+def case_strata(spec: TaskSpec, targets: np.ndarray) -> np.ndarray | None:
+    """The bootstrap stratum of each case: its class for classification tasks and for survival (whose cases censored
+    before the threshold have no class, NaN, and form a stratum of their own), so that every resample holds every
+    class and AUC-type metrics stay defined; ``None`` (no strata) for regression and segmentation."""
+    if spec.kind in ("multiclass", "binary"):
+        return np.asarray(targets)
+    return None
+
+
+class CaseScorer:
+    """The spec's metrics of one set of predictions on any resample of its cases.
+
+    :func:`~brainiac.jobs.finetune.engine.score` computes every metric from scratch; for segmentation that means a
+    surface distance per case per resample. Dice and HD95 are per-case quantities averaged over cases, so they are
+    computed once per case here and a resample only averages them (the same value ``score`` gives on those cases).
+    """
+
+    def __init__(self, spec: TaskSpec, predictions: np.ndarray, targets: np.ndarray, raw: np.ndarray) -> None:
+        from brainiac.models.tasks import metrics as M
+
+        self.spec, self.predictions, self.targets, self.raw = spec, predictions, targets, raw
+        self.per_case: dict[str, np.ndarray] = {}
+        if spec.kind == "segmentation":
+            per = {"dice": M.dice, "hd95": M.hd95}
+            self.per_case = {
+                m: np.array([per[m](p > 0.5, t > 0) for p, t in zip(predictions, targets, strict=True)], dtype=float)
+                for m in spec.metrics
+            }
+
+    def __call__(self, idx: np.ndarray | None = None) -> dict[str, float]:
+        """Every metric on the cases ``idx`` (all cases when ``None``; repeats count as often as they occur)."""
+        if not self.per_case:
+            if idx is None:
+                return score(self.spec, self.predictions, self.targets, self.raw)
+            return score(self.spec, self.predictions[idx], self.targets[idx], self.raw[idx])
+        out = {}
+        for m, values in self.per_case.items():
+            v = values if idx is None else values[idx]
+            finite = v[np.isfinite(v)]
+            out[m] = float(np.mean(finite)) if len(finite) and len(v) else math.nan
+        return out
+
+
+def _bootstrap_seed_means(
+    spec: TaskSpec,
+    per_seed_predictions: Sequence[np.ndarray],
+    targets: np.ndarray,
+    raw: np.ndarray,
+    *,
+    groups: Sequence[str] | np.ndarray | None,
+    strata: np.ndarray | None,
+    n_boot: int,
+    seed: int,
+    alpha: float,
+) -> tuple[dict[str, list[float]], dict[str, tuple[float, float]]]:
+    """Per metric: each seed's score on all cases, and the interval of the seed-averaged score over subject resamples
+    (every resample scores every seed's predictions on the same resampled cases, then averages over seeds)."""
+    from brainiac.models.tasks.metrics import Resampler, percentile_interval
+
+    scorers = [CaseScorer(spec, np.asarray(p), targets, raw) for p in per_seed_predictions]
+    if not scorers:
+        raise ValueError("need the predictions of at least one seed")
+    per_seed = {m: [s()[m] for s in scorers] for m in spec.metrics}
+    if len(targets) < 2:
+        return per_seed, {m: (math.nan, math.nan) for m in spec.metrics}
+    design = Resampler.build(len(targets), groups, case_strata(spec, targets) if strata is None else strata)
+    values = {m: np.empty(n_boot) for m in spec.metrics}
+    for b, idx in enumerate(design.indices(n_boot, seed)):
+        scores = [s(idx) for s in scorers]
+        for m in spec.metrics:
+            values[m][b] = np.mean([sc[m] for sc in scores])
+    return per_seed, {m: percentile_interval(values[m], alpha) for m in spec.metrics}
+
+
 def metric_cis(
-    spec: TaskSpec, predictions: np.ndarray, targets: np.ndarray, raw: np.ndarray, *, n_boot: int, seed: int = 0
+    spec: TaskSpec,
+    predictions: np.ndarray,
+    targets: np.ndarray,
+    raw: np.ndarray,
+    *,
+    n_boot: int,
+    seed: int = 0,
+    groups: Sequence[str] | np.ndarray | None = None,
+    strata: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
     """Each of the spec's metrics as ``{"value", "low", "high"}``: the point estimate and its 95 % percentile bootstrap
-    interval over test cases (NaN bounds with fewer than two cases)."""
-    from brainiac.models.tasks.metrics import bootstrap_ci
+    interval (NaN bounds with fewer than two cases, or when over 10 % of resamples leave the metric undefined).
 
-    point = score(spec, predictions, targets, raw)
-    out: dict[str, dict[str, float]] = {}
-    for metric in spec.metrics:
+    The bootstrap resamples whole subjects (``groups``: the subject of each case, e.g. ``TaskData.subjects`` of the
+    test indices; ``None`` treats every case as its own subject) within each class (``strata``; ``None`` = the task's
+    class, :func:`case_strata`), see :func:`brainiac.models.tasks.metrics.bootstrap_ci`: several scans of one subject
+    are not independent evidence.
+    """
+    per_seed, cis = _bootstrap_seed_means(spec, [predictions], targets, raw, groups=groups, strata=strata,
+                                          n_boot=n_boot, seed=seed, alpha=0.05)  # fmt: skip
+    return {m: {"value": per_seed[m][0], "low": cis[m][0], "high": cis[m][1]} for m in spec.metrics}
 
-        def fn(p, t, r, metric=metric):
-            return score(spec, p, t, r)[metric]
 
-        _, low, high = bootstrap_ci(fn, predictions, targets, raw, n_boot=n_boot, seed=seed) if len(targets) > 1 else (
-            math.nan, math.nan, math.nan)  # fmt: skip
-        out[metric] = {"value": point[metric], "low": float(low), "high": float(high)}
-    return out
+def seed_mean_cis(
+    spec: TaskSpec,
+    per_seed_predictions: Sequence[np.ndarray],
+    targets: np.ndarray,
+    raw: np.ndarray,
+    groups: Sequence[str] | np.ndarray | None,
+    n_boot: int,
+    seed: int = 0,
+    *,
+    strata: np.ndarray | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The mean over training seeds of each test metric, with the bootstrap interval of that same quantity.
+
+    Reporting the mean of per-seed scores next to the interval of some other estimand (e.g. a bootstrap of the
+    seed-averaged prediction, which ensembles the seeds and scores higher) gave values outside their own interval.
+    Here every resample of subjects (see :func:`metric_cis` for ``groups`` and ``strata``) scores each seed's
+    predictions on the resampled cases and averages those scores, so estimand and interval match.
+
+    Returns ``{metric: {"mean", "low", "high", "seeds"}}`` with ``seeds`` each seed's score on all test cases.
+    """
+    per_seed, cis = _bootstrap_seed_means(spec, per_seed_predictions, targets, raw, groups=groups, strata=strata,
+                                          n_boot=n_boot, seed=seed, alpha=0.05)  # fmt: skip
+    return {
+        m: {"mean": float(np.mean(per_seed[m])), "low": cis[m][0], "high": cis[m][1], "seeds": per_seed[m]}
+        for m in spec.metrics
+    }
 
 
 def evaluate(
@@ -184,7 +294,8 @@ def evaluate(
     x, y, raw = data.inputs[test], data.targets[test], data.raw[test]
     summary = EvaluationSummary(model_uri=model_uri, task=spec.name, version=str(mv.version), test_cases=len(test))
     predictions = predict(model, spec, x, scale)
-    summary.metrics = metric_cis(spec, predictions, y, raw, n_boot=bootstrap or cfg.finetune.bootstrap)
+    subjects = [data.subjects[i] for i in test]
+    summary.metrics = metric_cis(spec, predictions, y, raw, n_boot=bootstrap or cfg.finetune.bootstrap, groups=subjects)
 
     run = client.create_run(experiment_id, run_name=f"evaluate-{spec.name}-v{mv.version}", tags={
         "brainiac.job": "evaluate", "brainiac.task": spec.name, "brainiac.model": f"{mv.name}/{mv.version}"})  # fmt: skip

@@ -33,10 +33,11 @@ __all__ = [
     "macro_auc",
     "mae",
     "paired_bootstrap",
+    "percentile_interval",
 ]
 
 MAX_NAN_FRACTION = 0.1
-"""Largest fraction of bootstrap resamples on which a metric may be NaN before its interval is reported as (NaN, NaN)."""
+"""Largest fraction of bootstrap resamples on which a metric may be NaN before its interval is reported as NaN."""
 
 _PAIR_BLOCK = 4_000_000
 """Largest number of (event, case) pairs the C-index compares at once, bounding its memory to a few tens of MB."""
@@ -346,7 +347,9 @@ class Resampler:
             yield self.draw(rng)
 
 
-def _interval(values: np.ndarray, alpha: float, max_nan_fraction: float) -> tuple[float, float]:
+def percentile_interval(
+    values: np.ndarray, alpha: float = 0.05, max_nan_fraction: float = MAX_NAN_FRACTION
+) -> tuple[float, float]:
     """Percentile interval of the resampled ``values``; (NaN, NaN) when more than ``max_nan_fraction`` of them are NaN
     (dropping them would leave an interval conditioned on the easy resamples, i.e. silently too narrow)."""
     finite = values[~np.isnan(values)]
@@ -401,7 +404,7 @@ def bootstrap_ci(
         return estimate, float("nan"), float("nan")
     design = Resampler.build(n, groups, strata)
     values = np.array([metric(*(a[idx] for a in arrs)) for idx in design.indices(n_boot, seed)], dtype=np.float64)
-    return (estimate, *_interval(values, alpha, max_nan_fraction))
+    return (estimate, *percentile_interval(values, alpha, max_nan_fraction))
 
 
 def paired_bootstrap(
