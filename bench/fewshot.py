@@ -1,40 +1,46 @@
-"""BrainIAC's experiment on the ``small`` synthetic cohort: does a pretrained encoder beat training from scratch with few
-labels? For each task × strategy (``scratch`` = random init, ``linear`` = frozen pretrained encoder + head, ``full`` =
-pretrained encoder fine-tuned) × data regime (K shots per class, or a fraction of the training subjects) the real
-fine-tuning job (:func:`brainiac.jobs.finetune.run.finetune`) runs once per seed; the table reports the test metrics'
-mean over seeds with the job's 95 % bootstrap interval (of the seed-averaged prediction over test cases).
+"""Does a pretrained encoder beat the same architecture at random init with few labels? An evaluation protocol with
+power (issue #19): frozen features, many seeded draws per data regime, and a paired, subject-level bootstrap.
 
-    # full grid (7 tasks x 3 strategies x K=1, K=5, fraction 0.1 x seeds 0,1,2): for a GPU machine
-    .venv/bin/python bench/fewshot.py --work /tmp/fewshot --pretrain-steps 2000 \\
-        --set finetune.gpus_per_trial=1 --pretrain-set pretrain.use_gpu=true
+    .venv/bin/python bench/fewshot.py --preset smoke --work /tmp/fs-smoke          # < 5 min: the pipeline end to end
+    nice -n 10 .venv/bin/python bench/fewshot.py --preset cpu --work /tmp/fs-cpu   # the issue's CPU preset (see below)
+    .venv/bin/python bench/fewshot.py --preset gpu --work /tmp/fs-gpu              # ViT-B 96³ on one H100/H200
 
-    # declared CPU subset (sequence, brain_age, idh, mci at K=5; 3 strategies; 3 seeds): ~60 min on 2 cores
-    .venv/bin/python bench/fewshot.py --work /tmp/fewshot --cpu-subset
+    # a reduced CPU run: fewer subjects / steps than the preset (what docs/results/fewshot-2026-12-06 ran)
+    nice -n 10 .venv/bin/python bench/fewshot.py --preset cpu --work /tmp/fewshot-cpu --subjects 320 \\
+        --pretrain-steps 600 --out docs/results --stem fewshot-2026-12-06
 
-    # reuse a catalog and an encoder (no build, no pretraining); a smoke run
-    .venv/bin/python bench/fewshot.py --work /tmp/fs --catalog /tmp/pt/catalog \\
-        --init models:/brainiac-encoder@candidate --tracking-uri sqlite:////tmp/pt/brainiac-data/mlflow.db \\
-        --tasks sequence --regimes shots=5 --seeds 0 --epochs 2
+Steps (each cached under ``--work``: a second run reuses the cohort, catalog, encoders and embeddings):
 
-Steps:
+1. Cohort and catalog: ``brainiac synth --preset P --subjects N`` → ``brainiac ingest -c tiny`` → ``brainiac
+   preprocess -c CONFIG`` (the steps of ``bench/ssl_probe.py``), each only where its output is missing.
+2. Encoders: SimCLR pretraining by the real job (``pretrain/tiny`` or ``pretrain/vit-b``) for ``--pretrain-steps``
+   on the catalog's train split, saved to ``WORK/encoders/pretrained-<steps>``; and the same backbone config at random
+   init (``torch.manual_seed(cfg.seed)``, the job's own initial weights) in ``WORK/encoders/random-<seed>``.
+3. Features: the ``embed`` job (:func:`brainiac.jobs.embed.embed`) writes every QC-passing volume's pooled feature
+   vector once per encoder into the catalog's ``embeddings`` table; the bench reads back that model's rows
+   (``model = …``, a partition filter). A multi-sequence case's feature is the mean over its sequences' vectors, as
+   the task model mean-pools its encoder features.
+4. Cases: :func:`brainiac.jobs.finetune.data.load_task_data` (the fine-tuning job's own cases, labels and
+   subject-level splits). Survival uses its Cox variant (``loss: cox``): (time, event) for every case, censored ones
+   included, scored by AUC of survival beyond the threshold (risk negated) and Harrell's C.
+5. Draws: ``--draws`` seeded draws per regime from the train split by the job's own
+   :func:`~brainiac.jobs.finetune.data.regime_cases` (K cases per class, class-stratified, spread over subjects;
+   regression: K per label quartile; ``fraction=F``: F of the train subjects); ``full`` is one draw (all of train).
+6. Heads (``bench/fewshot_stats.py``): ridge / multinomial logistic (Newton) / Cox (Newton) on standardised features
+   (train-split mean and SD, no labels used), the L2 penalty chosen per draw by grouped (subject) CV inside the draw
+   (a draw too small to cross-validate, e.g. K = 1, uses the fixed default). Every draw is scored on all non-training
+   subjects: ``val`` + ``test`` of the catalog's splits, which pretraining never saw either.
+7. Statistics: per (task, regime, encoder) the estimand is the mean over draws of the task's select metric; its 95 %
+   interval resamples scored subjects (clustered by subject, stratified by class) and recomputes the mean over draws;
+   pretrained − random is computed on the same resamples (paired). Predictions are computed once per draw, so the
+   bootstrap only re-indexes (vectorised over draws).
 
-1. Catalog: ``--catalog`` is read as is; otherwise ``WORK/catalog`` is built where missing, as ``bench/ssl_probe.py``
-   does (``brainiac synth --preset small`` → ``ingest -c tiny`` → ``preprocess -c tiny`` at the cohort's 2 mm).
-2. Encoder: ``--init`` (checkpoint/export folder or ``models:/…``), or SimCLR pretraining of the tiny ViT
-   (``pretrain/tiny``) for ``--pretrain-steps`` steps on the catalog's train split, once for the whole grid.
-3. Grid: ``finetune`` with ``trials=1`` (the config's default hyperparameters, identical for every cell), ``--epochs``
-   epochs, ``--seeds``, ``register=false``. ``scratch`` builds the same architecture as the encoder (its backbone config).
-   A cell that fails (e.g. a task with too few cases in the cohort) is recorded as ``n/a (reason)`` and the grid goes on.
+Out of this protocol: segmentation (no embedding-head regime — a dense decoder has to be trained, which is
+``brainiac finetune``'s job, not a head on pooled features); full fine-tuning and from-scratch training (the finetune
+job) are not run by this bench yet — the table says so rather than showing a number.
 
-Writes ``OUT/fewshot.md`` (task | regime | metric | scratch | linear | full, and per task whether the better pretrained
-strategy beats scratch on the task's ``select_metric``, direction from the spec; "pretrained beats scratch on X of N
-tasks at K=5"), ``OUT/fewshot.png`` (one panel per task: select metric by regime and strategy, 95 % CI bars) and
-``OUT/fewshot.json`` (every summary and error).
-
-What it does NOT do: no hyperparameter tuning at all (``trials=1``), and nothing is ever chosen on the test split — the
-test split is scored once per cell by the job. Validation selection inside ``finetune`` is moot with one trial. The
-verdict compares means; overlapping CIs are flagged, not tested. Test splits of the small cohort are a handful of cases,
-so the intervals are wide and the verdict is indicative only.
+Writes ``OUT/STEM.md`` (table + verdict), ``OUT/STEM.png`` (one panel per task: metric by regime, both encoders),
+``OUT/STEM.json`` (everything, including per-draw penalties and the cohort's counts).
 """
 
 from __future__ import annotations
@@ -43,253 +49,440 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
+import subprocess
 import sys
 import time
-import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("scratch", "linear", "full")
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fewshot_stats as stats
+
 ALL_TASKS = ("sequence", "brain_age", "idh", "survival", "mci", "stroke_onset", "segmentation")
-ALL_REGIMES = ("shots=1", "shots=5", "fraction=0.1")
-CPU_SUBSET = {"tasks": ("sequence", "brain_age", "idh", "mci"), "regimes": ("shots=5",), "seeds": (0, 1, 2)}
+ALL_REGIMES = ("shots=1", "shots=5", "fraction=0.1", "full")
 K5 = "shots=5"
+OUT_OF_PROTOCOL = (
+    "out of this protocol: no embedding-head regime (a dense decoder must be trained; `brainiac finetune`)"
+)
+CLI = [sys.executable, "-c", "from brainiac.platform.cli.main import main; main()"]
 
-
-def parse_regime(text: str) -> tuple[str, list[str]]:
-    """``shots=5`` / ``fraction=0.1`` / ``full`` → (label as FinetuneSummary.regime spells it, config overrides)."""
-    text = text.strip()
-    if text == "full":
-        return "full", []
-    key, _, value = text.partition("=")
-    if key == "shots":
-        return f"shots={int(value)}", [f"finetune.shots={int(value)}"]
-    if key == "fraction":
-        return f"fraction={float(value)}", [f"finetune.fraction={float(value)}"]
-    raise SystemExit(f"unknown regime {text!r}: use shots=K, fraction=F or full")
-
-
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text.replace("|", "/")[:160]
-
-
-def _fmt(v: dict[str, Any] | None) -> str:
-    if not v or not math.isfinite(v.get("mean", math.nan)):
-        return "nan"
-    low, high = v.get("low", math.nan), v.get("high", math.nan)
-    ci = f" [{low:.3f}, {high:.3f}]" if math.isfinite(low) and math.isfinite(high) else " [n/a]"
-    return f"{v['mean']:.3f}{ci}"
+PRESETS: dict[str, dict[str, Any]] = {
+    # The issue's CPU preset: 1,000 subjects spread over the five cohorts gives ~200 gliomas (IDH ~100 per class,
+    # ~40 % of subjects scored: ~40 per class), ~200 ADNI (MCI ~100 per class), ~200 stroke, ~300 healthy.
+    "cpu": {"subjects": 1000, "synth_preset": "tiny", "preprocess_config": "tiny", "pretrain_config": "pretrain/tiny",
+            "pretrain_steps": 3000, "draws": 200, "n_boot": 1000, "pretrain_set": []},
+    # The pipeline end to end in a few minutes (tests/test_bench_fewshot.py): numbers mean nothing.
+    "smoke": {"subjects": 25, "synth_preset": "tiny", "preprocess_config": "tiny", "pretrain_config": "pretrain/tiny",
+              "pretrain_steps": 10, "draws": 8, "n_boot": 50, "pretrain_set": ["pretrain.checkpoint_every=10"]},
+    # ViT-B at 96³ on one H100/H200 (the default preprocess config's 96³ cube at 1 mm... the synth small preset's 2 mm).
+    "gpu": {"subjects": 1000, "synth_preset": "small", "preprocess_config": "default",
+            "pretrain_config": "pretrain/vit-b", "pretrain_steps": 2000, "draws": 200, "n_boot": 1000,
+            "pretrain_set": ["pretrain.use_gpu=true", "pretrain.num_workers=1", "pretrain.batch_size=32"]},
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Draws and the scored set (pure: tested in tests/test_bench_fewshot.py)
 
 
-def build_catalog(work: Path, subjects: int, seed: int) -> Path:
-    """``WORK/catalog`` of the ``small`` cohort, built where missing with ssl_probe's steps."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from ssl_probe import build  # synth → ingest → preprocess, each only if missing
+def scored_indices(data) -> np.ndarray:
+    """Every case of a non-training subject (``val`` + ``test``); refuses a subject on both sides."""
+    scored = np.array([i for i, s in enumerate(data.split) if s in ("val", "test")], dtype=np.int64)
+    train_subjects = {data.subjects[i] for i in data.indices("train")}
+    leak = train_subjects & {data.subjects[i] for i in scored}
+    if leak:
+        raise RuntimeError(f"task {data.spec.name}: {len(leak)} subject(s) in both train and the scored set")
+    return scored
 
-    catalog = work / "catalog"
-    build(work, catalog, subjects, seed)
-    return catalog
+
+def regime_draws(data, regime: str, n_draws: int, seed: int = 0) -> list[np.ndarray]:
+    """Train case indices of ``n_draws`` seeded draws of ``regime`` (``full``: one draw, all of train)."""
+    from brainiac.jobs.finetune.data import regime_cases
+
+    if regime == "full":
+        return [data.indices("train")]
+    key, _, value = regime.partition("=")
+    if key == "shots":
+        return [regime_cases(data, shots=int(value), fraction=None, seed=seed + i) for i in range(n_draws)]
+    if key == "fraction":
+        return [regime_cases(data, shots=None, fraction=float(value), seed=seed + i) for i in range(n_draws)]
+    raise SystemExit(f"unknown regime {regime!r}: use shots=K, fraction=F or full")
 
 
-def pretrain_encoder(args, catalog: Path, tracking_uri: str) -> tuple[str, dict[str, Any]]:
-    from brainiac.jobs.pretrain.run import pretrain
+# ----------------------------------------------------------------------------------------------------------------------
+# Cohort, encoders, embeddings
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("BRAINIAC_PSEUDONYM_KEY", "fewshot-bench-key-0123456789abcdef")
+    return env
+
+
+def build_catalog(work: Path, subjects: int, synth_preset: str, preprocess_config: str, seed: int) -> tuple[Path, dict]:
+    """``WORK/cohort`` and ``WORK/catalog``, each step run only where its output is missing; returns step seconds."""
+    from brainiac.platform.catalog import Catalog
+
+    cohort, catalog = work / "cohort", work / "catalog"
+    took: dict[str, float] = {}
+
+    def run(args: list[str], what: str) -> None:
+        t = time.perf_counter()
+        print(f"  {what} ...", flush=True)
+        subprocess.run([*CLI, *args], check=True, env=_env(), stdout=subprocess.DEVNULL)
+        took[what.split()[1]] = round(time.perf_counter() - t, 1)
+        print(f"  {what}: {took[what.split()[1]]:.0f} s", flush=True)
+
+    if not (cohort / "_truth").is_dir():
+        run(["synth", str(cohort), "--subjects", str(subjects), "--preset", synth_preset, "--seed", str(seed)],
+            f"brainiac synth --preset {synth_preset} --subjects {subjects}")  # fmt: skip
+    if Catalog.open(str(catalog)).version("scans") is None:
+        run(["ingest", *sorted(str(p) for p in cohort.glob("synth-*")), "--catalog", str(catalog), "-c", "tiny"],
+            "brainiac ingest")  # fmt: skip
+    if Catalog.open(str(catalog)).version("volumes") is None:
+        run(["preprocess", "--catalog", str(catalog), "-c", preprocess_config, "-q"], "brainiac preprocess")
+    return catalog, took
+
+
+def encoders(args, catalog: Path, tracking_uri: str) -> tuple[Path, Path, dict]:
+    """(pretrained, random-init) encoder folders, made where missing; and what pretraining reported."""
+    import torch
+
+    from brainiac.models.backbones import build_backbone
+    from brainiac.models.export import load_encoder, save_encoder
     from brainiac.platform.config import load_config
 
     cfg = load_config(args.pretrain_config, [
         f"catalog.uri={catalog}", f"pretrain.max_steps={args.pretrain_steps}",
-        f"pretrain.num_workers={args.pretrain_workers}", f"pretrain.storage_path={args.work / 'runs'}",
-        f"pretrain.run_name=fewshot-pretrain-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}", f"tracking.uri={tracking_uri}",
-        *args.pretrain_overrides])  # fmt: skip
-    print(f"pretraining {cfg.model.kind} {cfg.model.img_size}³ width {cfg.model.hidden_size} for "
-          f"{args.pretrain_steps} steps ...", flush=True)  # fmt: skip
-    t = time.perf_counter()
-    summary = pretrain(cfg, progress=False)
-    import ray
+        f"pretrain.storage_path={args.work / 'runs'}", f"tracking.uri={tracking_uri}",
+        f"pretrain.run_name=fewshot-pretrain-{args.pretrain_steps}", *args.pretrain_set])  # fmt: skip
+    pre = args.work / "encoders" / f"pretrained-{args.pretrain_steps}"
+    info_file = pre / "pretrain.json"
+    if not (pre / "encoder.pt").is_file():
+        from brainiac.jobs.pretrain.run import pretrain
 
-    ray.shutdown()
-    print(f"  {summary.steps} steps in {time.perf_counter() - t:.0f} s, final loss {summary.final_loss}, held-out "
-          f"retrieval top-1 {summary.eval_top1} vs random {summary.eval_top1_random}; {summary.checkpoint}", flush=True)  # fmt: skip
-    return str(summary.checkpoint), summary.as_dict()
+        print(f"pretraining {cfg.model.kind} {cfg.model.img_size}³ width {cfg.model.hidden_size} for "
+              f"{args.pretrain_steps} steps ...", flush=True)  # fmt: skip
+        summary = pretrain(cfg, progress=False)
+        import ray
+
+        ray.shutdown()
+        encoder, backbone = load_encoder(str(summary.checkpoint), tracking_uri=tracking_uri)
+        save_encoder(pre, encoder, backbone)
+        info_file.write_text(json.dumps(summary.as_dict(), default=str, indent=2))
+        print(f"  {summary.steps} steps in {summary.seconds:.0f} s, final loss {summary.final_loss}, held-out "
+              f"retrieval top-1 {summary.eval_top1} vs random {summary.eval_top1_random}", flush=True)  # fmt: skip
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    rnd = args.work / "encoders" / f"random-{cfg.seed}"
+    if not (rnd / "encoder.pt").is_file():
+        _, backbone = load_encoder(str(pre))
+        torch.manual_seed(cfg.seed)  # the pretraining job's own initial weights
+        save_encoder(rnd, build_backbone(backbone), backbone)
+    return pre, rnd, info
 
 
-def run_cell(args, catalog: Path, tracking_uri: str, init: str, backbone, task: str, strategy: str,
-             regime_overrides: list[str], seeds: list[int]):  # fmt: skip
-    from brainiac.jobs.finetune.run import finetune
-    from brainiac.platform.config import load_config
+def features(catalog: Path, cfg, ref: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """scan_id → pooled feature vector of encoder ``ref``: the embed job fills what the table lacks, then that model's
+    rows are read back."""
+    from brainiac.jobs.embed import embed, model_label
+    from brainiac.platform.catalog import Catalog, sql_literal
 
-    cfg = load_config(args.config, [
-        f"catalog.uri={catalog}", f"tracking.uri={tracking_uri}", f"tracking.experiment={args.experiment}",
-        f"finetune.task={task}", f"finetune.strategy={strategy}", f"finetune.init={init}",
-        f"finetune.seeds=[{','.join(map(str, seeds))}]", "finetune.trials=1", f"finetune.max_epochs={args.epochs}",
-        "finetune.register=false", f"finetune.storage_path={args.work / 'runs'}",
-        f"finetune.bootstrap={args.bootstrap}", *regime_overrides, *args.overrides])  # fmt: skip
-    if strategy == "scratch":
-        cfg.model = backbone  # the same architecture as the pretrained encoder, randomly initialised
-    return finetune(cfg, progress=False)
+    summary = embed(cfg, str(ref), progress=False)
+    label = model_label(str(ref), None)
+    table = Catalog.open(str(catalog)).select(
+        "embeddings",
+        f"model = {sql_literal(label)} AND preprocess_version = {sql_literal(summary.preprocess_version)}",
+        ["scan_id", "vector"],
+    )
+    ids = table.column("scan_id").to_pylist()
+    vectors = np.asarray(table.column("vector").to_pylist(), dtype=np.float64)
+    return dict(zip(ids, vectors, strict=True)), summary.as_dict()
+
+
+def case_scans(catalog_uri: str, cfg, data) -> list[list[str]]:
+    """Per case, the scan of each of its sequences (channel order).
+
+    ``TaskData`` records only each case's first-channel scan; the others are found as :func:`load_task_data` found
+    them: the scans rows of the case's subject session, in the same query order, the last row of a sequence winning.
+    """
+    from brainiac.platform.catalog import Catalog
+
+    spec = data.spec
+    if spec.per_scan or len(spec.sequences) == 1:
+        return [[s] for s in data.scan_ids]
+    reader = Catalog.open(catalog_uri).restricted(cfg.catalog.allowed_access)
+    rows = reader.scans(dataset=cfg.catalog.datasets or None, sequence=sorted(set(spec.sequences)),
+                        version=data.table_versions.get("scans")).to_arrow(
+        ["scan_id", "subject_id", "session", "sequence"]).to_pylist()  # fmt: skip
+    by_case: dict[str, dict[str, list[str]]] = {}
+    for r in rows:
+        key = f"{r['subject_id']}/{r.get('session') or ''}"
+        by_case.setdefault(key, {}).setdefault(r["sequence"], []).append(r["scan_id"])
+    out = []
+    for case, first in zip(data.case_ids, data.scan_ids, strict=True):
+        channels = by_case.get(case, {})
+        scans = [first] + [channels[s][-1] if s in channels else "" for s in spec.sequences[1:]]
+        # a sequence with several scans in a session: the one load_task_data used is the last with a volume
+        out.append(scans)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# One task
 
 
-def verdicts(specs, tasks, regimes, cells) -> tuple[list[str], dict[str, tuple[int, int]]]:
-    """Per task and regime: does the better pretrained strategy beat scratch on the select metric? And the counts."""
-    lines, counts = [], {}
+def head_of(spec) -> str:
+    if spec.kind == "segmentation":
+        return "none"
+    if spec.event_label:
+        return "cox"
+    return "ridge" if spec.kind == "regression" else "logistic"
+
+
+def run_task(args, catalog: Path, cfg, spec, feats: dict[str, dict[str, np.ndarray]], regimes: list[str]) -> dict:
+    """Every regime of one task for both encoders: counts, per-cell estimates with intervals and the paired diff."""
+    from brainiac.jobs.finetune.data import load_task_data
+    from brainiac.platform.catalog import Catalog
+
+    head = head_of(spec)
+    load_spec = replace(spec, loss="cox") if head == "cox" else spec
+    t0 = time.perf_counter()
+    data = load_task_data(Catalog.open(str(catalog)), cfg, load_spec)
+    data.inputs = np.empty(0)  # the bench needs the cases, labels and splits, not the cubes
+    scans = case_scans(str(catalog), cfg, data)
+    keep = [i for i, ss in enumerate(scans) if all(s in feats["pretrained"] for s in ss)]
+    if len(keep) < len(scans):
+        print(f"  {spec.name}: {len(scans) - len(keep)} case(s) without an embedding of every sequence left out")
+    idx = np.asarray(keep, dtype=np.int64)
+    sub = lambda a: [a[i] for i in idx]  # noqa: E731
+    data = replace(data, case_ids=sub(data.case_ids), scan_ids=sub(data.scan_ids), subjects=sub(data.subjects),
+                   datasets=sub(data.datasets), split=sub(data.split), targets=data.targets[idx], raw=data.raw[idx],
+                   inputs=np.empty(0))  # fmt: skip
+    scans = [scans[i] for i in idx]
+    train, scored = data.indices("train"), scored_indices(data)
+    X = {}
+    for enc, table in feats.items():
+        x = np.stack([np.mean([table[s] for s in ss], 0) for ss in scans])
+        mu, sd = x[train].mean(0), x[train].std(0) + 1e-8  # train-split features only, no labels
+        X[enc] = (x - mu) / sd
+    if head == "cox":
+        target = data.raw.reshape(len(data.raw), 2)
+        y_scored = data.targets[scored].astype(float)  # 1 = survived beyond the threshold; NaN = censored before
+    elif head == "ridge":
+        target = data.targets[:, None].astype(float)
+        y_scored = data.targets[scored].astype(float)
+    else:
+        target = data.targets[:, None].astype(float)
+        y_scored = data.targets[scored].astype(float)
+    groups = [data.subjects[i] for i in scored]
+    strata = None if head == "ridge" else y_scored
+    n_classes = len(spec.classes) if spec.kind == "multiclass" else 2
+    metric = spec.select_metric
+    counts = {"train_cases": len(train), "scored_cases": len(scored),
+              "scored_subjects": len(set(groups)), "train_subjects": len({data.subjects[i] for i in train})}  # fmt: skip
+    if head != "ridge":
+        counts["scored_subjects_per_class"] = {
+            ("no class" if not np.isfinite(c) else (spec.classes[int(c)] if spec.classes else str(int(c)))):
+                len({g for g, yy in zip(groups, y_scored, strict=True) if (yy == c or (np.isnan(c) and np.isnan(yy)))})
+            for c in np.unique(y_scored)}  # fmt: skip
+    trivial = _trivial(head, metric, target[train], y_scored, n_classes)
+    out = {"task": spec.name, "head": head, "metric": metric, "higher_is_better": spec.higher_is_better,
+           "counts": counts, "trivial": trivial, "dim": int(X["pretrained"].shape[1]), "regimes": {}}  # fmt: skip
+    print(f"  {spec.name}: {counts} load {time.perf_counter() - t0:.0f} s", flush=True)
     for regime in regimes:
-        wins = compared = 0
-        for task in tasks:
-            spec = specs[task]
-            m = spec.select_metric
-            got = {s: cells.get((task, regime, s)) for s in STRATEGIES}
-            vals = {
-                s: c["test"][m] for s, c in got.items() if c and "test" in c and math.isfinite(c["test"][m]["mean"])
-            }
-            if "scratch" not in vals or not ({"linear", "full"} & vals.keys()):
-                why = [f"{s} {'failed' if got[s] is None else f'{m} is nan'}" for s in STRATEGIES if s not in vals]
-                n = next((c["cases"] for c in got.values() if c), None)
-                lines.append(
-                    f"- **{task}** ({regime}): not compared — {', '.join(why)}"
-                    + (f" (cases {n}; too few, or a test split with one class)" if n else "")
-                )
-                continue
-            sign = 1.0 if spec.higher_is_better else -1.0
-            best = max((s for s in ("linear", "full") if s in vals), key=lambda s: sign * vals[s]["mean"])
-            p, s0 = vals[best], vals["scratch"]
-            beats = sign * (p["mean"] - s0["mean"]) > 0
-            overlap = not (p["high"] < s0["low"] or s0["high"] < p["low"]) if all(
-                math.isfinite(x) for x in (p["low"], p["high"], s0["low"], s0["high"])) else True  # fmt: skip
-            compared += 1
-            wins += beats
-            word = "beats" if beats else "does not beat"
-            lines.append(
-                f"- **{task}** ({regime}): pretrained ({best}) {word} scratch on {m} "
-                f"({'higher' if spec.higher_is_better else 'lower'} is better): {p['mean']:.3f} vs {s0['mean']:.3f}"
-                + (" — 95 % CIs overlap" if overlap else " — 95 % CIs disjoint")
-            )
-        counts[regime] = (wins, compared)
-    return lines, counts
+        t = time.perf_counter()
+        draws = regime_draws(data, regime, args.draws, seed=args.seed)
+        tr = data.indices("train")
+        pos = {int(c): j for j, c in enumerate(tr)}  # train-matrix row of each train case
+        local = [np.array([pos[int(i)] for i in d], dtype=np.int64) for d in draws]
+        preds, lam = {}, {}
+        c_index = {}
+        for enc in ("pretrained", "random"):
+            p, chosen = stats.fit_predict(head, X[enc][tr], target[tr], [data.subjects[i] for i in tr], local,
+                                          X[enc][scored], n_classes=n_classes, seed=args.seed)  # fmt: skip
+            lam[enc] = chosen
+            if head == "logistic" and spec.kind == "multiclass":
+                preds[enc] = p.argmax(-1)
+            elif head == "logistic":
+                preds[enc] = p[..., 1]
+            elif head == "cox":
+                preds[enc] = -p  # survival beyond the threshold: the lower the risk, the likelier
+                rt = data.raw[scored].reshape(-1, 2)
+                c_index[enc] = float(np.nanmean(stats.cindex(rt[:, 0], rt[:, 1], p)))
+            else:
+                preds[enc] = p
+        res = stats.compare(metric, y_scored, preds["pretrained"], preds["random"], groups, strata,
+                            n_boot=args.n_boot, seed=args.seed)  # fmt: skip
+        sizes = [len(d) for d in draws]
+        cell = {"pretrained": res["a"], "random": res["b"], "diff": res["diff"], "draws": len(draws),
+                "train_cases_per_draw": [int(min(sizes)), int(max(sizes))],
+                "lambda": {e: _lam_summary(v) for e, v in lam.items()}, "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
+        if c_index:
+            cell["c_index_mean_over_draws"] = c_index
+        out["regimes"][regime] = cell
+        print(f"    {regime:>12}: pretrained {_fmt(res['a'])}  random {_fmt(res['b'])}  diff {_fmt(res['diff'])} "
+              f"({len(draws)} draws of {sizes[0]} cases, {cell['seconds']:.0f} s)", flush=True)  # fmt: skip
+    return out
 
 
-def write_markdown(out: Path, meta: dict, specs, tasks, regimes, cells, errors) -> str:
-    rows = ["| task | regime | metric | scratch | linear | full |", "|---|---|---|---|---|---|"]
-    for task in tasks:
-        spec = specs.get(task)
-        metrics = [spec.select_metric, *[m for m in spec.metrics if m != spec.select_metric]] if spec else ["?"]
+def _lam_summary(v: np.ndarray) -> dict[str, float]:
+    vals, n = np.unique(v, return_counts=True)
+    return {f"{x:g}": int(c) for x, c in zip(vals, n, strict=True)}
+
+
+def _trivial(head: str, metric: str, train_target: np.ndarray, y_scored: np.ndarray, n_classes: int) -> float:
+    """The task's trivial baseline: chance AUC / balanced accuracy, or the MAE of predicting the train mean."""
+    if metric == "mae":
+        return float(np.mean(np.abs(y_scored - np.mean(train_target[:, 0]))))
+    return 0.5 if metric == "auc" else 1.0 / n_classes
+
+
+def _fmt(v, digits: int = 3) -> str:
+    est, lo, hi = v
+    if not math.isfinite(est):
+        return "nan"
+    ci = f" [{lo:.{digits}f}, {hi:.{digits}f}]" if math.isfinite(lo) and math.isfinite(hi) else " [n/a]"
+    return f"{est:.{digits}f}{ci}"
+
+
+def wins(cell: dict, higher_is_better: bool) -> bool:
+    """The pretrained − random interval lies wholly on the better side of 0."""
+    _, lo, hi = cell["diff"]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return False
+    return lo > 0 if higher_is_better else hi < 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def write_markdown(path: Path, meta: dict, results: dict, regimes: list[str]) -> str:
+    rows = ["| task | metric | regime | pretrained | random init | pretrained − random | interval excludes 0 |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for task in meta["tasks"]:
+        r = results.get(task)
+        if r is None or "error" in r or r.get("head") == "none":
+            why = r["error"] if r and "error" in r else OUT_OF_PROTOCOL
+            rows.append(f"| {task} | – | all | n/a | n/a | n/a ({why}) | – |")
+            continue
+        arrow = "↑" if r["higher_is_better"] else "↓"
         for regime in regimes:
-            for metric in metrics:
-                row = []
-                for s in STRATEGIES:
-                    if (task, regime, s) in errors:
-                        row.append(f"n/a ({errors[(task, regime, s)]})")
-                    else:
-                        c = cells.get((task, regime, s))
-                        row.append(_fmt(c["test"].get(metric)) if c else "n/a (not run)")
-                name = f"{metric} {'↑' if _hib(metric) else '↓'}"
-                if spec and metric == spec.select_metric:
-                    name += " *"
-                rows.append(f"| {task} | {regime} | {name} | " + " | ".join(row) + " |")
-    lines, counts = verdicts(specs, tasks, regimes, cells)
+            c = r["regimes"].get(regime)
+            if c is None:
+                continue
+            digits = 1 if r["metric"] == "mae" else 3
+            won = wins(c, r["higher_is_better"])
+            rows.append(f"| {task} | {r['metric']} {arrow} | {regime} | {_fmt(c['pretrained'], digits)} | "
+                        f"{_fmt(c['random'], digits)} | {_fmt(c['diff'], digits)} | "
+                        f"{'**yes**' if won else 'no'} |")  # fmt: skip
+    scored = [t for t in meta["tasks"] if t in results and results[t].get("regimes", {}).get(K5)]
+    won = [t for t in scored if wins(results[t]["regimes"][K5], results[t]["higher_is_better"])]
+    lost = [t for t in meta["tasks"] if t not in won]
+    counts = []
+    for t in meta["tasks"]:
+        r = results.get(t, {})
+        if "counts" in r:
+            c = r["counts"]
+            per = c.get("scored_subjects_per_class")
+            counts.append(f"| {t} | {r['head']} | {c['train_cases']} / {c['train_subjects']} | "
+                          f"{c['scored_cases']} / {c['scored_subjects']} | "
+                          f"{', '.join(f'{k}: {v}' for k, v in per.items()) if per else '–'} | "
+                          f"{r['trivial']:.3g} |")  # fmt: skip
+    pre = meta.get("pretrain") or {}
     text = [
-        "# Few-shot: pretrained encoder vs training from scratch",
+        f"# Few-shot: pretrained encoder vs the same architecture at random init ({meta['date']})",
         "",
-        f"Generated {meta['finished']} by `bench/fewshot.py` in {meta['seconds'] / 60:.1f} min. "
-        f"Catalog `{meta['catalog']}`; encoder `{meta['init']}`"
-        + (f" (pretrained here for {meta['pretrain']['steps']} steps)" if meta.get("pretrain") else "")
-        + ".",
+        f"Generated by `bench/fewshot.py` (`{meta['command']}`) in {meta['seconds'] / 60:.1f} min on {meta['host']}.",
         "",
-        f"Seeds {meta['seeds']}; {meta['epochs']} epochs; one fixed hyperparameter config for every cell (no tuning: "
-        f"lr {meta['hp']['lr']}, weight decay {meta['hp']['weight_decay']}, dropout {meta['hp']['dropout']}, "
-        f"full encoder lr × {meta['hp']['encoder_lr_mult']}); the test split is scored once per cell. "
-        "Cells: test mean over seeds [95 % bootstrap CI of the seed-averaged prediction]. `*` = the task's "
-        "select metric; ↑/↓ = higher/lower is better.",
+        "**Protocol** (issue #19): frozen encoder features from the `embed` job; heads fitted on cached features "
+        "(ridge / multinomial logistic / Cox, the L2 penalty chosen per draw by grouped-by-subject CV inside the "
+        f"training draw; draws too small to cross-validate use λ = {stats.DEFAULT_LAMBDA:g}); {meta['draws']} seeded, "
+        "class-stratified draws per few-shot / fraction regime from the train split (`full` is one draw); every draw "
+        "scored on all val + test subjects (never a training subject). Cell = mean over draws of the task's select "
+        f"metric [95 % interval: {meta['n_boot']} subject-clustered, class-stratified bootstrap resamples of the "
+        "scored subjects, the mean over draws recomputed on each]; the difference is paired (same resamples). "
+        f"Bootstrap: `{meta['bootstrap']}`.",
+        "",
+        f"**Encoders**: {meta['backbone']}; pretrained by the `pretrain` job ({meta['pretrain_config']}) for "
+        f"{pre.get('steps', meta['pretrain_steps'])} steps (final NT-Xent loss {pre.get('final_loss')}, held-out "
+        f"retrieval top-1 {pre.get('eval_top1')} vs {pre.get('eval_top1_random')} at init); random init = the same "
+        "backbone config at the job's initial weights (`torch.manual_seed(cfg.seed)`).",
+        "",
+        f"**Cohort**: `brainiac synth --preset {meta['synth_preset']} --subjects {meta['subjects']}`, ingested and "
+        f"preprocessed (`-c {meta['preprocess_config']}`).",
+        "",
+        *([f"**Reduced run**: {meta['reduced']}", ""] if meta.get("reduced") else []),
+        "## Results",
         "",
         *rows,
         "",
-        "## Does pretraining beat scratch?",
+        f"**Pretrained beats random init (interval of the difference excludes 0) on {len(won)} of 7 tasks at K = 5**"
+        + (f": {', '.join(won)}." if won else ".")
+        + f" Aim of issue #19 (≥ 5 of 7): {'met' if len(won) >= 5 else 'not met'}.",
         "",
-        *lines,
+        "Not won at K = 5: " + (", ".join(lost) if lost else "none") + ".",
         "",
-    ]
-    for regime, (wins, compared) in counts.items():
-        label = "K=5" if regime == K5 else regime
-        text.append(f"**Pretrained beats scratch on {wins} of {compared} tasks at {label}** "
-                    f"({len(tasks)} requested).")  # fmt: skip
-        text.append("")
-    if K5 in counts:
-        wins, compared = counts[K5]
-        aim = "met" if wins >= 5 else "not met" if compared >= 7 else f"not measurable here ({compared} tasks compared)"
-        text += [f"Aim of issue 7 (≥ 5 of 7 at K=5): {aim}.", ""]
-    cases = [f"- {t}: {meta['cases'][t]}" for t in tasks if t in meta["cases"]]
-    if cases:
-        text += ["Cases per split (train / val / test, before the regime's subset of train):", "", *cases, ""]
-    text += [
-        "Caveats: a synthetic cohort of a few dozen subjects, test splits of a handful of cases (wide CIs, the verdict "
-        "compares means only); a tiny encoder pretrained for a short budget; fixed, untuned hyperparameters shared by "
-        "all strategies, which may suit one strategy more than another.",
+        "## Cohort per task",
+        "",
+        "| task | head | train cases / subjects | scored cases / subjects | scored subjects per class | trivial |",
+        "|---|---|---|---|---|---|",
+        *counts,
+        "",
+        "`trivial`: chance (AUC 0.5, balanced accuracy 1/C) or the MAE of predicting the train-split mean.",
+        "",
+        "Not run here: full fine-tuning and from-scratch training through `brainiac finetune` on a subset of cells "
+        "(the issue's optional arm); segmentation (out of this protocol, above).",
         "",
     ]
+    if meta.get("notes"):
+        text += ["## Why tasks fail", "", *meta["notes"], ""]
     md = "\n".join(text)
-    (out / "fewshot.md").write_text(md)
+    path.write_text(md)
     return md
 
 
-def _hib(metric: str) -> bool:
-    from brainiac.models.tasks.spec import HIGHER_IS_BETTER
-
-    return HIGHER_IS_BETTER.get(metric, True)
-
-
-def plot(out: Path, specs, tasks, regimes, cells) -> None:
+def plot(path: Path, meta: dict, results: dict, regimes: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(tasks)
-    cols = min(4, n)
-    nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False)
-    colours = {"scratch": "tab:grey", "linear": "tab:blue", "full": "tab:orange"}
+    tasks = [t for t in meta["tasks"] if t in results and results[t].get("regimes")]
+    cols = min(3, max(1, len(tasks)))
+    nrows = max(1, math.ceil(len(tasks) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     for ax, task in zip(axes.flat, tasks, strict=False):
-        spec = specs.get(task)
-        metric = spec.select_metric if spec else "?"
-        drawn = False
-        for i, s in enumerate(STRATEGIES):
+        r = results[task]
+        for k, (enc, colour) in enumerate((("pretrained", "tab:blue"), ("random", "tab:grey"))):
             xs, ys, lo, hi = [], [], [], []
             for j, regime in enumerate(regimes):
-                c = cells.get((task, regime, s))
-                v = c["test"].get(metric) if c else None
-                if v and math.isfinite(v["mean"]):
-                    xs.append(j + (i - 1) * 0.22)
-                    ys.append(v["mean"])
-                    lo.append(max(0.0, v["mean"] - v["low"]) if math.isfinite(v["low"]) else 0.0)
-                    hi.append(max(0.0, v["high"] - v["mean"]) if math.isfinite(v["high"]) else 0.0)
-            if xs:
-                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, color=colours[s], label=s)
-                drawn = True
-        if not drawn:
-            ax.text(0.5, 0.5, "no finite result\n(see fewshot.md)", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xticks(range(len(regimes)), regimes)
-        ax.set_xlim(-0.6, len(regimes) - 0.4)
-        arrow = "↑" if spec is None or spec.higher_is_better else "↓"
-        ax.set_title(f"{task}: {metric} {arrow}", fontsize=10)
+                c = r["regimes"].get(regime)
+                if not c:
+                    continue
+                est, low, high = c[enc]
+                if math.isfinite(est):
+                    xs.append(j + (k - 0.5) * 0.25)
+                    ys.append(est)
+                    lo.append(max(0.0, est - low) if math.isfinite(low) else 0.0)
+                    hi.append(max(0.0, high - est) if math.isfinite(high) else 0.0)
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, color=colour, label=enc)
+        ax.axhline(r["trivial"], color="tab:red", lw=0.8, ls="--", label="trivial")
+        ax.set_xticks(range(len(regimes)), regimes, fontsize=8)
+        ax.set_title(f"{task}: {r['metric']} {'↑' if r['higher_is_better'] else '↓'}", fontsize=10)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[n:]:
+    for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    if not handles:
-        for ax in axes.flat:
-            handles, labels = ax.get_legend_handles_labels()
-            if handles:
-                break
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
-    fig.suptitle("Test metric (mean over seeds, 95 % CI) by strategy and data regime", fontsize=11)
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
+    fig.suptitle(f"Mean over draws of the test metric, 95 % subject bootstrap ({meta['date']}; segmentation: out of "
+                 "protocol)", fontsize=10)  # fmt: skip
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-    fig.savefig(out / "fewshot.png", dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -298,114 +491,94 @@ def plot(out: Path, specs, tasks, regimes, cells) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True, help="folder for cohort, catalog, runs and MLflow")
-    ap.add_argument("--out", type=Path, help="where fewshot.md/.png/.json go (default WORK/fewshot)")
-    ap.add_argument("--catalog", type=Path, help="use this catalog as is (skips the build)")
-    ap.add_argument("--subjects", type=int, default=40, help="subjects of the small cohort the build generates")
-    ap.add_argument("--cohort-seed", type=int, default=0, help="seed of the synthetic cohort")
-    ap.add_argument("--init", help="pretrained encoder (folder or models:/...); skips pretraining")
-    ap.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///WORK/mlflow.db)")
-    ap.add_argument("--experiment", default="brainiac-fewshot", help="MLflow experiment of the fine-tuning runs")
-    ap.add_argument("--pretrain-steps", type=int, default=300)
-    ap.add_argument("--pretrain-workers", type=int, default=2)
-    ap.add_argument("--pretrain-config", default="pretrain/tiny")
-    ap.add_argument("--config", default="tiny", help="config the fine-tuning runs start from")
-    ap.add_argument("--cpu-subset", action="store_true",
-                    help="declared CPU subset: sequence, brain_age, idh, mci at shots=5, seeds 0,1,2")  # fmt: skip
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--work", type=Path, required=True, help="cache folder: cohort, catalog, encoders, runs, MLflow")
+    ap.add_argument("--out", type=Path, help="where STEM.md/.png/.json go (default WORK/out)")
+    ap.add_argument("--stem", default="fewshot", help="file name stem of the outputs")
+    ap.add_argument("--subjects", type=int, help="synthetic subjects (preset's by default)")
+    ap.add_argument("--pretrain-steps", type=int)
+    ap.add_argument("--draws", type=int, help="seeded draws per few-shot / fraction regime")
+    ap.add_argument("--n-boot", type=int, help="bootstrap resamples")
     ap.add_argument("--tasks", help=f"comma-separated (default all: {','.join(ALL_TASKS)})")
     ap.add_argument("--regimes", help=f"comma-separated shots=K | fraction=F | full (default {','.join(ALL_REGIMES)})")
-    ap.add_argument("--seeds", help="comma-separated (default 0,1,2)")
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test CIs")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="fine-tuning config KEY=VALUE")
-    ap.add_argument("--pretrain-set", dest="pretrain_overrides", action="append", default=[],
-                    help="pretraining config KEY=VALUE")  # fmt: skip
+    ap.add_argument("--seed", type=int, default=0, help="seed of the cohort, the draws and the bootstrap")
+    ap.add_argument("--pretrain-set", action="append", default=[], help="extra pretraining config KEY=VALUE")
+    ap.add_argument("--reduced", default="", help="a sentence saying what this run reduced from the preset, and why")
     args = ap.parse_args()
+    preset = PRESETS[args.preset]
+    args.subjects = args.subjects or preset["subjects"]
+    args.pretrain_steps = args.pretrain_steps or preset["pretrain_steps"]
+    args.draws = args.draws or preset["draws"]
+    args.n_boot = args.n_boot or preset["n_boot"]
+    args.pretrain_config = preset["pretrain_config"]
+    args.pretrain_set = [*preset["pretrain_set"], *args.pretrain_set]
+    tasks = args.tasks.split(",") if args.tasks else list(ALL_TASKS)
+    regimes = args.regimes.split(",") if args.regimes else list(ALL_REGIMES)
     started = time.perf_counter()
-
-    defaults = CPU_SUBSET if args.cpu_subset else {"tasks": ALL_TASKS, "regimes": ALL_REGIMES, "seeds": (0, 1, 2)}
-    tasks = args.tasks.split(",") if args.tasks else list(defaults["tasks"])
-    regimes_in = args.regimes.split(",") if args.regimes else list(defaults["regimes"])
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(defaults["seeds"])
-    regimes = {label: ov for label, ov in map(parse_regime, regimes_in)}
-
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    out = (args.out or args.work / "fewshot").resolve()
+    out = (args.out or args.work / "out").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    tracking_uri = args.tracking_uri or f"sqlite:///{args.work / 'mlflow.db'}"
+    tracking_uri = f"sqlite:///{args.work / 'mlflow.db'}"
 
     from brainiac.platform.cluster import configure_ray_environment
 
     configure_ray_environment()
-
-    if args.catalog:
-        catalog = args.catalog.resolve()
-    else:
-        print(f"catalog: building what is missing under {args.work}", flush=True)
-        catalog = build_catalog(args.work, args.subjects, args.cohort_seed)
-
-    pretrain_info = None
-    if args.init:
-        init = args.init
-    else:
-        init, pretrain_info = pretrain_encoder(args, catalog, tracking_uri)
+    print(f"catalog: building what is missing under {args.work}", flush=True)
+    catalog, build_seconds = build_catalog(args.work, args.subjects, preset["synth_preset"],
+                                           preset["preprocess_config"], args.seed)  # fmt: skip
+    t = time.perf_counter()
+    pre, rnd, pretrain_info = encoders(args, catalog, tracking_uri)
+    pretrain_seconds = round(time.perf_counter() - t, 1)
 
     from brainiac.models.export import load_encoder
-    from brainiac.models.finetune_config import FinetuneConfig
     from brainiac.models.tasks.spec import load_specs
-    from brainiac.platform.errors import UserError
+    from brainiac.platform.config import load_config
 
-    _, backbone = load_encoder(init, tracking_uri=tracking_uri)
+    cfg = load_config(preset["preprocess_config"], [f"catalog.uri={catalog}", f"tracking.uri={tracking_uri}",
+                                                    "catalog.allowed_access=[open,registered,restricted]"])  # fmt: skip
+    t = time.perf_counter()
+    feats, embed_info = {}, {}
+    for name, ref in (("pretrained", pre), ("random", rnd)):
+        feats[name], embed_info[name] = features(catalog, cfg, ref)
+        print(f"embeddings {name}: {len(feats[name])} volumes ({embed_info[name]['written']} new, "
+              f"dim {embed_info[name]['dim'] or len(next(iter(feats[name].values())))})", flush=True)  # fmt: skip
+    embed_seconds = round(time.perf_counter() - t, 1)
+    _, backbone = load_encoder(str(pre))
     specs = load_specs()
-    unknown = [t for t in tasks if t not in specs]
-    if unknown:
-        raise SystemExit(f"unknown tasks {unknown}; known: {sorted(specs)}")
-
-    grid = [(t, r, s) for t in tasks for r in regimes for s in STRATEGIES]
-    print(f"grid: {len(tasks)} tasks x {len(regimes)} regimes x 3 strategies = {len(grid)} cells, seeds {seeds}, "
-          f"{args.epochs} epochs; encoder {init} ({backbone.kind} {backbone.img_size}³)", flush=True)  # fmt: skip
-    cells: dict[tuple, dict] = {}
-    errors: dict[tuple, str] = {}
-    cases: dict[str, dict] = {}
-    for i, (task, regime, strategy) in enumerate(grid, 1):
-        t = time.perf_counter()
-        try:
-            s = run_cell(args, catalog, tracking_uri, init, backbone, task, strategy, regimes[regime], seeds)
-        except Exception as exc:  # one bad cell must not stop the grid
-            errors[(task, regime, strategy)] = _reason(exc)
-            print(f"[{i}/{len(grid)}] {task} {regime} {strategy}: n/a ({_reason(exc)}) "
-                  f"{time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
-            if not isinstance(exc, UserError):  # an expected refusal needs no traceback; a crash does
-                traceback.print_exc(limit=3)
+    results: dict[str, dict] = {}
+    t = time.perf_counter()
+    for task in tasks:
+        spec = specs[task]
+        if head_of(spec) == "none":
+            results[task] = {"task": task, "head": "none"}
             continue
-        cells[(task, regime, strategy)] = s.as_dict()
-        cases[task] = s.cases
-        m = specs[task].select_metric
-        print(f"[{i}/{len(grid)}] {task} {regime} {strategy}: {m} {_fmt(s.test.get(m))} "
-              f"cases {s.cases} {s.seconds:.0f} s", flush=True)  # fmt: skip
+        try:
+            results[task] = run_task(args, catalog, cfg, spec, feats, regimes)
+        except Exception as exc:  # one task's failure (e.g. too few cases) must not stop the others
+            import traceback
 
-    hp = FinetuneConfig()
+            traceback.print_exc(limit=4)
+            results[task] = {"task": task, "error": " ".join(str(exc).split())[:200].replace("|", "/")}
+    heads_seconds = round(time.perf_counter() - t, 1)
     meta = {
-        "finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "seconds": time.perf_counter() - started, "catalog": str(catalog), "init": init, "pretrain": pretrain_info,
-        "tasks": tasks, "regimes": list(regimes), "seeds": seeds, "epochs": args.epochs, "cpu_subset": args.cpu_subset,
-        "overrides": args.overrides, "cases": cases,
-        "hp": {k: getattr(hp, k) for k in ("lr", "weight_decay", "dropout", "encoder_lr_mult", "freeze_depth")},
+        "date": dt.date.today().isoformat(), "preset": args.preset, "command": " ".join(sys.argv[1:]),
+        "host": f"{os.cpu_count()} CPUs", "seconds": time.perf_counter() - started,
+        "tasks": tasks, "regimes": regimes, "draws": args.draws, "n_boot": args.n_boot, "seed": args.seed,
+        "subjects": args.subjects, "synth_preset": preset["synth_preset"],
+        "preprocess_config": preset["preprocess_config"], "pretrain_config": args.pretrain_config,
+        "pretrain_steps": args.pretrain_steps, "pretrain": pretrain_info, "embed": embed_info,
+        "backbone": f"{backbone.kind} {backbone.img_size}³ width {backbone.hidden_size} depth {backbone.num_layers}",
+        "bootstrap": stats.bootstrap_source(), "reduced": args.reduced,
+        "stage_seconds": {**build_seconds, "pretrain": pretrain_seconds, "embed": embed_seconds, "heads": heads_seconds},
     }  # fmt: skip
-    for o in args.overrides:  # the fixed hyperparameters actually used
-        key, _, value = o.partition("=")
-        if key.startswith("finetune.") and key.split(".", 1)[1] in meta["hp"]:
-            meta["hp"][key.split(".", 1)[1]] = value
-    md = write_markdown(out, meta, specs, tasks, list(regimes), cells, errors)
-    plot(out, specs, tasks, list(regimes), cells)
-    (out / "fewshot.json").write_text(json.dumps({
-        "meta": meta,
-        "cells": [{"task": t, "regime": r, "strategy": s, "summary": c} for (t, r, s), c in cells.items()],
-        "errors": [{"task": t, "regime": r, "strategy": s, "error": e} for (t, r, s), e in errors.items()],
-    }, indent=2, default=str))  # fmt: skip
+    notes_file = out / f"{args.stem}.notes.md"  # hand-written analysis of a finished run, kept across re-renders
+    meta["notes"] = notes_file.read_text().splitlines() if notes_file.is_file() else []
+    (out / f"{args.stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    md = write_markdown(out / f"{args.stem}.md", meta, results, regimes)
+    plot(out / f"{args.stem}.png", meta, results, regimes)
     print("\n" + md)
-    print(f"wrote {out / 'fewshot.md'}, {out / 'fewshot.png'}, {out / 'fewshot.json'}")
+    print(f"wrote {out / args.stem}.md/.png/.json in {meta['seconds'] / 60:.1f} min")
 
 
 if __name__ == "__main__":
