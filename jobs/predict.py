@@ -9,6 +9,10 @@ qform/sform), so they overlay the scan in any viewer whatever its orientation or
 
 Before predicting, each input can be checked by the registry's ``brainiac-sequence@champion`` (when there is one): a
 file whose predicted sequence is confidently not the one the task expects (say a T1w passed as ``--flair``) is an error.
+
+Only champions serve: a version that does not hold the ``champion`` alias (refused at promotion, or never judged) is
+refused with the reason, unless the caller asks for any version on purpose; its predictions are then marked
+``champion=False`` and their headline says NOT CHAMPION, so they are never read as results.
 """
 
 from __future__ import annotations
@@ -43,11 +47,15 @@ __all__ = [
     "predict_scans",
     "preprocess_file",
     "read_scan",
+    "serving_status",
 ]
 
 log = logging.getLogger(__name__)
 
-SEQUENCE_MODEL = "models:/brainiac-sequence@champion"
+CHAMPION_ALIAS = "champion"
+"""The alias of the version that passed every promotion gate (``promote.champion_alias``'s default)."""
+
+SEQUENCE_MODEL = f"models:/brainiac-sequence@{CHAMPION_ALIAS}"
 """The model that checks each input's sequence before a task model sees it."""
 
 SEQUENCE_CHECK_PROBABILITY = 0.5
@@ -94,6 +102,10 @@ class Prediction:
     json_path: str | None = None
     headline: str = ""
     """One human line: the value with its units, the probability and decision, or the tumour volume and mask."""
+    champion: bool = True
+    """Whether the model was its task's champion; ``False`` only when any version was allowed on purpose."""
+    not_champion: str | None = None
+    """Why the model is not the champion (refused at promotion with the reasons, or never promoted)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -276,6 +288,34 @@ def _sequence_checker(tracking_uri: str, info: Callable[[str], None]) -> _Model 
         return None
 
 
+def serving_status(mv, tracking_uri: str, alias: str = CHAMPION_ALIAS) -> str | None:
+    """``None`` when the version ``mv`` holds ``alias`` (the champion: it passed every promotion gate), else one line
+    saying which version was asked for, why it is not served (refused at promotion with the reasons, never judged) and
+    what the champion is, if any.
+
+    A registered version is only a candidate: a quickstart segmenter with Dice 0.095, rightly refused by its gate, still
+    had ``@challenger`` and was used to report a tumour volume. Predicting only with champions keeps the promotion gates
+    meaningful.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    aliases = client.get_registered_model(mv.name).aliases or {}
+    champion = aliases.get(alias)
+    if champion is not None and str(champion) == str(mv.version):
+        return None
+    decision = mv.tags.get("promotion.decision")
+    if decision == "rejected":
+        reasons = mv.tags.get("promotion.reasons", "no reasons recorded")
+        why = f"it was refused at promotion ({reasons[:400]}{'…' if len(reasons) > 400 else ''})"
+    elif decision:
+        why = f"its promotion decision is '{decision}'"
+    else:
+        why = "it was never promoted (brainiac promote decides which version serves)"
+    has = f"the {alias} is v{champion}" if champion is not None else f"{mv.name} has no {alias}"
+    return f"{mv.name} v{mv.version} is not the {alias}: {why}; {has}"
+
+
 def preprocess_file(path: str | Path, cfg: PreprocessConfig) -> tuple[nib.Nifti1Image, PreprocessResult]:
     """Read one scan and run the single-scan pipeline on it, on one thread like the preprocess job (the same scan gives
     the same volume as its catalog row). The result keeps the ``fixed`` grid outputs and the transform; the
@@ -383,6 +423,7 @@ def predict_scans(
     out_dir: str | Path = "brainiac-predictions",
     sequence_check: bool = True,
     info: Callable[[str], None] | None = None,
+    any_version: bool = False,
 ) -> list[Prediction]:
     """Predict with the registered task model ``model_uri`` on new scans and write the results to ``out_dir``.
 
@@ -394,13 +435,16 @@ def predict_scans(
         out_dir: one ``<scan>.json`` per case (and ``<scan>_mask.nii.gz`` for segmentation) is written here.
         sequence_check: check each input with the registry's ``brainiac-sequence@champion``, when it has one.
         info: where informational lines go (default: the log).
+        any_version: predict with a version that is not the champion (to inspect a refused candidate); a warning
+            names why it is not, and every prediction is marked ``champion=False`` with NOT CHAMPION in its headline.
 
     Returns:
         One :class:`Prediction` per case, in the order given.
 
     Raises:
         UserError: a missing or unreadable file, a missing sequence flag, an unknown model, a model that is not a task
-            model or records no preprocessing, or an input whose sequence is confidently not the expected one.
+            model or records no preprocessing, a model that is not its task's champion (unless ``any_version``), or an
+            input whose sequence is confidently not the expected one.
     """
     from brainiac.jobs.finetune.engine import TargetScale, predict
     from brainiac.platform.tracking import use_tracking
@@ -412,6 +456,11 @@ def predict_scans(
     version, spec = _resolve(model_uri, tracking_uri)
     cases = _as_cases(spec, inputs)
     model = _load(version, spec, tracking_uri, say)
+    not_champion = serving_status(version, tracking_uri)
+    if not_champion is not None:
+        if not any_version:
+            raise UserError(f"{not_champion}. Predict serves champions only; pass --any-version to inspect it anyway")
+        say(f"WARNING: {not_champion}. Its outputs below are NOT results of a champion")
     checker = None
     if sequence_check and spec.name != "sequence":
         checker = _sequence_checker(tracking_uri, say)
@@ -436,7 +485,8 @@ def predict_scans(
         p = Prediction(task=spec.name, kind=spec.kind, model=model.label,
                        inputs={s: str(Path(v).expanduser().resolve()) for s, v in case.items()},
                        preprocess_version=model.preprocess.version(), qc_pass=not failed,
-                       qc_reason="; ".join(failed) or None, units=spec.units, sequence_check=check)  # fmt: skip
+                       qc_reason="; ".join(failed) or None, units=spec.units, sequence_check=check,
+                       champion=not_champion is None, not_champion=not_champion)  # fmt: skip
         first = next(iter(case.values()))
         stem = _unique(_stem(first), taken)
         if spec.kind == "regression":
@@ -460,6 +510,8 @@ def predict_scans(
             p.tumour_volume_ml = float(np.count_nonzero(mask)) * voxel_ml
             p.mask_path = str(mask_path)
         p.headline = _headline(p, spec, Path(first).name)
+        if not_champion is not None:
+            p.headline = f"NOT CHAMPION ({model.label}, not a result): {p.headline}"
         p.json_path = str(out / f"{stem}.json")
         Path(p.json_path).write_text(json.dumps(p.as_dict(), indent=2, ensure_ascii=False) + "\n")
         if failed:

@@ -36,8 +36,15 @@ class PromoteConfig:
     """Confidence level of the paired bootstrap interval of the improvement."""
 
     gates: list[str] = field(default_factory=list)
-    """Absolute gates on the candidate's test metrics, e.g. ``["auc>=0.7", "hd95<=12"]``. They also decide a first
+    """Absolute gates on the candidate's test metrics, e.g. ``["auc>=0.7", "hd95<=12"]``. They also apply to a first
     promotion, when there is no champion to compare with."""
+
+    baseline_gate: bool = True
+    """A first promotion (no champion yet) must beat the task's trivial baseline on the primary metric: the lower bound
+    of the paired, subject-level bootstrap interval of the improvement (at ``confidence``) must be above 0. The
+    baseline ignores the image: the training-class prior (chance), the training mean, a constant risk, an empty mask
+    (:func:`brainiac.jobs.promote.gates.baseline_predictions`). Without it a model at chance could become champion
+    and serve predictions; turn it off only to seed a registry on purpose."""
 
     robustness: bool = True
     """Compare both models under imaging artifacts; none may regress past ``robustness_tolerance``."""

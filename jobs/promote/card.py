@@ -1,6 +1,7 @@
-"""The model card of a promotion decision: one markdown page with the verdict, every gate's reason, both models' test
-metrics with CIs, robustness, lineage and the commands to reproduce or roll back. It is logged as an MLflow artifact and
-set as the model version's description, so the registry UI shows why a version is (or is not) champion."""
+"""The model card of a promotion decision: one markdown page with the verdict, every gate's reason, the test metrics
+with CIs of the candidate and of what it was compared with (the champion, or a first promotion's trivial baseline),
+robustness, lineage and the commands to reproduce or roll back. It is logged as an MLflow artifact and set as the model
+version's description, so the registry UI shows why a version is (or is not) champion."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ def _ci(v: dict[str, float] | None) -> str:
 def model_card(d: PromotionDecision) -> str:
     """Markdown for ``d``."""
     verdict = "PROMOTED to champion" if d.promoted else ("would be promoted" if d.dry_run and d.passed else "REJECTED")
-    champion = f"version {d.champion_version}" if d.champion_version else "none (first promotion)"
+    champion = f"version {d.champion_version}" if d.champion_version else "no champion (first promotion)"
+    if d.baseline:
+        champion += f", the trivial baseline: {d.baseline}"
+    reference = "champion" if d.champion_version or not d.baseline else "baseline"
     lines = [
         f"# {d.model_name} version {d.candidate_version}: {verdict}",
         "",
@@ -40,10 +44,10 @@ def model_card(d: PromotionDecision) -> str:
         "",
         "## Test metrics (95 % bootstrap CI)",
         "",
-        "| metric | candidate | champion |",
+        f"| metric | candidate | {reference} |",
         "| --- | --- | --- |",
         *[
-            f"| {m} | {_ci(d.metrics['candidate'].get(m))} | {_ci(d.metrics.get('champion', {}).get(m))} |"
+            f"| {m} | {_ci(d.metrics['candidate'].get(m))} | {_ci(d.metrics.get(reference, {}).get(m))} |"
             for m in d.metrics["candidate"]
         ],
     ]
@@ -51,7 +55,7 @@ def model_card(d: PromotionDecision) -> str:
         imp = d.improvement
         lines += [
             "",
-            f"Paired improvement in **{d.primary_metric}**: {imp['value']:+.4g} "
+            f"Paired improvement in **{d.primary_metric}** over the {reference}: {imp['value']:+.4g} "
             f"(CI [{_fmt(imp['low'])}, {_fmt(imp['high'])}], positive = better).",
         ]
     if d.robustness:

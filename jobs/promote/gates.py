@@ -1,5 +1,6 @@
 """The promotion gates, as pure functions of metrics and tags: absolute thresholds, a paired-bootstrap improvement over
-the champion, no robustness regression, and matching lineage.
+the champion (or, for a first promotion, over the task's trivial baseline), no robustness regression, and matching
+lineage.
 
 Each gate returns a :class:`GateCheck` (name, passed, one-line detail), so the decision table, the version tags and the
 model card all show the same reasons. Nothing here touches MLflow or the catalog.
@@ -23,6 +24,8 @@ __all__ = [
     "GateCheck",
     "absolute_gates",
     "access_gate",
+    "baseline_gate",
+    "baseline_predictions",
     "improvement_gate",
     "lineage_gate",
     "paired_improvement",
@@ -85,24 +88,74 @@ def paired_improvement(
     n_boot: int,
     confidence: float,
     seed: int = 0,
+    groups: Sequence[str] | np.ndarray | None = None,
+    strata: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Improvement of the candidate over the champion on ``metric`` (positive = better, whatever the metric's direction)
-    with a paired percentile-bootstrap interval: both models' predictions are resampled on the same cases, so the shared
-    difficulty of the test cases cancels and the interval is far tighter than comparing two separate CIs."""
-    from brainiac.jobs.finetune.engine import score
-    from brainiac.models.tasks.metrics import bootstrap_ci
+    """Improvement of the candidate over a reference (the champion, or the trivial baseline of a first promotion) on
+    ``metric`` (positive = better, whatever the metric's direction), with a paired percentile-bootstrap interval.
+
+    Both models are scored on the same resampled cases, so the shared difficulty of the test cases cancels and the
+    interval is far tighter than comparing two separate CIs. Whole subjects are resampled (``groups``: the subject of
+    each case; ``None`` = each case its own) within each class (``strata``; ``None`` = the task's class,
+    :func:`~brainiac.jobs.finetune.evaluate.case_strata`): scans of one subject are not independent evidence, and every
+    resample keeps every class. More than 10 % undefined resamples give NaN bounds, which fail the gate.
+    """
+    from brainiac.jobs.finetune.evaluate import CaseScorer, case_strata
+    from brainiac.models.tasks.metrics import Resampler, percentile_interval
 
     sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+    cand, ref = CaseScorer(spec, candidate, targets, raw), CaseScorer(spec, champion, targets, raw)
 
-    def delta(cand, champ, t, r):
-        return sign * (score(spec, cand, t, r)[metric] - score(spec, champ, t, r)[metric])
+    def delta(idx: np.ndarray | None = None) -> float:
+        return sign * (cand(idx)[metric] - ref(idx)[metric])
 
+    value = float(delta())
     if len(targets) < 2:
-        return {"value": float(delta(candidate, champion, targets, raw)), "low": math.nan, "high": math.nan}
-    value, low, high = bootstrap_ci(
-        delta, candidate, champion, targets, raw, n_boot=n_boot, seed=seed, alpha=1.0 - confidence
-    )
+        return {"value": value, "low": math.nan, "high": math.nan}
+    design = Resampler.build(len(targets), groups, case_strata(spec, targets) if strata is None else strata)
+    values = np.array([delta(idx) for idx in design.indices(n_boot, seed)], dtype=np.float64)
+    low, high = percentile_interval(values, alpha=1.0 - confidence)
     return {"value": value, "low": low, "high": high}
+
+
+def baseline_predictions(spec: TaskSpec, train_targets: np.ndarray, test_targets: np.ndarray) -> tuple[np.ndarray, str]:
+    """The task's trivial baseline on the test cases, and a phrase naming it: what a model that ignores the image would
+    predict, knowing only the training labels.
+
+    Multiclass: the training-class prior for every case (its argmax is the majority class: balanced accuracy 1/k,
+    macro AUC 0.5). Binary and survival: the training prior P(positive) for every case (AUC and C-index 0.5).
+    Regression: the training mean (its MAE is what "predict the average" costs). Segmentation: an empty mask (Dice 0
+    wherever there is a tumour). Predicted on the same test cases as the candidate, so the paired bootstrap applies.
+    """
+    n = len(test_targets)
+    train = np.asarray(train_targets)
+    if spec.kind == "multiclass":
+        k = len(spec.classes)
+        counts = np.bincount(train.astype(np.int64), minlength=k)[:k].astype(np.float64) if len(train) else np.ones(k)
+        prior = counts / counts.sum()
+        return np.tile(
+            prior.astype(np.float32), (n, 1)
+        ), f"constant training-class prior (majority {spec.classes[int(prior.argmax())]})"
+    if spec.kind == "binary":
+        known = train[np.isfinite(train.astype(np.float64))] if len(train) else train
+        prior = float(np.mean(known)) if len(known) else 0.5
+        return np.full(n, prior, dtype=np.float32), f"constant training prior P(positive) = {prior:.3g}"
+    if spec.kind == "regression":
+        mean = float(np.mean(train)) if len(train) else 0.0
+        return np.full(n, mean, dtype=np.float32), f"training mean {mean:.4g} {spec.units}".rstrip()
+    return np.zeros(np.shape(test_targets), dtype=np.float32), "empty mask"
+
+
+def baseline_gate(metric: str, improvement: Mapping[str, float], confidence: float, baseline: str) -> GateCheck:
+    """Passes when the lower bound of the candidate's paired improvement over the trivial baseline is above 0: a first
+    champion must be shown to do better than ignoring the image (a model at chance must never become champion)."""
+    low = improvement["low"]
+    ok = bool(np.isfinite(low) and low > 0)
+    detail = (
+        f"{metric} beats the baseline ({baseline}) by {improvement['value']:+.4g}, {confidence:.0%} CI "
+        f"[{low:+.4g}, {improvement['high']:+.4g}] (needs lower bound > 0)"
+    )
+    return GateCheck("beats trivial baseline", ok, detail)
 
 
 def improvement_gate(metric: str, improvement: Mapping[str, float], min_delta: float, confidence: float) -> GateCheck:

@@ -1,6 +1,10 @@
 """``brainiac promote``: judge a registered task model against the current champion and move the ``champion`` alias only
 if every gate passes; ``--rollback`` puts the previous champion back.
 
+A first candidate, with no champion to compare with, is compared with its task's trivial baseline instead (the
+training-class prior, the training mean, a constant risk, an empty mask): by default it must beat it by the same paired
+bootstrap (``promote.baseline_gate``), so a model at chance never becomes the model that ``brainiac predict`` serves.
+
 Both versions are evaluated in one process on the same test cases, read at pinned catalog table versions (recorded in
 the decision), so the comparison is paired and repeatable. The decision, both models' metrics and every gate's reason
 go to version tags, the version's description and a model-card artifact of a ``promote-<task>-v<N>`` MLflow run. The
@@ -23,6 +27,8 @@ from brainiac.jobs.promote.gates import (
     GateCheck,
     absolute_gates,
     access_gate,
+    baseline_gate,
+    baseline_predictions,
     improvement_gate,
     lineage_gate,
     paired_improvement,
@@ -56,6 +62,9 @@ class PromotionDecision:
     checks: list[GateCheck] = field(default_factory=list)
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     improvement: dict[str, float] | None = None
+    """Paired improvement on ``primary_metric`` over the champion, or over the trivial baseline of a first promotion."""
+    baseline: str | None = None
+    """The trivial baseline a first promotion was compared with (e.g. ``training mean 54.2 years``), else ``None``."""
     robustness: dict[str, dict[str, float]] = field(default_factory=dict)
     lineage: dict[str, str] = field(default_factory=dict)
     catalog: str = ""
@@ -131,7 +140,8 @@ def _history(client, name: str) -> list[str]:
 
 
 def _evaluate(cfg: Config, spec, model_uri: str, tags: dict[str, str], data, test: np.ndarray):
-    """Predictions, test metrics with CIs and the robustness rows of one registered version on the test cases.
+    """Predictions, test metrics with CIs (subject-clustered, class-stratified bootstrap) and the robustness rows of one
+    registered version on the test cases.
 
     The version is rebuilt from its weights and spec (:func:`~brainiac.models.export.load_model_artifacts`): a version
     logged as a pickle is refused, never unpickled.
@@ -146,7 +156,7 @@ def _evaluate(cfg: Config, spec, model_uri: str, tags: dict[str, str], data, tes
     scale = TargetScale(float(tags.get("target_mean", 0.0)), float(tags.get("target_std", 1.0)))
     x, y, raw = data.inputs[test], data.targets[test], data.raw[test]
     predictions = predict(model, spec, x, scale)
-    metrics = metric_cis(spec, predictions, y, raw, n_boot=p.bootstrap)
+    metrics = metric_cis(spec, predictions, y, raw, n_boot=p.bootstrap, groups=[data.subjects[i] for i in test])
     rows: list[dict[str, Any]] = []
     if p.robustness:
         from brainiac.models.tasks.robustness import robustness_table
@@ -214,6 +224,7 @@ def promote(cfg: Config, model_name: str, *, dry_run: bool = False) -> Promotion
     decision.catalog, decision.table_versions = catalog.uri, data.table_versions
     decision.preprocess_version, decision.test_cases = data.preprocess_version, len(test)
     y, raw = data.targets[test], data.raw[test]
+    subjects = [data.subjects[i] for i in test]  # the bootstrap resamples subjects, not scans
 
     cand_pred, cand_metrics, cand_rows = _evaluate(
         cfg, spec, f"models:/{model_name}/{candidate.version}", candidate.tags, data, test
@@ -226,14 +237,26 @@ def promote(cfg: Config, model_name: str, *, dry_run: bool = False) -> Promotion
         )
         decision.metrics["champion"] = champ_metrics
         decision.improvement = paired_improvement(
-            spec, metric, cand_pred, champ_pred, y, raw, n_boot=p.bootstrap, confidence=p.confidence
+            spec, metric, cand_pred, champ_pred, y, raw, n_boot=p.bootstrap, confidence=p.confidence, groups=subjects
         )
         decision.checks.append(improvement_gate(metric, decision.improvement, p.min_delta, p.confidence))
         if p.robustness:
             checks, decision.robustness = robustness_gate(metric, cand_rows, champ_rows, p.robustness_tolerance)
             decision.checks += checks
+    elif champion is None and p.baseline_gate:
+        from brainiac.jobs.finetune.evaluate import metric_cis
+
+        train = data.indices("train") if spec.kind != "segmentation" else test[:0]  # an empty mask needs no labels
+        base_pred, decision.baseline = baseline_predictions(spec, data.targets[train], y)
+        decision.metrics["baseline"] = metric_cis(spec, base_pred, y, raw, n_boot=p.bootstrap, groups=subjects)
+        decision.improvement = paired_improvement(
+            spec, metric, cand_pred, base_pred, y, raw, n_boot=p.bootstrap, confidence=p.confidence, groups=subjects
+        )
+        decision.checks.append(baseline_gate(metric, decision.improvement, p.confidence, decision.baseline))
     elif champion is None and not p.gates:
-        decision.checks.append(GateCheck("absolute gates", True, "none configured (first promotion)"))
+        decision.checks.append(
+            GateCheck("absolute gates", True, "none configured and promote.baseline_gate off (first promotion)")
+        )
     decision.passed = not decision.failed
     if not dry_run:
         _record(cfg, client, decision, cand_rows)
@@ -274,7 +297,7 @@ def _record(cfg: Config, client, d: PromotionDecision, rows: list[dict[str, Any]
     tags = {
         "promotion.decision": "promoted" if d.passed else "rejected",
         "promotion.reasons": reasons[:4000],
-        "promotion.compared_with": d.champion_version or "none",
+        "promotion.compared_with": d.champion_version or ("trivial baseline" if d.baseline else "none"),
         "promotion.run_id": d.mlflow_run_id,
         "promotion.at": d.decided_at,
         "promotion.table_versions": json.dumps(d.table_versions, sort_keys=True),

@@ -35,6 +35,14 @@ def predict(
             help="Check each input with the registry's brainiac-sequence@champion (when there is one).",
         ),
     ] = True,
+    any_version: Annotated[
+        bool,
+        typer.Option(
+            "--any-version",
+            help="Also predict with a version that is not its task's champion (e.g. a refused candidate); its outputs "
+            "are marked NOT CHAMPION.",
+        ),
+    ] = False,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -42,7 +50,8 @@ def predict(
     model's training volumes (recorded with the model: no catalog needed); the result is printed with its units and
     written as one JSON per case to --out. Segmentation also writes the tumour mask on the input's own grid (same
     shape and affine, any orientation or voxel size) and reports its volume in mL. Multi-sequence tasks take one file
-    per sequence flag.
+    per sequence flag. Only a task's [b]champion[/b] (the version that passed every promotion gate) predicts; any
+    other version is refused with the reason it is not champion, unless --any-version.
 
       [b]brainiac predict --model models:/brainiac-segmentation@champion flair.nii.gz[/b]
       [b]brainiac predict --model models:/brainiac-brain_age@champion sub-01_T1w.nii.gz sub-02_T1w.nii.gz[/b]
@@ -61,7 +70,9 @@ def predict(
     def info(line: str) -> None:
         console.print(line, markup=False, highlight=False, style="dim")
 
-    predictions = predict_scans(cfg, model, inputs, out_dir=out, sequence_check=sequence_check, info=info)
+    predictions = predict_scans(
+        cfg, model, inputs, out_dir=out, sequence_check=sequence_check, info=info, any_version=any_version
+    )
     for p in predictions:
         console.print(p.headline, markup=False, highlight=False)
     console.print(f"{len(predictions)} prediction(s) by {predictions[0].model} written to {out}", markup=False,

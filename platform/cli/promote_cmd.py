@@ -40,7 +40,9 @@ def promote(
     - [b]robustness[/b]: under no imaging artifact may the candidate be worse than promote.robustness_tolerance;
     - [b]lineage[/b]: same task spec and the same preprocess_version as the champion;
     - [b]access[/b]: trained only on data levels this deployment allows (catalog.allowed_access);
-    - [b]--gate[/b] thresholds, which alone decide a first promotion when there is no champion yet.
+    - [b]baseline[/b]: a first promotion (no champion yet) must beat the task's trivial baseline (chance, the training
+      mean, a constant risk, an empty mask) by the same paired bootstrap (promote.baseline_gate, on by default);
+    - [b]--gate[/b] thresholds on the candidate's test metrics.
 
     The old champion keeps the alias [b]previous[/b]; the decision, both models' metrics and the reasons go to version
     tags and a model card. A failed gate exits 1 with a table of why.
@@ -74,9 +76,10 @@ def promote(
     against = f"champion v{d.champion_version}" if d.champion_version else "no champion (first promotion)"
     console.print(f"[b]promote[/b] {d.model_name} v{d.candidate_version} vs {against} · task {d.task} · "
                   f"{d.test_cases} test cases · tables {d.table_versions}")  # fmt: skip
-    metrics = Table("metric", "candidate", "champion", title="test metrics (95 % CI)")
+    reference = "baseline" if "baseline" in d.metrics else "champion"
+    metrics = Table("metric", "candidate", reference, title="test metrics (95 % CI)")
     for name, v in d.metrics["candidate"].items():
-        c = d.metrics.get("champion", {}).get(name)
+        c = d.metrics.get(reference, {}).get(name)
         metrics.add_row(name, f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]",
                         f"{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]" if c else "–")  # fmt: skip
     console.print(metrics)

@@ -197,7 +197,8 @@ def test_segmentation_mask_is_on_the_input_grid_and_over_the_tumour(pipeline, re
 def test_regression_prints_the_value_with_units_and_writes_json(pipeline, registry, tmp_path, capsys):
     from brainiac.jobs.finetune.run import finetune
 
-    cfg = _finetune_config(pipeline, registry, tmp_path / "runs", "finetune.task=brain_age", "finetune.max_epochs=1")
+    cfg = _finetune_config(pipeline, registry, tmp_path / "runs", "finetune.task=brain_age", "finetune.max_epochs=1",
+                           "finetune.alias=champion")  # fmt: skip
     s = finetune(cfg, progress=False)
     t1 = pipeline.catalog.sql(
         "SELECT image_uri FROM scans WHERE sequence = 'T1w' AND dataset = 'synth-lifespan-bids' ORDER BY image_uri "
@@ -217,7 +218,18 @@ def test_regression_prints_the_value_with_units_and_writes_json(pipeline, regist
         assert result["inputs"] == {"T1w": str(Path(path).resolve())}
 
 
-def _register_constant_sequence_model(registry: str, preprocess_cfg, alias: str) -> str:
+class ModelRef(str):
+    """A registry URI that also knows the version number it was registered as."""
+
+    version: str
+
+    def __new__(cls, uri: str, version: str) -> ModelRef:
+        out = super().__new__(cls, uri)
+        out.version = version
+        return out
+
+
+def _register_constant_sequence_model(registry: str, preprocess_cfg, alias: str) -> ModelRef:
     """A real registered task model (weights + spec) that calls every input T1w (p ≈ 1), with the recorded
     preprocessing of a task model."""
     from brainiac.models.config import BackboneConfig
@@ -244,7 +256,7 @@ def _register_constant_sequence_model(registry: str, preprocess_cfg, alias: str)
         name, source=source, run_id=run_id, tags={"task": "sequence", "preprocess_version": preprocess_cfg.version()}
     )
     client.set_registered_model_alias(name, alias, version.version)
-    return f"models:/{name}@{alias}"
+    return ModelRef(f"models:/{name}@{alias}", str(version.version))
 
 
 @pytest.mark.timeout(1800)
@@ -270,6 +282,19 @@ def test_sequence_check_rejects_a_confidently_other_sequence(pipeline, registry,
         assert code == 0 and "sequence T1w (T1w 1.00" in stdout
         result = json.loads((tmp_path / "out" / "flair_pir.json").read_text())
         assert result["label"] == "T1w" and sum(result["probabilities"].values()) == pytest.approx(1.0)
+        # A refused candidate is not served; on purpose (--any-version) its outputs are marked NOT CHAMPION.
+        refused = _register_constant_sequence_model(
+            registry, preprocess_config_of(pipeline.catalog, pipeline.volumes.preprocess_version), "challenger"
+        )
+        client.set_model_version_tag("brainiac-sequence", refused.version, "promotion.decision", "rejected")
+        code, _, err = _run(["predict", "--model", "models:/brainiac-sequence@challenger", str(odd_flair["flair"]),
+                             *base], capsys)  # fmt: skip
+        assert code == 2 and "is not the champion" in err and len(err.strip().splitlines()) == 1, err
+        code, stdout, _ = _run(["predict", "--model", "models:/brainiac-sequence@challenger", str(odd_flair["flair"]),
+                                *base, "--any-version"], capsys)  # fmt: skip
+        assert code == 0 and "WARNING" in stdout and "NOT CHAMPION" in stdout
+        result = json.loads((tmp_path / "out" / "flair_pir.json").read_text())
+        assert result["champion"] is False and "refused at promotion" in result["not_champion"]
     finally:
         client.delete_registered_model_alias("brainiac-sequence", "champion")
 
@@ -310,3 +335,40 @@ def test_user_errors_are_one_line_and_exit_2(registry, tmp_path, capsys):
         assert code == 2, (argv, err)
         assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (tmp_path / "out").exists()  # nothing written for a refused request
+
+
+def test_predict_serves_champions_only_and_says_why_a_version_is_refused(registry, tmp_path, capsys):
+    """A version without the champion alias (here: refused at promotion for not beating the trivial baseline, as the
+    quickstart's segmenter was by its Dice gate) is not used: one line naming the version, the promotion's reasons and
+    the missing champion, exit 2, nothing written. The check runs on a real registered model with weights and its
+    recorded preprocessing, so it is the champion rule that refuses it."""
+    from brainiac.ingestion.preprocess import PreprocessConfig
+    from brainiac.jobs.predict import serving_status
+    from brainiac.models.export import model_version
+
+    client = mlflow.MlflowClient(registry, registry_uri=registry)
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # the sequence test may have made it
+        client.delete_registered_model_alias("brainiac-sequence", "champion")
+    ref = _register_constant_sequence_model(registry, PreprocessConfig(fixed_size=16), "refused")
+    reasons = "beats trivial baseline: balanced_accuracy beats the baseline by +0, 95% CI [+0, +0]"
+    client.set_model_version_tag("brainiac-sequence", ref.version, "promotion.decision", "rejected")
+    client.set_model_version_tag("brainiac-sequence", ref.version, "promotion.reasons", reasons)
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8), dtype=np.float32), np.eye(4)), scan)
+    code, stdout, err = _run(["predict", "--model", ref, str(scan), "--out", str(tmp_path / "out"), "--set",
+                              f"tracking.uri={registry}"], capsys)  # fmt: skip
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    err = " ".join(err.split())
+    assert f"brainiac-sequence v{ref.version} is not the champion" in err and "refused at promotion" in err
+    assert reasons in err and "brainiac-sequence has no champion" in err and "--any-version" in err
+    assert not (tmp_path / "out").exists() and "sequence" not in stdout
+
+    # The same version once it holds the alias is served; a newer, never-judged version is not, and names the champion.
+    client.set_registered_model_alias("brainiac-sequence", "champion", ref.version)
+    try:
+        assert serving_status(model_version(ref, registry), registry) is None
+        newer = _register_constant_sequence_model(registry, PreprocessConfig(fixed_size=16), "newer")
+        status = serving_status(model_version(newer, registry), registry)
+        assert status is not None and "never promoted" in status and f"the champion is v{ref.version}" in status
+    finally:
+        client.delete_registered_model_alias("brainiac-sequence", "champion")

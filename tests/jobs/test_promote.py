@@ -1,5 +1,5 @@
 """Registry promotion against both MLflow backends (a sqlite file and a real ``mlflow server`` over HTTP): a first
-promotion decided by absolute gates, a failed gate that leaves the champion untouched, a pass that moves the alias and
+promotion refused when it does not beat the trivial baseline, then decided by absolute gates, a failed gate that leaves the champion untouched, a pass that moves the alias and
 keeps ``previous``, and a rollback; plus the pure gate logic."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch
 from brainiac.jobs.promote.gates import (
     absolute_gates,
     access_gate,
+    baseline_gate,
+    baseline_predictions,
     improvement_gate,
     lineage_gate,
     paired_improvement,
@@ -100,14 +102,29 @@ def test_promote_gates_move_and_roll_back_the_champion(pipeline, trained, tmp_pa
     assert trained["test"]["balanced_accuracy"]["mean"] > 0.5, trained["test"]  # the good model really is better
     bad = _register(uri, trained["bad"], trained["spec"], trained["tags"])
 
-    # 1. First promotion, no champion: only the absolute gates decide. A failing one leaves no champion.
-    assert _promote(pipeline, uri, "--candidate", bad, "--gate", "balanced_accuracy>=0.5") == 1
+    # 1. First promotion, no champion: the candidate must beat the trivial baseline (the training-class prior) by the
+    # paired bootstrap. The one-class model is exactly at chance: refused although its absolute gate passes.
+    assert _promote(pipeline, uri, "--candidate", bad, "--gate", "balanced_accuracy>=0.2") == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "rejected" in out
+    tags = client.get_model_version(NAME, bad).tags
+    assert tags["promotion.decision"] == "rejected" and "beats trivial baseline" in tags["promotion.reasons"]
+    assert (
+        "needs lower bound > 0" in tags["promotion.reasons"] and tags["promotion.compared_with"] == "trivial baseline"
+    )
+    assert float(tags["promotion.baseline.balanced_accuracy"]) == pytest.approx(
+        float(tags["promotion.candidate.balanced_accuracy"])
+    )
+    assert "champion" not in client.get_registered_model(NAME).aliases
+    # With the baseline gate turned off on purpose (seeding a registry), the absolute gates alone decide: a failing one
+    # leaves no champion ...
+    off = ("--set", "promote.baseline_gate=false")
+    assert _promote(pipeline, uri, "--candidate", bad, "--gate", "balanced_accuracy>=0.5", *off) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "gate balanced_accuracy>=0.5" in out and "rejected" in out
     assert "champion" not in client.get_registered_model(NAME).aliases
-    assert client.get_model_version(NAME, bad).tags["promotion.decision"] == "rejected"
     # ... a passing one makes it champion.
-    assert _promote(pipeline, uri, "--candidate", bad, "--gate", "balanced_accuracy>=0.2") == 0
+    assert _promote(pipeline, uri, "--candidate", bad, "--gate", "balanced_accuracy>=0.2", *off) == 0
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == bad
 
     # 2. A better candidate passes the paired improvement gate: champion moves, the old one keeps `previous`.
@@ -155,6 +172,51 @@ def test_promote_gates_move_and_roll_back_the_champion(pipeline, trained, tmp_pa
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert "pickled MLflow model" in err and "re-log it" in err
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == bad
+
+
+def test_a_first_promotion_must_beat_the_trivial_baseline_by_the_paired_subject_bootstrap():
+    """Every kind of task has a baseline that ignores the image; a candidate no better than it fails the gate, one
+    clearly better passes, and the baseline scores chance by construction."""
+    from brainiac.jobs.finetune.engine import score
+
+    rng = np.random.default_rng(0)
+    # Multiclass: the constant prior scores balanced accuracy 1/k and macro AUC 0.5.
+    spec = task_spec("sequence")
+    train, y = rng.integers(0, 4, 80), np.repeat(np.arange(4), 15)
+    base, what = baseline_predictions(spec, train, y)
+    assert base.shape == (60, 4) and "prior" in what
+    assert score(spec, base, y, y) == pytest.approx({"balanced_accuracy": 0.25, "macro_auc": 0.5})
+    subjects = np.arange(60) // 3  # three scans per subject
+    chance = np.eye(4)[rng.integers(0, 4, 60)]  # a model guessing at random
+    imp = paired_improvement(
+        spec, "balanced_accuracy", chance, base, y, y, n_boot=300, confidence=0.95, groups=subjects
+    )
+    assert not baseline_gate("balanced_accuracy", imp, 0.95, what).passed
+    skilled = np.eye(4)[np.where(rng.uniform(size=60) < 0.7, y, rng.integers(0, 4, 60))]
+    imp = paired_improvement(
+        spec, "balanced_accuracy", skilled, base, y, y, n_boot=300, confidence=0.95, groups=subjects
+    )
+    check = baseline_gate("balanced_accuracy", imp, 0.95, what)
+    assert check.passed and "beats the baseline" in check.detail and imp["low"] > 0
+    # A model that *is* the baseline (a constant prediction) improves by exactly 0 on every resample: refused.
+    same = paired_improvement(spec, "balanced_accuracy", base, base, y, y, n_boot=100, confidence=0.95)
+    assert (
+        same == {"value": 0.0, "low": 0.0, "high": 0.0}
+        and not baseline_gate("balanced_accuracy", same, 0.95, what).passed
+    )
+
+    # Regression: the training mean; binary and survival: the training prior (NaN labels ignored); segmentation: empty.
+    spec = task_spec("brain_age")
+    base, what = baseline_predictions(spec, np.array([40.0, 60.0]), np.zeros(5))
+    assert base.tolist() == [50.0] * 5 and "training mean 50" in what
+    base, _ = baseline_predictions(task_spec("survival"), np.array([1.0, 0.0, np.nan, 1.0]), np.zeros(3))
+    assert base == pytest.approx([2 / 3] * 3)
+    spec = task_spec("idh")
+    y = np.r_[np.ones(10), np.zeros(30)].astype(np.float32)
+    base, _ = baseline_predictions(spec, y, y)
+    assert score(spec, base, y, y)["auc"] == 0.5
+    base, what = baseline_predictions(task_spec("segmentation"), np.zeros(0), np.ones((2, 4, 4, 4)))
+    assert base.shape == (2, 4, 4, 4) and not base.any() and what == "empty mask"
 
 
 def test_gates_are_direction_aware_and_name_their_reasons():
