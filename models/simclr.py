@@ -102,14 +102,16 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW or LARS over ``model``'s trainable parameters, without weight decay on biases and norms."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int | None = None) -> torch.optim.Optimizer:
+    """AdamW or LARS over ``model``'s trainable parameters, without weight decay on biases and norms, at peak rate
+    ``cfg.peak_lr(global_batch)`` (``global_batch`` is needed when the config gives a per-256 rate)."""
     groups = _decay_groups(model, cfg.weight_decay)
+    lr = cfg.peak_lr(global_batch)
     if cfg.name == "lars":
-        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient)
+        return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient)
     for g in groups:
         g.pop("lars_adapt")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
 
 
 def warmup_cosine(cfg: OptimConfig, total_steps: int):
@@ -148,6 +150,7 @@ class SimCLRStep:
         device: where the batch and model live.
         precision: ``bf16`` autocast on CUDA, fp32 elsewhere.
         grad_accum_steps: micro-steps per optimiser step.
+        global_batch: pairs per optimiser step over all workers; scales ``optim.base_lr_per_256`` (needed then).
     """
 
     def __init__(
@@ -160,10 +163,11 @@ class SimCLRStep:
         device: torch.device,
         precision: str = "fp32",
         grad_accum_steps: int = 1,
+        global_batch: int | None = None,
     ) -> None:
         self.model, self.device = model, device
         self.loss_fn = NTXentLoss.from_config(ssl)
-        self.optimizer = build_optimizer(model, optim)
+        self.optimizer = build_optimizer(model, optim, global_batch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(optim, total_steps))
         self.augment = BatchedViewAugment(augment) if augment.device == "worker" else None
         self.autocast = device.type == "cuda" and precision == "bf16"

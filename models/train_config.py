@@ -20,9 +20,10 @@ __all__ = ["OptimConfig", "PatchConfig", "PretrainConfig"]
 class PatchConfig:
     """Which volumes feed pretraining and how view pairs are cut from them.
 
-    Two views are crops of the **same location** of one brain: the second crop's corner is the first's moved by a random
-    jitter of at most ``jitter_frac`` of the patch edge per axis, redrawn until the two boxes share at least
-    ``min_overlap`` of their volume. Then each view is augmented independently.
+    Two views are crops of the **same location** of one brain, each at its own random scale (``crop_scale``): the
+    second crop's centre is the first's moved by a random jitter of at most ``jitter_frac`` of the smaller crop's edge
+    per axis, redrawn until the two boxes share at least ``min_overlap`` of the smaller one's volume. Then each view is
+    augmented independently (``augment``; the shipped pretraining configs turn its intensity steps up).
     """
 
     preprocess_version: str = ""
@@ -44,25 +45,22 @@ class PatchConfig:
     """View pairs cut from one decoded volume per pass (decoding is amortised over them)."""
 
     jitter_frac: float = field(default=0.25, metadata=_range(ge=0.0, le=1.0))
-    """Largest shift of the second crop against the first, per axis, as a fraction of the patch edge."""
+    """Largest shift of the second crop against the first, per axis, as a fraction of the (smaller) crop edge."""
 
     min_overlap: float = field(default=0.4, metadata=_range(ge=0.0, le=1.0))
-    """Least shared volume of the two crops (fraction of one crop)."""
+    """Least shared volume of the two crops (fraction of the smaller crop)."""
 
     min_brain_fraction: float = field(default=0.3, metadata=_range(ge=0.0, le=1.0))
     """Least fraction of brain-mask voxels in the first crop (redrawn otherwise), so views are not empty background."""
 
-    crop_fraction_min: float | None = field(default=None, metadata=_range(gt=0.0, le=2.0))
-    """Smallest crop edge as a fraction of the brain's longest bounding-box edge (in ``whole`` voxels); ``None`` with
-    ``crop_fraction_max`` unset: plain ``img_size`` crops. Each crop is resized (trilinear) to ``img_size``: SimCLR's
-    random resized crop, so that pretraining sees anatomy at the scale fine-tuning feeds the model (the whole brain
-    fitted into the ``fixed`` cube), not only ``img_size`` voxels of the finer ``whole`` grid."""
-
-    crop_fraction_max: float | None = field(default=None, metadata=_range(gt=0.0, le=2.0))
-    """Largest crop edge as a fraction of the brain's longest edge; each pair draws its fraction uniformly in
-    [``crop_fraction_min``, ``crop_fraction_max``] (both views share it, so jitter and overlap keep their meaning).
-    ``bench/ssl_probe.py`` on the small cohort: held-out pair retrieval rises with such crops; the linear probes beat a
-    random encoder with and without them (see the bench's docstring)."""
+    crop_scale: tuple[float, float] | None = field(default=(0.4, 1.0), metadata=_range(gt=0.0, le=1.5))
+    """Random resized crops: each view draws its own scale s uniformly in [low, high] and is a cube of edge s·L (L =
+    the ``whole`` volume's longest edge), resized (trilinear) to ``img_size``. At 1.0 a view is the whole volume fitted
+    into the cube, as fine-tuning's ``fixed`` cube shows it; at 0.4 it shows 0.4 of the volume per axis in finer
+    detail. The views' scales are independent, so the encoder learns to match a part to its whole (SimCLR's random
+    resized crop, Chen et al. 2020). ``null``: plain ``img_size``³ crops of the ``whole`` grid, one size for both
+    views: 0.5-0.6 of the volume per axis, a sixth of it (161 x 197 x 171 voxels at 1 mm with 96³ crops; the same
+    at the tiny configs' 3 mm with 32³)."""
 
     min_pairs_per_pass: int = field(default=4096, metadata=_range(ge=1))
     """Each pass of the stream yields at least this many pairs (a small selection cuts more pairs per volume from one
@@ -72,6 +70,12 @@ class PatchConfig:
     shuffle_buffer: int = field(default=64, metadata=_range(ge=0))
     """Pairs held in the local shuffle buffer of each worker's iterator (0 = no shuffle beyond the block order)."""
 
+    def __post_init__(self) -> None:
+        if self.crop_scale is not None and (len(self.crop_scale) != 2 or self.crop_scale[0] > self.crop_scale[1]):
+            raise ConfigError(
+                f"patches.crop_scale must be two numbers [low, high] with low <= high, got {list(self.crop_scale)}"
+            )
+
 
 @dataclass
 class OptimConfig:
@@ -80,8 +84,14 @@ class OptimConfig:
     name: Literal["adamw", "lars"] = "adamw"
     """``adamw`` (ViT default) or ``lars`` (SimCLR's large-batch choice; bias and norm weights skip adaptation)."""
 
-    lr: float = field(default=1.5e-4, metadata=_range(gt=0.0, le=10.0))
-    """Peak learning rate (after warmup) for the global batch."""
+    lr: float | None = field(default=1.5e-4, metadata=_range(gt=0.0, le=10.0))
+    """Peak learning rate (after warmup) for the whole global batch, as given. ``null`` when ``base_lr_per_256`` sets
+    it instead (exactly one of the two is set)."""
+
+    base_lr_per_256: float | None = field(default=None, metadata=_range(gt=0.0, le=10.0))
+    """Linear scaling rule (Goyal et al. 2017; SimCLR, MAE): the peak learning rate is this rate per 256 pairs times
+    the global batch, ``base_lr_per_256 · batch_size · num_workers · grad_accum_steps / 256`` (:meth:`peak_lr`), so
+    one recipe holds at any number of GPUs. A per-256 rate used unscaled on a 4,096-pair batch trains 16x too slowly."""
 
     weight_decay: float = field(default=0.05, metadata=_range(ge=0.0, le=1.0))
     """Decoupled weight decay; never applied to biases and norm weights."""
@@ -103,6 +113,25 @@ class OptimConfig:
 
     grad_clip: float = field(default=1.0, metadata=_range(ge=0.0))
     """Clip the global gradient norm to this value (0 = no clipping)."""
+
+    def __post_init__(self) -> None:
+        if (self.lr is None) == (self.base_lr_per_256 is None):
+            raise ConfigError(
+                "set exactly one of optim.lr (the peak rate as given) and optim.base_lr_per_256 (scaled by the global "
+                f"batch), the other null; got lr={self.lr}, base_lr_per_256={self.base_lr_per_256}"
+            )
+
+    def peak_lr(self, global_batch: int | None = None) -> float:
+        """The peak learning rate for a global batch of ``global_batch`` pairs (per optimiser step, all workers).
+
+        Raises:
+            ValueError: the rate is per 256 pairs and ``global_batch`` is not given.
+        """
+        if self.lr is not None:
+            return self.lr
+        if global_batch is None or global_batch < 1:
+            raise ValueError(f"optim.base_lr_per_256 needs the global batch to scale by, got {global_batch}")
+        return self.base_lr_per_256 * global_batch / 256
 
 
 @dataclass
@@ -183,6 +212,11 @@ class PretrainConfig:
 
     fail_rank: int = field(default=0, metadata=_range(ge=0))
     """Rank that raises at ``fail_at_step``."""
+
+    def global_batch(self, workers: int | None = None) -> int:
+        """View pairs per optimiser step over all workers: ``batch_size · workers · grad_accum_steps`` (``workers``
+        defaults to ``num_workers``, the world size the job starts)."""
+        return self.batch_size * (self.num_workers if workers is None else workers) * self.grad_accum_steps
 
     def __post_init__(self) -> None:
         if self.alias.lower() == "latest" or (self.alias and not self.alias.replace("-", "_").isidentifier()):

@@ -146,8 +146,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if pcfg.compile and device.type == "cuda":
         wrapped = torch.compile(wrapped)
     engine = SimCLRStep(
-        wrapped, cfg.ssl, cfg.optim, cfg.augment, pcfg.max_steps, device, pcfg.precision, pcfg.grad_accum_steps
-    )
+        wrapped, cfg.ssl, cfg.optim, cfg.augment, pcfg.max_steps, device, pcfg.precision, pcfg.grad_accum_steps,
+        global_batch=pcfg.global_batch(world),  # the world that runs, which scales a per-256 learning rate
+    )  # fmt: skip
     engine.generator.manual_seed(cfg.seed * 7919 + rank)
     step, epoch = 0, 0
     if state is not None:

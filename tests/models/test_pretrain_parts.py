@@ -11,7 +11,6 @@ from brainiac.models.config import AugmentConfig, BackboneConfig, ProjectionConf
 from brainiac.models.export import load_encoder, save_encoder
 from brainiac.models.patches import (
     box_overlap,
-    brain_extent,
     crop_box,
     resize_cube,
     sample_pair_corners,
@@ -34,7 +33,9 @@ def _brain(shape=(40, 48, 40)) -> tuple[np.ndarray, np.ndarray]:
 
 def test_view_pairs_are_same_location_crops_within_jitter_and_overlap():
     volume, mask = _brain()
-    cfg = PatchConfig(patches_per_volume=64, jitter_frac=0.25, min_overlap=0.5, min_brain_fraction=0.3)
+    cfg = PatchConfig(
+        patches_per_volume=64, jitter_frac=0.25, min_overlap=0.5, min_brain_fraction=0.3, crop_scale=None
+    )  # plain crops: one size for both views
     first, second, corners = view_pairs(volume, mask, 16, cfg, np.random.default_rng(1))
     assert first.shape == second.shape == (64, 1, 16, 16, 16) and first.dtype == np.float16
     shifts = np.abs(corners[:, 0] - corners[:, 1])
@@ -48,26 +49,66 @@ def test_view_pairs_are_same_location_crops_within_jitter_and_overlap():
         np.testing.assert_array_equal(second[i, 0], crop_box(volume, b, 16))
 
 
-def test_resized_crops_span_a_fraction_of_the_brain_at_the_model_size():
-    volume, mask = _brain()  # brain box 24 x 28 x 24 voxels
-    assert brain_extent(mask) == 28 and brain_extent(np.zeros((5, 7, 6))) == 7
-    cfg = PatchConfig(patches_per_volume=16, crop_fraction_min=0.8, crop_fraction_max=1.0, min_overlap=0.5)
+def test_each_view_draws_its_own_scale_and_is_its_crop_resized():
+    """Issue 19, defect 8: the two views of a pair are random resized crops at independent scales (they shared one)."""
+    volume, mask = _brain()  # 40 x 48 x 40: edges from round(0.4 x 48) = 19 to 48
+    cfg = PatchConfig(patches_per_volume=64, min_overlap=0.3)
+    assert cfg.crop_scale == (0.4, 1.0)  # on by default
     first, second, placed = view_pairs(volume, mask, 16, cfg, np.random.default_rng(2))
-    assert first.shape == second.shape == (16, 1, 16, 16, 16) and first.dtype == np.float16
-    edges = placed[:, 0, 3]
-    assert (placed[:, 1, 3] == edges).all() and edges.min() >= 22 and edges.max() <= 28 and len(set(edges)) > 1
-    for i, (a, b) in enumerate(placed):  # each view is its edge³ crop, resized down (not a plain 16³ crop)
-        edge = int(a[3])
-        assert box_overlap(a[:3], b[:3], edge) >= 0.5
-        np.testing.assert_allclose(first[i, 0], resize_cube(crop_box(volume, a[:3], edge), 16), atol=1e-3)
-    # a linear ramp stays a ramp: resizing keeps the content's layout, at 16 / edge of its slope
-    ramp = np.broadcast_to(np.arange(32, dtype=np.float32)[:, None, None], (32, 32, 32))
-    small = resize_cube(ramp, 16)
-    assert small.shape == (16, 16, 16) and np.all(np.diff(small[:, 8, 8]) > 0)
-    with pytest.raises(ValueError, match="crop_fraction_min"):
-        view_pairs(
-            volume, mask, 16, PatchConfig(crop_fraction_min=0.9, crop_fraction_max=0.5), np.random.default_rng(0)
-        )
+    assert first.shape == second.shape == (64, 1, 16, 16, 16) and first.dtype == np.float16
+    assert placed.shape == (64, 2, 4)
+    e1, e2 = placed[:, 0, 3], placed[:, 1, 3]
+    assert min(e1.min(), e2.min()) >= 19 and max(e1.max(), e2.max()) <= 48
+    assert (e1 != e2).mean() > 0.8  # independent draws: the two views of a pair rarely share a scale
+    assert abs(np.corrcoef(e1, e2)[0, 1]) < 0.4
+    assert e1.max() - e1.min() > 20 and e2.max() - e2.min() > 20  # a wide range of scales
+    for i, (a, b) in enumerate(placed):
+        assert box_overlap(a[:3], b[:3], int(a[3]), int(b[3])) >= 0.3  # the same place
+        np.testing.assert_array_equal(first[i, 0], resize_cube(crop_box(volume, a[:3], int(a[3])), 16))
+        np.testing.assert_array_equal(second[i, 0], resize_cube(crop_box(volume, b[:3], int(b[3])), 16))
+    brain = [crop_box(mask, c[0, :3], int(c[0, 3])).mean() for c in placed]
+    assert min(brain) >= 0.3 * min(1.0, mask.sum() / 48**3)  # first crops hold brain
+    with pytest.raises(ConfigError, match="crop_scale"):
+        PatchConfig(crop_scale=(0.9, 0.5))
+    assert load_config("pretrain/tiny", ["patches.crop_scale=null"]).patches.crop_scale is None
+
+
+def test_scale_one_is_the_whole_volume_fitted_into_the_model_cube():
+    """At scale 1 a view shows the whole volume (padded to a cube, as the ``fixed`` cube fine-tuning sees)."""
+    volume, mask = _brain()
+    cfg = PatchConfig(patches_per_volume=4, crop_scale=(1.0, 1.0), min_overlap=0.0)
+    first, second, placed = view_pairs(volume, mask, 16, cfg, np.random.default_rng(0))
+    assert (placed[:, :, 3] == 48).all() and (placed[:, :, :3] == np.array([-4, 0, -4])).all()
+    cube = crop_box(volume, np.array([-4, 0, -4]), 48)
+    assert cube.astype(np.float64).sum() == pytest.approx(volume.astype(np.float64).sum())  # nothing left out
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(cube.astype(np.float32))[None, None], size=(16, 16, 16), mode="trilinear"
+    )[0, 0].numpy()
+    for view in (*first, *second):
+        np.testing.assert_allclose(view[0].astype(np.float32), expected, atol=2e-3)
+
+
+def test_resize_cube_is_torch_trilinear_both_ways():
+    """Downsizing (large crops) and upsizing (small crops) match ``F.interpolate(mode="trilinear")``."""
+    rng = np.random.default_rng(0)
+    for edge in (7, 16, 23, 40):
+        crop = rng.normal(size=(edge, edge, edge)).astype(np.float32)
+        want = torch.nn.functional.interpolate(torch.from_numpy(crop)[None, None], size=(16,) * 3, mode="trilinear")
+        got = resize_cube(crop, 16)
+        assert got.shape == (16, 16, 16) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want[0, 0].numpy(), atol=1e-5)
+    half = resize_cube(crop.astype(np.float16), 16)
+    assert half.dtype == np.float16 and resize_cube(half, 16) is half
+
+
+def test_view_pairs_are_a_function_of_the_seed():
+    volume, mask = _brain()
+    cfg = PatchConfig(patches_per_volume=8)
+    a = view_pairs(volume, mask, 16, cfg, np.random.default_rng(7))
+    b = view_pairs(volume, mask, 16, cfg, np.random.default_rng(7))
+    c = view_pairs(volume, mask, 16, cfg, np.random.default_rng(8))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not np.array_equal(a[2], c[2])
 
 
 def test_crops_of_a_volume_smaller_than_the_patch_are_centred_and_padded():
@@ -168,6 +209,44 @@ def test_pretrain_configs_ship_and_validate():
 
     assert job_config_name("tiny") == "pretrain/tiny" and job_config_name("default") == "default"
     assert job_config_name("my.yaml") == "my.yaml"
+
+
+def test_vit_b_learning_rate_is_its_per_256_rate_scaled_by_the_global_batch():
+    """Issue 19, defect 10: vit-b's 1.5e-4 is a per-256 rate; on its 4,096-pair batch the peak must be 2.4e-3."""
+    vit = load_config("pretrain/vit-b")
+    assert vit.pretrain.global_batch() == 64 * 64 == 4096
+    assert vit.optim.base_lr_per_256 == 1.5e-4 and vit.optim.lr is None
+    assert vit.optim.peak_lr(vit.pretrain.global_batch()) == pytest.approx(2.4e-3)
+    assert vit.optim.peak_lr(vit.pretrain.global_batch(workers=8)) == pytest.approx(3.0e-4)  # fewer GPUs, lower lr
+    resnet = load_config("pretrain/resnet50")
+    assert resnet.optim.peak_lr(resnet.pretrain.global_batch()) == pytest.approx(0.6)  # SimCLR: 0.3 x 512 / 256
+    # The engine runs at the scaled rate: after warmup the optimiser's lr is base x global batch / 256.
+    model = SimCLRModel(BackboneConfig.tiny(), ProjectionConfig(hidden_dim=16, out_dim=8))
+    optim = OptimConfig(lr=None, base_lr_per_256=1e-3, warmup_steps=0, min_lr_ratio=1.0)
+    engine = SimCLRStep(model, SSLConfig(), optim, AugmentConfig(), 10, torch.device("cpu"), global_batch=1024)
+    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(4e-3)
+    with pytest.raises(ValueError, match="global batch"):
+        build_optimizer(model, optim)
+    with pytest.raises(ConfigError, match="exactly one"):
+        OptimConfig(lr=1e-3, base_lr_per_256=1e-3)
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_config("pretrain/vit-b", ["optim.lr=1e-3"])  # an explicit lr must not be silently overridden
+    assert load_config("pretrain/vit-b", ["optim.lr=1e-3", "optim.base_lr_per_256=null"]).optim.peak_lr(4096) == 1e-3
+
+
+def test_pretraining_augments_contrast_strongly_in_every_shipped_config():
+    """Issue 19, defect 8: SimCLR needs strong per-view intensity changes; the pretrain configs go beyond the mild
+    defaults fine-tuning builds on, for every intensity step."""
+    mild = AugmentConfig()
+    for name in ("tiny", "vit-b", "resnet50"):
+        aug = load_config(f"pretrain/{name}").augment
+        assert aug.gamma_p >= 0.8 and aug.contrast_p >= 0.8, name
+        assert aug.gamma_range[1] - aug.gamma_range[0] > mild.gamma_range[1] - mild.gamma_range[0]
+        assert aug.contrast_range[1] - aug.contrast_range[0] > mild.contrast_range[1] - mild.contrast_range[0]
+        assert aug.bias_field_p > mild.bias_field_p and aug.bias_field_coeff[1] > mild.bias_field_coeff[1]
+        assert aug.noise_p > mild.noise_p and aug.noise_std > mild.noise_std
+        assert aug.smooth_sigma[1] > mild.smooth_sigma[1]
+        assert load_config(f"pretrain/{name}").patches.crop_scale == (0.4, 1.0)
 
 
 def test_flash_attention_computes_the_same_features_with_the_same_weights():
