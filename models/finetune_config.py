@@ -1,8 +1,9 @@
 """Typed config section ``finetune``: which task, strategy, initial weights, data regime, search space and budget.
 
 No torch or Ray import, so the CLI validates a run before paying for either. Values a sweep samples (``lr``,
-``weight_decay``, ``dropout``, ``encoder_lr_mult``, ``freeze_depth``) are the defaults of a single run and the centre of
-the Tune search space; ``*_range`` fields bound the search.
+``weight_decay``, ``dropout``, ``encoder_lr_mult``, ``freeze_depth``, ``layer_decay``) are the defaults of a single run
+and the centre of the Tune search space; ``*_range`` and ``*_choices`` fields bound the search. ``linear`` ignores
+all of them except for segmentation: its probe is solved exactly, the penalty chosen by inner cross-validation.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class FinetuneConfig:
     """Task spec name (``models/tasks/specs.yaml``): sequence, brain_age, idh, survival, mci, stroke_onset, segmentation."""
 
     strategy: Literal["scratch", "linear", "full"] = "full"
-    """``scratch`` = random init; ``linear`` = frozen encoder, head only; ``full`` = everything trains."""
+    """``scratch`` = random init; ``linear`` = frozen encoder, a linear probe fitted to convergence on its features
+    (segmentation: the UNETR decoder trains); ``full`` = everything trains, with layer-wise learning-rate decay."""
 
     init: str = ""
     """Pretrained encoder: a checkpoint/export folder or ``models:/brainiac-encoder@ALIAS`` (``/VERSION``, ``/latest``).
@@ -52,9 +54,19 @@ class FinetuneConfig:
     weight_decay_range: tuple[float, float] = (1e-6, 1e-2)
     dropout: float = field(default=0.1, metadata=_range(ge=0.0, lt=1.0))
     dropout_choices: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3])
-    encoder_lr_mult: float = field(default=0.1, metadata=_range(gt=0.0, le=1.0))
-    """``full``: the encoder's learning rate is ``lr · encoder_lr_mult``."""
-    encoder_lr_mult_choices: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0])
+    encoder_lr_mult: float = field(default=1.0, metadata=_range(gt=0.0, le=1.0))
+    """``full``: the encoder's top layer trains at ``lr · encoder_lr_mult``, lower layers ``layer_decay`` less per
+    layer. 1.0 by default: layer-wise decay already slows the pretrained layers, so ``full`` and ``scratch`` start from
+    the same ``lr`` (the old default 0.1 put every encoder layer at a tenth of scratch's rate)."""
+    encoder_lr_mult_choices: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])
+    layer_decay: float = field(default=0.75, metadata=_range(gt=0.0, le=1.0))
+    """``full``: layer-wise learning-rate decay (BEiT/MAE fine-tuning): encoder depth ``d`` of ``top`` (ViT: patch
+    embedding 0, block ``i`` at ``i + 1``; ResNet: stem 0, stages 1-4) trains at ``lr · encoder_lr_mult ·
+    layer_decay ** (top - d)``. 1.0 turns it off. Hyperparameter key ``layer_decay``."""
+    layer_decay_choices: list[float] = field(default_factory=lambda: [0.65, 0.75, 0.9])
+    warmup_fraction: float = field(default=0.1, metadata=_range(ge=0.0, lt=1.0))
+    """Every gradient-trained strategy: the learning rate rises linearly over this fraction of the optimiser steps,
+    then follows a cosine to 0 (per step, over ``max_epochs``). Hyperparameter key ``warmup_fraction`` (a constant)."""
     freeze_depth: int = field(default=0, metadata=_range(ge=0))
     """``full``: keep the patch embedding and the first ``freeze_depth`` transformer blocks frozen."""
     freeze_depth_choices: list[int] = field(default_factory=lambda: [0, 1, 2])
