@@ -179,7 +179,7 @@ def load_task_data(
     reader = catalog.restricted(cfg.catalog.allowed_access)
     left_out = reader.access_report(cfg.catalog.datasets).line
     version = preprocess_version or cfg.patches.preprocess_version or newest_preprocess_version(reader)
-    wanted = sorted(set(spec.sequences) | set(spec.optional_sequences))
+    wanted = sorted(set(spec.sequences))  # exactly what the model reads (optional_sequences is unused)
     scans = reader.scans(dataset=cfg.catalog.datasets or None, sequence=wanted, version=used["scans"])
     rows = scans.to_arrow([*SCAN_COLUMNS, "access"]).to_pylist()
     if spec.diagnosis:

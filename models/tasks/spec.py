@@ -37,7 +37,8 @@ class TaskSpec:
     per_scan: bool = False
     """Each scan is its own case (the sequence task); otherwise one case per subject session."""
     optional_sequences: list[str] = field(default_factory=list)
-    """Extra sequences used when a session has them (not yet fed to the model: recorded for the spec's reader)."""
+    """Unused; kept so that specs recorded with older models still load. No shipped task lists one: the model reads
+    exactly ``sequences`` (see stroke_onset in ``specs.yaml`` for why FLAIR is not added "when present")."""
     classes: list[str] = field(default_factory=list)
     """Label values in class order (binary: [negative, positive])."""
     threshold: float | None = None

@@ -184,3 +184,12 @@ def test_evaluate_mci_logs_the_saliency_mass_ratio_in_the_hippocampus(pipeline, 
     run = mlflow.MlflowClient(uri, registry_uri=uri).get_run(s.mlflow_run_id)
     assert run.data.metrics["saliency_mass_ratio_hippocampus"] == pytest.approx(s.saliency_mass_ratio)
     assert "saliency_mass_ratio_tumour" not in run.data.metrics
+
+
+def test_task_specs_promise_only_the_inputs_the_model_reads():
+    """stroke_onset promised FLAIR "when present" yet the model read T1w alone (the optional sequence was fetched and
+    dropped). The encoder embeds one 1-channel volume per listed sequence and the head mean-pools a fixed list, so a
+    missing FLAIR has no sound filler: the spec now says T1w, and no shipped spec lists optional sequences."""
+    stroke = task_spec("stroke_onset")
+    assert stroke.sequences == ["T1w"] and "FLAIR" not in stroke.description
+    assert all(not spec.optional_sequences for spec in load_specs().values())
