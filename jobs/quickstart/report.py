@@ -749,6 +749,8 @@ def _live_registry(uri: str) -> list[str]:
 def _decision(d: Mapping[str, Any]) -> Markup:
     verdict = "promoted to champion" if d.get("promoted") else ("passed (dry run)" if d.get("passed") else "rejected")
     against = f"champion v{d['champion_version']}" if d.get("champion_version") else "no champion (first promotion)"
+    if not d.get("champion_version") and d.get("baseline"):
+        against += f", the trivial baseline: {d['baseline']}"
     head = f"{d.get('model_name', '?')} v{d.get('candidate_version', '?')} against {against}: {verdict}"
     checks = [
         [

@@ -1,9 +1,11 @@
 """``brainiac quickstart``: the whole platform on the embedded defaults, in one command, ending in a report.
 
 synth → ingest → preprocess (+ splits) → pretrain → finetune (a Tune sweep per task, some also from scratch) → evaluate
-→ promote (first by absolute gates, then scratch vs pretrained by the paired gate) → predict on held-out scans →
-``report.html``. Everything lives under one work directory: ``cohort/``, ``catalog/`` (Delta tables), ``mlflow.db``,
-``runs/`` (Train/Tune checkpoints), ``predictions/``, ``report.html`` and ``state.json``.
+→ promote (a first candidate must beat its task's trivial baseline and pass its absolute gates, then scratch vs
+pretrained by the paired gate) → predict on held-out scans with each task's champion → ``report.html``. A task whose
+candidates were all refused has no champion and gets no prediction: the tour says so, with the reasons, instead of
+printing a refused model's output as a result. Everything lives under one work directory: ``cohort/``, ``catalog/``
+(Delta tables), ``mlflow.db``, ``runs/`` (Train/Tune checkpoints), ``predictions/``, ``report.html`` and ``state.json``.
 
 ``state.json`` records each finished stage with its summary, written atomically after the stage, so ``--resume`` skips
 what is done and an interruption never leaves a half-written record; the stages themselves are already idempotent or
@@ -234,7 +236,9 @@ class _Context:
                     cfg.promote, candidate=candidate, gates=list(q.gates.get(task, [])), bootstrap=q.bootstrap,
                     robustness_artifacts=list(q.robustness_artifacts)))  # fmt: skip
                 d = promote(cfg, f"brainiac-{task}")
-                verdict = "promoted" if d.promoted else "kept out: " + "; ".join(c.name for c in d.failed)
+                verdict = (
+                    "promoted" if d.promoted else "REFUSED: " + "; ".join(f"{c.name} ({c.detail})" for c in d.failed)
+                )
                 self.echo(f"  brainiac-{task} v{d.candidate_version} ({candidate}): {verdict}")
                 decisions.append(_plain(d))
         return {"decisions": decisions}
@@ -243,19 +247,25 @@ class _Context:
         from brainiac.jobs.predict import predict_scans
         from brainiac.jobs.quickstart.heldout import heldout_inputs
 
-        out = []
+        out, refused = [], []
         folder = self.workdir / "predictions"
         for task in self.cfg.quickstart.tasks:
             uri = _serving_uri(self.cfg, task)
+            if uri is None:
+                why = _no_champion(task, self._stage("promote").get("decisions", []))
+                self.echo(f"  {task}: NO PREDICTION: {why}")
+                refused.append({"task": task, "model": f"brainiac-{task}", "reason": why,
+                                "text": f"{task}: no prediction ({why})"})  # fmt: skip
+                continue
             inputs = heldout_inputs(self._pinned(), task)
-            if uri is None or inputs is None:
+            if inputs is None:
                 continue
             # Held-out catalog scans have known sequences; the check guards users' own files, not these.
             for p in predict_scans(self.cfg, uri, inputs, out_dir=folder, sequence_check=False):
                 record = _plain(p)
                 self.echo(f"  {task}: {record['headline']}")
                 out.append(record)
-        return {"predictions": out}
+        return {"predictions": out, "refused": refused}
 
     def report_inputs(self, stage_seconds: dict[str, float]):
         """What the report and the terminal summary show, from the stage summaries."""
@@ -274,7 +284,10 @@ class _Context:
             finetune=(stages.get("finetune") or {}).get("runs", []),
             evaluations=(stages.get("evaluate") or {}).get("evaluations", []),
             promotions=(stages.get("promote") or {}).get("decisions", []),
-            predictions=(stages.get("predict") or {}).get("predictions", []),
+            predictions=[
+                *(stages.get("predict") or {}).get("predictions", []),
+                *(stages.get("predict") or {}).get("refused", []),
+            ],
             commands=self.commands(),
         )
 
@@ -328,7 +341,10 @@ class _Context:
             return ", ".join(f"{d['model_name']} v{d['candidate_version']} {'✓' if d['promoted'] else '✗'}"
                              for d in s["decisions"])  # fmt: skip
         if stage == "predict":
-            return f"{len(s['predictions'])} predictions"
+            refused = [r["task"] for r in s.get("refused", [])]
+            return f"{len(s['predictions'])} predictions" + (
+                f"; none for {', '.join(refused)} (no champion)" if refused else ""
+            )
         if stage == "report":
             return s["report"]
         return "done"
@@ -340,17 +356,27 @@ class _Context:
 
 
 def _serving_uri(cfg: Config, task: str) -> str | None:
-    """``@champion`` of the task if one was promoted, else ``@challenger``."""
+    """``@champion`` of the task, or ``None`` when no version was promoted: a refused candidate never serves (as in
+    ``brainiac predict``, which refuses any version that is not the champion)."""
     import mlflow
 
+    from brainiac.jobs.predict import CHAMPION_ALIAS
     from brainiac.platform.tracking import use_tracking
 
     uri = use_tracking(cfg.tracking)
     aliases = mlflow.MlflowClient(uri, registry_uri=uri).get_registered_model(f"brainiac-{task}").aliases
-    for alias in ("champion", "challenger"):
-        if alias in aliases:
-            return f"models:/brainiac-{task}@{alias}"
-    return None
+    return f"models:/brainiac-{task}@{CHAMPION_ALIAS}" if CHAMPION_ALIAS in aliases else None
+
+
+def _no_champion(task: str, decisions: list[dict[str, Any]]) -> str:
+    """Why ``task`` has no champion, from this tour's promotion decisions: each refused version with its failed gates."""
+    refused = [
+        f"v{d.get('candidate_version')} refused: "
+        + "; ".join(f"{c.get('name')}: {c.get('detail')}" for c in d.get("checks", []) if not c.get("passed"))
+        for d in decisions
+        if d.get("task") == task and not d.get("promoted")
+    ]
+    return f"brainiac-{task} has no champion" + (f" ({' | '.join(refused)})" if refused else "")
 
 
 def _plain(obj: Any) -> dict[str, Any]:
