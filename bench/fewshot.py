@@ -286,7 +286,7 @@ def run_task(args, catalog: Path, cfg, spec, feats: dict[str, dict[str, np.ndarr
               "scored_subjects": len(set(groups)), "train_subjects": len({data.subjects[i] for i in train})}  # fmt: skip
     if head != "ridge":
         counts["scored_subjects_per_class"] = {
-            ("no class" if not np.isfinite(c) else (spec.classes[int(c)] if spec.classes else str(int(c)))):
+            _class_name(spec, c):
                 len({g for g, yy in zip(groups, y_scored, strict=True) if (yy == c or (np.isnan(c) and np.isnan(yy)))})
             for c in np.unique(y_scored)}  # fmt: skip
     trivial = _trivial(head, metric, target[train], y_scored, n_classes)
@@ -327,6 +327,14 @@ def run_task(args, catalog: Path, cfg, spec, feats: dict[str, dict[str, np.ndarr
         print(f"    {regime:>12}: pretrained {_fmt(res['a'])}  random {_fmt(res['b'])}  diff {_fmt(res['diff'])} "
               f"({len(draws)} draws of {sizes[0]} cases, {cell['seconds']:.0f} s)", flush=True)  # fmt: skip
     return out
+
+
+def _class_name(spec, c: float) -> str:
+    if not np.isfinite(c):
+        return "censored before threshold" if spec.event_label else "no class"
+    if spec.classes:
+        return spec.classes[int(c)]
+    return f"{'>' if c else '≤'} {spec.threshold:g} {spec.units}".strip()
 
 
 def _lam_summary(v: np.ndarray) -> dict[str, float]:
