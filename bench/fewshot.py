@@ -553,6 +553,11 @@ def main() -> None:
               f"dim {embed_info[name]['dim'] or len(next(iter(feats[name].values())))})", flush=True)  # fmt: skip
     embed_seconds = round(time.perf_counter() - t, 1)
     _, backbone = load_encoder(str(pre))
+    import torch
+
+    # The heads are thousands of small batched solves: one thread. Several intra-op threads spin-wait against each
+    # other on a loaded machine (a single-draw fit took 16 s with the default threads at load 60, 0.1 s with one).
+    torch.set_num_threads(1)
     specs = load_specs()
     results: dict[str, dict] = {}
     t = time.perf_counter()
