@@ -556,7 +556,7 @@ def main() -> None:
     import torch
 
     # The heads are thousands of small batched solves: one thread. Several intra-op threads spin-wait against each
-    # other on a loaded machine (a single-draw fit took 16 s with the default threads at load 60, 0.1 s with one).
+    # other on a loaded machine (the smoke preset's heads: 99 s with the default threads, 6 s with one).
     torch.set_num_threads(1)
     specs = load_specs()
     results: dict[str, dict] = {}
