@@ -1,7 +1,8 @@
 """The pure parts of the few-shot bench (bench/fewshot_stats.py, bench/fewshot.py): draws, heads, metrics, bootstrap.
 
 Fast and Ray-free: the bench's statistics are only trustworthy if these hold. The end-to-end ``--preset smoke`` run
-(synth → pretrain → embed → heads, a few minutes) is ``test_smoke_preset`` below, marked ``ray``.
+(synth → ingest → preprocess → pretrain → embed → heads, ~5 min on 2 cores; its own Ray in a subprocess) is
+``test_smoke_preset`` below.
 """
 
 from __future__ import annotations
@@ -158,7 +159,6 @@ def test_vectorised_metrics_match_brute_force():
         assert stats.cindex(t, e, s)[:, None][j, 0] == pytest.approx(metrics.concordance_index(t, e, s[:, j]))
 
 
-@pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_smoke_preset(tmp_path):
     """The whole bench at its smoke preset: a table with every task, the segmentation row marked out of protocol."""
