@@ -194,8 +194,9 @@ def build_engine(cfg, device: torch.device, compile_model: bool = False) -> tupl
     model = SimCLRModel(cfg.model, cfg.projection).to(device)
     wrapped = torch.compile(model) if compile_model else model
     engine = SimCLRStep(
-        wrapped, cfg.ssl, cfg.optim, cfg.augment, cfg.pretrain.max_steps, device, cfg.pretrain.precision, 1
-    )
+        wrapped, cfg.ssl, cfg.optim, cfg.augment, cfg.pretrain.max_steps, device, cfg.pretrain.precision, 1,
+        global_batch=cfg.pretrain.batch_size,  # one GPU: the per-256 rate scales by this batch
+    )  # fmt: skip
     engine.generator.manual_seed(cfg.seed)
     return model, engine
 

@@ -55,10 +55,12 @@ __all__ = [
     "load_model_artifacts",
     "model_version",
     "read_model_folder",
+    "read_pretraining_record",
     "resolve_encoder_dir",
     "save_encoder",
     "save_model_artifacts",
     "write_model_folder",
+    "write_pretraining_record",
 ]
 
 ENCODER_DIR = "encoder"
@@ -74,6 +76,37 @@ def save_encoder(folder: str | Path, encoder: Encoder, backbone: BackboneConfig)
     torch.save({k: v.detach().cpu() for k, v in encoder.state_dict().items()}, folder / "encoder.pt")
     (folder / "backbone.yaml").write_text(yaml.safe_dump(config_to_dict(backbone, redact=False), sort_keys=False))
     return folder
+
+
+PRETRAINING_RECORD = "pretraining.json"
+"""File beside ``encoder.pt`` saying which data the encoder was pretrained on (catalog, split seed, splits, table
+versions), so that fine-tuning can refuse a task whose validation or test subjects the encoder has already seen."""
+
+
+def write_pretraining_record(folder: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``record`` (JSON-serialisable provenance of the pretraining data) as ``pretraining.json`` in ``folder``."""
+    path = Path(folder) / PRETRAINING_RECORD
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_pretraining_record(folder: str | Path) -> dict[str, Any] | None:
+    """The ``pretraining.json`` of an exported encoder folder, or ``None`` when it has none (an encoder from before
+    the record existed, or one imported from elsewhere).
+
+    Raises:
+        UserError: the file exists but is not a JSON object.
+    """
+    path = Path(folder) / PRETRAINING_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return record
 
 
 def model_version(uri: str, tracking_uri: str | None = None):

@@ -2,9 +2,15 @@
 → test once → MLflow parent run with child runs → register ``brainiac-<task>@challenger``.
 
 Train-v2 pattern: each Tune trial builds a ``TorchTrainer`` (one worker) whose reports reach Tune through
-``TuneReportCallback``, so ASHA can stop weak trials early. Hyperparameter configs are crossed with the seeds; selection
-averages the validation metric over a config's seeds and only the chosen config ever sees the test split, with
-bootstrap 95 % confidence intervals.
+``TuneReportCallback``, so ASHA can stop weak trials early. Every sampled hyperparameter config runs once per seed (Tune's
+``constant_grid_search``: the seeds are a grid, the config is drawn once for all of them); selection averages the
+validation metric over all of a config's seeds and only the chosen config ever sees the test split. The reported test
+value of a metric is the mean over seeds of its per-seed value, with a subject-level bootstrap interval of that same
+mean.
+
+Before any trial starts the driver checks what would otherwise fail late or silently: that the encoder was built for
+the volumes' size and channels (:func:`check_encoder_fits`), and that no validation or test subject of the task was in
+the encoder's pretraining split (:func:`check_pretraining_leakage`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ __all__ = ["FinetuneSummary", "finetune"]
 
 log = logging.getLogger(__name__)
 
-HP_KEYS = ("lr", "weight_decay", "dropout", "encoder_lr_mult", "freeze_depth")
+HP_KEYS = ("lr", "weight_decay", "dropout", "encoder_lr_mult", "freeze_depth", "layer_decay", "warmup_fraction")
+"""Hyperparameters a trial reads from its config (:func:`brainiac.jobs.finetune.engine.train_trial`); the sweep
+samples the first six within the config's ranges and keeps ``warmup_fraction`` constant."""
 
 
 @dataclass
@@ -47,7 +55,11 @@ class FinetuneSummary:
     best_config: dict[str, float] = field(default_factory=dict)
     val: dict[str, float] = field(default_factory=dict)
     test: dict[str, dict[str, float]] = field(default_factory=dict)
-    """metric → {mean (over seeds), low, high (95 % bootstrap CI of the seed-averaged prediction), per-seed values}."""
+    """metric → {mean: the mean over seeds of the per-seed test value; low, high: the 95 % subject-level bootstrap
+    interval of that same mean; seeds: the per-seed values}."""
+    leakage_check: str = ""
+    """How the encoder's pretraining subjects were checked against this task's val/test subjects (``verified``, or
+    ``unverified: <why>``; a proven overlap stops the job)."""
     mlflow_run_id: str | None = None
     model_uri: str | None = None
     model_version: str | None = None
@@ -62,25 +74,122 @@ def _regime(cfg: Config) -> str:
     return f"shots={f.shots}" if f.shots else f"fraction={f.fraction}" if f.fraction else "full"
 
 
-def _init_encoder(cfg: Config) -> tuple[Any, dict | None, str]:
-    """(backbone config, encoder state or None, provenance) for the configured strategy and ``init``."""
+def _init_encoder(cfg: Config) -> tuple[Any, dict | None, str, dict[str, Any] | None]:
+    """(backbone config, encoder state or None, provenance, pretraining record or None) for the configured strategy
+    and ``init``; the record (``pretraining.json`` beside the encoder) names the data the encoder was pretrained on."""
     f = cfg.finetune
     if f.strategy == "scratch":
-        return cfg.model, None, "scratch"
+        return cfg.model, None, "scratch", None
     if not f.init:
         raise UserError(f"strategy '{f.strategy}' needs --init (a checkpoint path or models:/brainiac-encoder@ALIAS)")
-    from brainiac.models.export import load_encoder
+    from brainiac.models.export import load_encoder, read_pretraining_record, resolve_encoder_dir
     from brainiac.platform.tracking import resolve_tracking_uri
 
-    # A single file is BrainIAC's official checkpoint format: its architecture is the config's model section.
-    encoder, backbone = load_encoder(f.init, tracking_uri=resolve_tracking_uri(cfg.tracking), backbone=cfg.model)
-    return backbone, {k: v.detach().clone() for k, v in encoder.state_dict().items()}, f.init
+    tracking_uri = resolve_tracking_uri(cfg.tracking)
+    if Path(f.init).expanduser().is_file():
+        # A single file is BrainIAC's official checkpoint format: its architecture is the config's model section.
+        encoder, backbone = load_encoder(f.init, tracking_uri=tracking_uri, backbone=cfg.model)
+        record = None
+    else:
+        folder = resolve_encoder_dir(f.init, tracking_uri)  # download a models:/ encoder once
+        encoder, backbone = load_encoder(str(folder), tracking_uri=tracking_uri, backbone=cfg.model)
+        record = read_pretraining_record(folder)
+    return backbone, {k: v.detach().clone() for k, v in encoder.state_dict().items()}, f.init, record
+
+
+def _configs_where(predicate) -> list[str]:
+    """Names of the shipped configs for which ``predicate(config)`` holds (for an error message that names a fix)."""
+    from brainiac.platform.config import available_configs, load_config
+
+    names = []
+    for name in available_configs():
+        try:
+            if predicate(load_config(name)):
+                names.append(name)
+        except Exception:  # noqa: S112 - a config that does not load on its own (a partial base) names no fix
+            continue
+    return names
+
+
+def check_encoder_fits(backbone, data: TaskData, init: str) -> None:
+    """Refuse, before any trial starts, an encoder whose input size or channels differ from the task's volumes.
+
+    A ViT's position embedding is fixed to its ``img_size``: without this check every Tune trial started and died in
+    its worker with a traceback. The message names both sizes and the shipped configs that would match.
+
+    Raises:
+        UserError: the volumes are not ``img_size``³ (ViT) or have another number of channels than the encoder takes.
+    """
+    channels, *spatial = data.inputs.shape[1:]
+    size = int(backbone.img_size)
+    who = "a scratch model of this config" if init == "scratch" else f"the encoder {init}"
+    if channels != backbone.in_channels:
+        raise UserError(
+            f"{who} takes {backbone.in_channels} input channel(s), but task {data.spec.name} gives {channels} "
+            f"(sequences {list(data.spec.sequences)})"
+        )
+    if backbone.kind == "vit" and tuple(spatial) != (size, size, size):
+        got = "x".join(str(n) for n in spatial)
+        # Preprocessing settings live in the top-level configs, encoders in pretrain/<name>.
+        preprocess = [n for n in _configs_where(lambda c: c.preprocess.fixed_size == size) if "/" not in n]
+        pretrain = [
+            n
+            for n in _configs_where(lambda c: tuple(spatial) == (c.model.img_size,) * 3 and c.model.kind == "vit")
+            if n.startswith("pretrain/")
+        ]
+        fixes = []
+        if preprocess:
+            fixes.append(f"preprocess to {size}³ (`brainiac preprocess --config {preprocess[0]}`)")
+        if pretrain:
+            fixes.append(f"use an encoder built for {got} (`brainiac pretrain --config {pretrain[0]}`)")
+        raise UserError(
+            f"{who} was built for {size}³ inputs, but the volumes of preprocess version {data.preprocess_version} "
+            f"are {got}; " + (" or ".join(fixes) if fixes else f"preprocess with preprocess.fixed_size={size}")
+        )
+
+
+def check_pretraining_leakage(catalog: Catalog, record: dict[str, Any] | None, data: TaskData, split_seed: int) -> str:
+    """Check that no validation or test subject of ``data`` was in the encoder's pretraining split.
+
+    The encoder's ``pretraining.json`` names its catalog, split seed, the splits it trained on and the ``splits``
+    table version; split rows never move, so the subjects it saw are those of its splits under its seed at that
+    version. Only the task's own val/test subjects are looked up (a key join, not the whole table).
+
+    Returns:
+        ``"verified"``, or ``"unverified: <why>"`` when the encoder has no record or comes from another catalog.
+
+    Raises:
+        UserError: some val/test subjects were in the encoder's pretraining data (a different split seed, or
+            pretraining on held-out splits).
+    """
+    if record is None:
+        return "unverified: the encoder has no pretraining record (imported, or exported before records existed)"
+    if record.get("catalog") != catalog.uri:
+        return f"unverified: the encoder was pretrained on another catalog ({record.get('catalog')})"
+    from brainiac.ingestion.splits import read_splits
+
+    held = sorted({sub for sub, split in zip(data.subjects, data.split, strict=True) if split in ("val", "test")})
+    if not held:
+        return "verified"
+    seen_splits = set(record.get("splits") or ["train"])
+    pretrained_split = read_splits(catalog, int(record["split_seed"]), held, version=record.get("splits_version"))
+    leaked = sorted(sub for sub, split in pretrained_split.items() if split in seen_splits)
+    if leaked:
+        raise UserError(
+            f"the encoder was pretrained on {len(leaked)} of this task's {len(held)} validation/test subjects (its "
+            f"split seed {record['split_seed']}, splits {sorted(seen_splits)}; this job's split seed "
+            f"{split_seed}): fine-tune with --set splits.seed={record['split_seed']} or pretrain on this split"
+        )
+    return "verified"
 
 
 def _arrays(data: TaskData, train: np.ndarray, val: np.ndarray) -> dict[str, np.ndarray]:
+    """A trial's arrays; ``train_groups`` (the subject of each training case) keeps a subject in one fold of the
+    linear probe's inner cross-validation."""
     return {
         "train_x": data.inputs[train], "train_y": data.targets[train], "train_raw": data.raw[train],
         "val_x": data.inputs[val], "val_y": data.targets[val], "val_raw": data.raw[val],
+        "train_groups": np.asarray([data.subjects[i] for i in train]),
     }  # fmt: skip
 
 
@@ -175,23 +284,75 @@ def _search_space(cfg: Config) -> dict[str, Any]:
             "dropout": tune.choice(f.dropout_choices),
             "encoder_lr_mult": tune.choice(f.encoder_lr_mult_choices) if f.strategy == "full" else f.encoder_lr_mult,
             "freeze_depth": tune.choice(f.freeze_depth_choices) if f.strategy == "full" else 0,
+            "layer_decay": tune.choice(f.layer_decay_choices) if f.strategy == "full" else f.layer_decay,
+            "warmup_fraction": f.warmup_fraction,
         }
     space["seed"] = tune.grid_search(list(f.seeds)) if len(f.seeds) > 1 else f.seeds[0]
     return space
 
 
+def tune_config(cfg: Config, metric: str, mode: str, concurrent: int):
+    """Tune's settings for the sweep: ``finetune.trials`` hyperparameter draws, each run for every seed.
+
+    ``constant_grid_search`` makes Tune draw the sampled hyperparameters once per sample and run that draw over the
+    whole grid of seeds; without it every (seed, sample) pair drew its own values, so each hyperparameter group held
+    one seed and "averaged over seeds" averaged nothing. ASHA (with more than one trial) stops weak trials early.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    f = cfg.finetune
+    scheduler = None
+    if f.trials > 1:
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=f.max_epochs, grace_period=min(f.grace_epochs, f.max_epochs))
+    return tune.TuneConfig(
+        metric=metric,
+        mode=mode,
+        num_samples=f.trials,
+        search_alg=BasicVariantGenerator(constant_grid_search=True, max_concurrent=concurrent),
+        scheduler=scheduler,
+    )
+
+
+def select_config(rows: list[dict[str, Any]], seeds: int, higher_is_better: bool) -> tuple[tuple, list[dict]] | None:
+    """The hyperparameter group (``hp`` → its trial rows) with the best validation value averaged over its seeds.
+
+    Only groups that completed every seed compete: a config whose seed was stopped early (ASHA) or failed would
+    otherwise be judged on a subset of seeds, which favours lucky draws. ``None`` when no group completed them all.
+    """
+    by_hp: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_hp.setdefault(r["hp"], []).append(r)
+    complete = {hp: rs for hp, rs in by_hp.items() if len({r["seed"] for r in rs}) >= seeds}
+
+    def key(item: tuple[tuple, list[dict]]) -> float:
+        values = [r["value"] for r in item[1] if np.isfinite(r["value"])]
+        if len(values) < len(item[1]):  # a seed with an undefined metric ranks the group last
+            return math.inf
+        mean = float(np.mean(values))
+        return -mean if higher_is_better else mean
+
+    return min(complete.items(), key=key) if complete else None
+
+
 def _test(spec: TaskSpec, data: TaskData, paths: list[str], cfg: Config, backbone, encoder_state) -> tuple:
-    """Score the chosen config's models (one per seed) on the test split; returns (metrics, first model, scale)."""
+    """Score the chosen config's models (one per seed) on the test split, once; returns (metrics, first model, scale).
+
+    Each metric is one estimand, the mean over seeds of its per-seed test value, and its interval is the
+    subject-clustered, class-stratified bootstrap of that same mean (:func:`~brainiac.jobs.finetune.evaluate.
+    seed_mean_cis`): before, the value was the seed mean while the interval bootstrapped the seed-averaged prediction,
+    two different quantities (and a table could show a value outside its own interval).
+    """
     import torch
 
-    from brainiac.jobs.finetune.engine import TargetScale, predict, score
-    from brainiac.jobs.finetune.evaluate import metric_cis
+    from brainiac.jobs.finetune.engine import TargetScale, predict
+    from brainiac.jobs.finetune.evaluate import seed_mean_cis
     from brainiac.models.backbones import build_backbone
     from brainiac.models.tasks.model import build_task_model
 
     test = data.indices("test")
     x, y, raw = data.inputs[test], data.targets[test], data.raw[test]
-    per_seed: list[dict[str, float]] = []
     predictions, first = [], None
     for path in paths:
         # The trial file holds tensors and floats only: read it without unpickling arbitrary objects.
@@ -200,21 +361,15 @@ def _test(spec: TaskSpec, data: TaskData, paths: list[str], cfg: Config, backbon
         model = build_task_model(spec, backbone, encoder, cfg.finetune.strategy)
         model.load_state_dict(saved["state"], strict=True)
         scale = TargetScale(**saved["scale"])
-        p = predict(model, spec, x, scale)
-        predictions.append(p)
-        per_seed.append(score(spec, p, y, raw))
+        predictions.append(predict(model, spec, x, scale))
         first = first or (model, scale)
-    cis = metric_cis(spec, np.mean(predictions, axis=0), y, raw, n_boot=cfg.finetune.bootstrap)
-    out: dict[str, dict[str, float]] = {}
-    for metric in spec.metrics:
-        values = [s[metric] for s in per_seed]
-        finite = [v for v in values if np.isfinite(v)]
-        out[metric] = {"mean": float(np.mean(finite)) if finite else math.nan, "low": cis[metric]["low"],
-                       "high": cis[metric]["high"], "seeds": values}  # fmt: skip
-    return out, first
+    groups = np.asarray([data.subjects[i] for i in test])
+    return seed_mean_cis(spec, predictions, y, raw, groups, n_boot=cfg.finetune.bootstrap), first
 
 
-def _register(cfg: Config, spec: TaskSpec, client, run_id: str, model, scale, data: TaskData, init: str, backbone):
+def _register(
+    cfg: Config, spec: TaskSpec, client, run_id: str, model, scale, data: TaskData, init: str, backbone, leakage: str
+):
     """Log the chosen model as weights plus a typed spec and register it as ``brainiac-<task>`` with the alias.
 
     The run's ``model/`` folder holds ``weights.pt`` and ``model_spec.json`` (:func:`brainiac.models.export.
@@ -247,7 +402,7 @@ def _register(cfg: Config, spec: TaskSpec, client, run_id: str, model, scale, da
     tags = {"task": spec.name, "strategy": cfg.finetune.strategy, "regime": _regime(cfg), "init": init,
             "preprocess_version": data.preprocess_version, "volumes_table_version": str(data.volumes_version),
             "access": ",".join(data.access_levels), "target_mean": str(scale.mean), "target_std": str(scale.std),
-            "units": spec.units, "task_spec": spec.fingerprint()}  # fmt: skip
+            "units": spec.units, "task_spec": spec.fingerprint(), "leakage_check": leakage}  # fmt: skip
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
@@ -267,7 +422,6 @@ def finetune(cfg: Config, *, progress: bool = True) -> FinetuneSummary:
     import ray
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
 
     from brainiac.platform.cluster import init_ray
     from brainiac.platform.tracking import ensure_experiment, flatten_params, use_tracking
@@ -275,9 +429,14 @@ def finetune(cfg: Config, *, progress: bool = True) -> FinetuneSummary:
     started = time.perf_counter()
     f = cfg.finetune
     spec = task_spec(f.task)
-    backbone, encoder_state, init = _init_encoder(cfg)
+    backbone, encoder_state, init, record = _init_encoder(cfg)
     catalog = Catalog.open(cfg.catalog.uri, cfg.catalog.storage_options)
     data = load_task_data(catalog, cfg, spec)
+    check_encoder_fits(backbone, data, init)
+    leakage = "not applicable: scratch" if encoder_state is None else check_pretraining_leakage(
+        catalog, record, data, cfg.splits.seed)  # fmt: skip
+    if leakage.startswith("unverified"):
+        log.warning("pretraining leakage check %s", leakage)
     counts = data.counts()
     if counts["train"] == 0:
         raise UserError(f"task {spec.name}: no training cases in the catalog's train split")
@@ -292,7 +451,8 @@ def finetune(cfg: Config, *, progress: bool = True) -> FinetuneSummary:
     name = dt.datetime.now(dt.UTC).strftime(f"finetune-{spec.name}-{f.strategy}-%Y%m%d-%H%M%S")
     parent = client.create_run(experiment_id, run_name=name, tags={
         "brainiac.job": "finetune", "brainiac.task": spec.name, "brainiac.strategy": f.strategy,
-        "brainiac.regime": _regime(cfg), "brainiac.init": init, "brainiac.access": ",".join(data.access_levels)})  # fmt: skip
+        "brainiac.regime": _regime(cfg), "brainiac.init": init, "brainiac.access": ",".join(data.access_levels),
+        "brainiac.leakage_check": leakage})  # fmt: skip
     for key, value in sorted(flatten_params(cfg).items()):
         if key.startswith(("finetune.", "model.", "catalog.uri", "splits.")):
             client.log_param(parent.info.run_id, key, value)
@@ -321,17 +481,7 @@ def finetune(cfg: Config, *, progress: bool = True) -> FinetuneSummary:
     tuner = tune.Tuner(
         tune.with_resources(_tune_trial, {"CPU": 0.1}),  # the trial only drives its TorchTrainer
         param_space=space,
-        tune_config=tune.TuneConfig(
-            metric=metric if has_val else "train_loss",
-            mode=mode if has_val else "min",
-            num_samples=f.trials,
-            max_concurrent_trials=concurrent,
-            scheduler=ASHAScheduler(
-                time_attr="epoch", max_t=f.max_epochs, grace_period=min(f.grace_epochs, f.max_epochs)
-            )
-            if f.trials > 1
-            else None,
-        ),
+        tune_config=tune_config(cfg, metric if has_val else "train_loss", mode if has_val else "min", concurrent),
         run_config=tune.RunConfig(
             name=name,
             storage_path=str(storage),
@@ -358,21 +508,14 @@ def finetune(cfg: Config, *, progress: bool = True) -> FinetuneSummary:
         raise UserError(f"every trial of the {spec.name} sweep failed; see the log above")
 
     complete = [r for r in rows if r["epoch"] == f.max_epochs and Path(r["path"]).is_file()]
-    by_hp: dict[tuple, list[dict]] = {}
-    for r in complete:
-        by_hp.setdefault(r["hp"], []).append(r)
-
-    def key(item: tuple[tuple, list[dict]]) -> float:
-        values = [r["value"] for r in item[1] if np.isfinite(r["value"])]
-        mean = float(np.mean(values)) if values else math.nan
-        return (-mean if spec.higher_is_better else mean) if np.isfinite(mean) else math.inf
-
-    if not by_hp:
+    chosen = select_config(complete, len(set(f.seeds)), spec.higher_is_better)
+    if chosen is None:
         client.set_terminated(parent.info.run_id, status="FAILED")
-        raise UserError(f"no {spec.name} trial ran to its last epoch")
-    best_hp, best_rows = min(by_hp.items(), key=key)
+        raise UserError(f"no {spec.name} hyperparameter config ran to its last epoch on all {len(f.seeds)} seed(s)")
+    best_hp, best_rows = chosen
     summary = FinetuneSummary(task=spec.name, strategy=f.strategy, regime=_regime(cfg), init=init, cases=counts,
-                              trials=len(rows), stopped_early=len(rows) - len(complete))  # fmt: skip
+                              trials=len(rows), stopped_early=len(rows) - len(complete),
+                              leakage_check=leakage)  # fmt: skip
     summary.best_config = dict(best_hp)
     summary.val = {metric: float(np.nanmean([r["value"] for r in best_rows])) if best_rows else math.nan}
     test, (model, scale) = _test(spec, data, [r["path"] for r in sorted(best_rows, key=lambda r: r["seed"])], cfg,
@@ -391,7 +534,7 @@ def finetune(cfg: Config, *, progress: bool = True) -> FinetuneSummary:
     summary.mlflow_run_id = run_id
     if f.register:
         summary.model_uri, summary.model_version = _register(
-            cfg, spec, client, run_id, model, scale, data, init, backbone
+            cfg, spec, client, run_id, model, scale, data, init, backbone, leakage
         )
     client.set_terminated(run_id, status="FINISHED")
     summary.seconds = time.perf_counter() - started

@@ -195,6 +195,8 @@ def _mlflow_run(cfg: Config, run_name: str, selection: PretrainSelection, catalo
         "brainiac.catalog": catalog.uri,
         "brainiac.volumes_table_version": str(selection.volumes_version),
         "brainiac.preprocess_version": selection.preprocess_version,
+        "brainiac.split_seed": str(cfg.splits.seed),
+        "brainiac.pretrain_splits": ",".join(cfg.patches.splits),
         "brainiac.access": ",".join(selection.access_levels),
         "brainiac.config_hash": config_hash(cfg),
         "brainiac.git_commit": git_commit(),
@@ -209,6 +211,21 @@ def _mlflow_run(cfg: Config, run_name: str, selection: PretrainSelection, catalo
     client.log_dict(run.info.run_id, {"datasets": selection.datasets, "train_volumes": len(selection.train_ids),
                                       "eval_volumes": len(selection.eval_ids)}, "selection.json")  # fmt: skip
     return uri, run.info.run_id
+
+
+def pretraining_record(cfg: Config, catalog: Catalog, selection: PretrainSelection) -> dict[str, Any]:
+    """What the encoder saw, written beside it (``pretraining.json``): fine-tuning reads the catalog's ``splits`` table
+    as of ``splits_version`` under ``split_seed`` and refuses a task whose val/test subjects were in ``splits``."""
+    return {
+        "catalog": catalog.uri,
+        "split_seed": int(cfg.splits.seed),
+        "splits": list(cfg.patches.splits),
+        "splits_version": catalog.version("splits"),
+        "volumes_version": int(selection.volumes_version),
+        "preprocess_version": selection.preprocess_version,
+        "img_size": int(cfg.model.img_size),
+        "train_volumes": len(selection.train_ids),
+    }
 
 
 def _retrieval(
@@ -302,6 +319,7 @@ def pretrain(cfg: Config, *, progress: bool = True) -> PretrainSummary:
     from ray.train.torch import TorchTrainer
 
     from brainiac.jobs.pretrain.loop import train_loop
+    from brainiac.models.export import write_pretraining_record
     from brainiac.platform.cluster import init_ray
 
     started = time.perf_counter()
@@ -382,6 +400,7 @@ def pretrain(cfg: Config, *, progress: bool = True) -> PretrainSummary:
 
             shutil.copytree(Path(folder) / "encoder", Path(local) / "encoder")
         encoder_dir = Path(local) / "encoder"
+        write_pretraining_record(encoder_dir, pretraining_record(cfg, catalog, selection))
         summary.eval_top1, summary.eval_top1_random, summary.eval_pairs = _retrieval(
             cfg, encoder_dir, catalog, selection
         )

@@ -512,7 +512,8 @@ def _finetuning(inputs: ReportInputs, tmp: Path) -> Markup:
     parts: list[str] = [
         _tag(
             "p",
-            "Test-split metrics: the mean over seeds with the 95 % bootstrap interval of the seed-averaged prediction. "
+            "Test-split metrics: the mean over seeds of each seed's test value, with the 95 % subject-level bootstrap "
+            "interval of that same mean. "
             "Arrows in the figure show which direction is better.",
         ),
         _table(["task", "initialisation", "regime", "cases", "trials", "test metrics (95 % CI)", "model"], table),
