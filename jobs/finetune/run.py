@@ -296,7 +296,9 @@ def tune_config(cfg: Config, metric: str, mode: str, concurrent: int):
 
     ``constant_grid_search`` makes Tune draw the sampled hyperparameters once per sample and run that draw over the
     whole grid of seeds; without it every (seed, sample) pair drew its own values, so each hyperparameter group held
-    one seed and "averaged over seeds" averaged nothing. ASHA (with more than one trial) stops weak trials early.
+    one seed and "averaged over seeds" averaged nothing. ASHA stops weak trials early only in a one-seed sweep: it
+    judges each (config, seed) trial alone, so with several seeds it cut single seeds of most configs and left none
+    that could be averaged over all of them (seen in a 2-config x 2-seed sweep).
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -304,7 +306,7 @@ def tune_config(cfg: Config, metric: str, mode: str, concurrent: int):
 
     f = cfg.finetune
     scheduler = None
-    if f.trials > 1:
+    if f.trials > 1 and len(set(f.seeds)) == 1:
         scheduler = ASHAScheduler(time_attr="epoch", max_t=f.max_epochs, grace_period=min(f.grace_epochs, f.max_epochs))
     return tune.TuneConfig(
         metric=metric,

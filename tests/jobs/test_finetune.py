@@ -91,8 +91,7 @@ def test_tune_sweep_logs_child_runs_and_registers_a_challenger(pipeline, tmp_pat
     uri = f"sqlite:///{pipeline.root / 'mlflow.db'}"
     cfg = pipeline.pretrain_config(
         "finetune.task=sequence", "finetune.strategy=full", f"finetune.init={pipeline.encoder.model_uri}",
-        "finetune.trials=2", "finetune.seeds=[0,1]", "finetune.max_epochs=2", "finetune.grace_epochs=1",
-        "finetune.bootstrap=200",
+        "finetune.trials=3", "finetune.max_epochs=2", "finetune.grace_epochs=1", "finetune.bootstrap=200",
         f"finetune.storage_path={tmp_path / 'runs'}",
     )  # fmt: skip
     s = finetune(cfg, progress=False)
@@ -100,11 +99,10 @@ def test_tune_sweep_logs_child_runs_and_registers_a_challenger(pipeline, tmp_pat
 
     # Trials stopped early by ASHA must not keep their CPUs reserved (the next job would wait forever).
     assert ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"] - 0.5
-    assert s.trials == 4 and set(s.best_config) == {
+    assert s.trials == 3 and set(s.best_config) == {
         "lr", "weight_decay", "dropout", "encoder_lr_mult", "freeze_depth", "layer_decay", "warmup_fraction"}  # fmt: skip
-    # The chosen config ran on both seeds (Tune drew it once for the seed grid), and the test value is their mean.
-    per_seed = s.test["balanced_accuracy"]["seeds"]
-    assert len(per_seed) == 2 and s.test["balanced_accuracy"]["mean"] == pytest.approx(np.mean(per_seed))
+    per_seed = s.test["balanced_accuracy"]["seeds"]  # one seed: the test value is that seed's
+    assert len(per_seed) == 1 and s.test["balanced_accuracy"]["mean"] == pytest.approx(per_seed[0])
     assert s.leakage_check == "verified"
     assert set(s.test) == {"balanced_accuracy", "macro_auc"}
     assert (
@@ -114,7 +112,7 @@ def test_tune_sweep_logs_child_runs_and_registers_a_challenger(pipeline, tmp_pat
     parent = client.get_run(s.mlflow_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["brainiac.task"] == "sequence"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.mlflow_run_id}'")
-    assert len(children) == 4 and all("val_balanced_accuracy" in c.data.metrics for c in children)
+    assert len(children) == 3 and all("val_balanced_accuracy" in c.data.metrics for c in children)
     version = client.get_model_version_by_alias("brainiac-sequence", "challenger")
     assert version.run_id == s.mlflow_run_id and version.tags["strategy"] == "full"
     assert version.tags["task_spec"] == task_spec("sequence").fingerprint()  # what the lineage gate of promote checks

@@ -55,6 +55,15 @@ def test_every_hyperparameter_draw_runs_on_every_seed(ray_session, tmp_path):
     assert len(seeds_by_lr) == 3 and all(seeds == {0, 1, 2} for seeds in seeds_by_lr.values())
 
 
+def test_asha_stops_trials_early_only_in_a_one_seed_sweep():
+    """ASHA judges each (config, seed) trial alone: with several seeds it left no config complete on all of them."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    one_seed = tune_config(load_config("tiny", ["finetune.trials=3"]), "val", "max", concurrent=1)
+    seeds = tune_config(load_config("tiny", ["finetune.trials=3", "finetune.seeds=[0,1]"]), "val", "max", concurrent=1)
+    assert isinstance(one_seed.scheduler, ASHAScheduler) and seeds.scheduler is None
+
+
 def test_selection_needs_every_seed_and_averages_them():
     rows = [
         {"hp": ("a",), "seed": 0, "value": 0.9},  # best single value, but seed 1 was stopped early
