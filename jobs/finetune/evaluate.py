@@ -175,37 +175,6 @@ class CaseScorer:
         return out
 
 
-def _bootstrap_seed_means(
-    spec: TaskSpec,
-    per_seed_predictions: Sequence[np.ndarray],
-    targets: np.ndarray,
-    raw: np.ndarray,
-    *,
-    groups: Sequence[str] | np.ndarray | None,
-    strata: np.ndarray | None,
-    n_boot: int,
-    seed: int,
-    alpha: float,
-) -> tuple[dict[str, list[float]], dict[str, tuple[float, float]]]:
-    """Per metric: each seed's score on all cases, and the interval of the seed-averaged score over subject resamples
-    (every resample scores every seed's predictions on the same resampled cases, then averages over seeds)."""
-    from brainiac.models.tasks.metrics import Resampler, percentile_interval
-
-    scorers = [CaseScorer(spec, np.asarray(p), targets, raw) for p in per_seed_predictions]
-    if not scorers:
-        raise ValueError("need the predictions of at least one seed")
-    per_seed = {m: [s()[m] for s in scorers] for m in spec.metrics}
-    if len(targets) < 2:
-        return per_seed, {m: (math.nan, math.nan) for m in spec.metrics}
-    design = Resampler.build(len(targets), groups, case_strata(spec, targets) if strata is None else strata)
-    values = {m: np.empty(n_boot) for m in spec.metrics}
-    for b, idx in enumerate(design.indices(n_boot, seed)):
-        scores = [s(idx) for s in scorers]
-        for m in spec.metrics:
-            values[m][b] = np.mean([sc[m] for sc in scores])
-    return per_seed, {m: percentile_interval(values[m], alpha) for m in spec.metrics}
-
-
 def metric_cis(
     spec: TaskSpec,
     predictions: np.ndarray,
@@ -225,9 +194,8 @@ def metric_cis(
     class, :func:`case_strata`), see :func:`brainiac.models.tasks.metrics.bootstrap_ci`: several scans of one subject
     are not independent evidence.
     """
-    per_seed, cis = _bootstrap_seed_means(spec, [predictions], targets, raw, groups=groups, strata=strata,
-                                          n_boot=n_boot, seed=seed, alpha=0.05)  # fmt: skip
-    return {m: {"value": per_seed[m][0], "low": cis[m][0], "high": cis[m][1]} for m in spec.metrics}
+    one = seed_mean_cis(spec, [predictions], targets, raw, groups, n_boot, seed, strata=strata)
+    return {m: {"value": v["mean"], "low": v["low"], "high": v["high"]} for m, v in one.items()}
 
 
 def seed_mean_cis(
@@ -250,8 +218,21 @@ def seed_mean_cis(
 
     Returns ``{metric: {"mean", "low", "high", "seeds"}}`` with ``seeds`` each seed's score on all test cases.
     """
-    per_seed, cis = _bootstrap_seed_means(spec, per_seed_predictions, targets, raw, groups=groups, strata=strata,
-                                          n_boot=n_boot, seed=seed, alpha=0.05)  # fmt: skip
+    from brainiac.models.tasks.metrics import Resampler, percentile_interval
+
+    scorers = [CaseScorer(spec, np.asarray(p), targets, raw) for p in per_seed_predictions]
+    if not scorers:
+        raise ValueError("need the predictions of at least one seed")
+    per_seed = {m: [s()[m] for s in scorers] for m in spec.metrics}
+    cis = {m: (math.nan, math.nan) for m in spec.metrics}
+    if len(targets) >= 2:
+        design = Resampler.build(len(targets), groups, case_strata(spec, targets) if strata is None else strata)
+        values = {m: np.empty(n_boot) for m in spec.metrics}
+        for b, idx in enumerate(design.indices(n_boot, seed)):
+            scores = [s(idx) for s in scorers]  # every seed scored on the same resampled cases
+            for m in spec.metrics:
+                values[m][b] = np.mean([sc[m] for sc in scores])
+        cis = {m: percentile_interval(values[m], 0.05) for m in spec.metrics}
     return {
         m: {"mean": float(np.mean(per_seed[m])), "low": cis[m][0], "high": cis[m][1], "seeds": per_seed[m]}
         for m in spec.metrics

@@ -164,7 +164,9 @@ def check_pretraining_leakage(catalog: Catalog, record: dict[str, Any] | None, d
     """
     if record is None:
         return "unverified: the encoder has no pretraining record (imported, or exported before records existed)"
-    if record.get("catalog") != catalog.uri:
+    from brainiac.platform.config import redact_uri_credentials
+
+    if record.get("catalog") != redact_uri_credentials(catalog.uri):
         return f"unverified: the encoder was pretrained on another catalog ({record.get('catalog')})"
     from brainiac.ingestion.splits import read_splits
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from brainiac.jobs.pretrain.stream import PretrainSelection, eval_pairs, pair_dataset, select_volumes
 from brainiac.platform.catalog import Catalog
-from brainiac.platform.config import DEFAULT_DATA_DIR, Config, config_to_dict
+from brainiac.platform.config import DEFAULT_DATA_DIR, Config, config_to_dict, redact_uri_credentials
 from brainiac.platform.errors import UserError
 from brainiac.platform.storage import StorageLocation
 
@@ -192,7 +192,7 @@ def _mlflow_run(cfg: Config, run_name: str, selection: PretrainSelection, catalo
     tags = {
         RUN_NAME_TAG: run_name,
         "brainiac.job": "pretrain",
-        "brainiac.catalog": catalog.uri,
+        "brainiac.catalog": redact_uri_credentials(catalog.uri),
         "brainiac.volumes_table_version": str(selection.volumes_version),
         "brainiac.preprocess_version": selection.preprocess_version,
         "brainiac.split_seed": str(cfg.splits.seed),
@@ -217,7 +217,7 @@ def pretraining_record(cfg: Config, catalog: Catalog, selection: PretrainSelecti
     """What the encoder saw, written beside it (``pretraining.json``): fine-tuning reads the catalog's ``splits`` table
     as of ``splits_version`` under ``split_seed`` and refuses a task whose val/test subjects were in ``splits``."""
     return {
-        "catalog": catalog.uri,
+        "catalog": redact_uri_credentials(catalog.uri),  # an identity to compare, never a secret
         "split_seed": int(cfg.splits.seed),
         "splits": list(cfg.patches.splits),
         "splits_version": catalog.version("splits"),
