@@ -31,6 +31,43 @@ TINY_RAY = ClusterConfig(num_cpus=4, object_store_memory_mb=256, include_dashboa
 RAY_FIXTURES = {"ray_session", "pipeline", "tour"}
 """Fixtures that run Ray; a test using one must carry an explicit ``@pytest.mark.timeout`` so a hang fails fast."""
 
+SERVICE_FIXTURES = {"s3_server", "s3_options", "s3_bucket", "mlflow_server", "services", "tour"}
+"""Fixtures that start real servers (moto S3, MLflow, the local stack): their tests are ``integration``."""
+
+SLOW_FIXTURES = {"synth_study", "tour"}
+"""Fixtures that cost a minute or more to build (the learnability cohort, a whole quickstart)."""
+
+SLOW_TIMEOUT_S = 240
+"""A test that allows itself this long (``@pytest.mark.timeout``) runs a job end to end: ``slow``."""
+
+TIERS = {
+    "ray": "uses Ray (a Ray fixture, or marked by hand when it starts Ray itself)",
+    "integration": "starts or talks to real services (moto S3, MLflow server, the local stack)",
+    "slow": f"runs a job end to end (timeout >= {SLOW_TIMEOUT_S} s, or a fixture that builds a cohort or a quickstart)",
+    "unit": "none of the above: the quick tier (`infra/local/test.sh --quick`)",
+}
+"""Test tiers, applied by :func:`pytest_collection_modifyitems` from what each test uses; never set ``unit`` by hand."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, meaning in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+def tiers_of(item: pytest.Item) -> set[str]:
+    """The tiers a collected test belongs to, from its fixtures and markers (``unit`` when it is in no other)."""
+    fixtures = set(getattr(item, "fixturenames", ()))
+    tiers = {name for name in ("ray", "integration", "slow") if item.get_closest_marker(name) is not None}
+    if fixtures & RAY_FIXTURES:
+        tiers.add("ray")
+    if fixtures & SERVICE_FIXTURES or item.get_closest_marker("stack") is not None:
+        tiers.add("integration")
+    timeout = item.get_closest_marker("timeout")
+    seconds = timeout.args[0] if timeout is not None and timeout.args else timeout and timeout.kwargs.get("timeout")
+    if fixtures & SLOW_FIXTURES or (isinstance(seconds, int | float) and seconds >= SLOW_TIMEOUT_S):
+        tiers.add("slow")
+    return tiers or {"unit"}
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     missing = [
@@ -40,6 +77,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ]
     if missing:
         raise pytest.UsageError(f"Ray tests without @pytest.mark.timeout: {', '.join(missing)}")
+    if any(item.get_closest_marker("unit") is not None for item in items):
+        raise pytest.UsageError("the unit tier is derived from what a test uses; remove @pytest.mark.unit")
+    for item in items:
+        for tier in tiers_of(item):
+            item.add_marker(tier)
 
 
 @pytest.fixture(scope="session", autouse=True)

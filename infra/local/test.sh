@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
 # Set up the environment and run the whole test suite (lint included). This is the README's test command and what
 # .ci/run executes. Fails if no test ran: pytest's exit code 5 (nothing collected) and an all-skipped run are failures.
+#   infra/local/test.sh                 # everything (CI): ruff, then every tier
+#   infra/local/test.sh --quick         # day-to-day: ruff, then the unit tier only (no Ray, no servers, no end-to-end
+#                                       # jobs; tiers are derived in tests/conftest.py), a few minutes
+#   infra/local/test.sh tests/models    # extra arguments go to pytest
 set -euo pipefail
+TIER=()
+if [[ "${1:-}" == "--quick" ]]; then
+  TIER=(-m unit)
+  shift
+fi
 cd "$(dirname "$0")/../.."
 infra/local/setup.sh --dev
 export RAY_USAGE_STATS_ENABLED=0 MPLBACKEND=Agg  # Ray runs with token auth (brainiac.platform.cluster)
@@ -11,7 +20,7 @@ echo "[test] ruff"
 mkdir -p test-results
 echo "[test] pytest"
 set +e
-.venv/bin/pytest --junitxml=test-results/junit.xml --durations=15 "$@"
+.venv/bin/pytest --junitxml=test-results/junit.xml --durations=15 "${TIER[@]}" "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then
