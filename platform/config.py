@@ -350,6 +350,43 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     return obj
 
 
+def with_values(cfg: T, values: Mapping[str, Any]) -> T:
+    """A copy of ``cfg`` with dotted keys set to already-typed values (what CLI flags carry), built with
+    :func:`dataclasses.replace` so each section's ``__post_init__`` checks run again. Values are checked against the
+    field's type and range but never re-parsed as text: ``--catalog 0123`` stays the string ``"0123"`` and a path
+    named ``on`` stays a path. ``None`` values (flags not given) are skipped.
+
+    Example:
+        >>> cfg = with_values(load_config("tiny"), {"catalog.uri": "0123", "pretrain.max_steps": 5})
+        >>> cfg.catalog.uri, cfg.pretrain.max_steps
+        ('0123', 5)
+
+    Raises:
+        ConfigError: an unknown key, or a value of the wrong type or out of range; the message names the key.
+    """
+    for key, value in values.items():
+        if value is not None:
+            cfg = _replace_path(cfg, key.split("."), value, key)
+    return cfg
+
+
+def _replace_path(obj: T, parts: Sequence[str], value: Any, key: str) -> T:
+    fields = {f.name: f for f in dataclasses.fields(obj) if f.init}  # type: ignore[arg-type]
+    name = parts[0]
+    if name not in fields:
+        raise _unknown_key_error(key, name, list(fields))
+    if len(parts) == 1:
+        typed = _coerce(value, typing.get_type_hints(type(obj))[name], key)
+        _check_range(typed, fields[name].metadata, key)
+    else:
+        section = getattr(obj, name)
+        if not dataclasses.is_dataclass(section):
+            raise ConfigError(f"config key '{'.'.join(key.split('.')[: len(key.split('.')) - len(parts) + 1])}' "
+                              "is a value, not a section")  # fmt: skip
+        typed = _replace_path(section, parts[1:], value, key)
+    return dataclasses.replace(obj, **{name: typed})  # type: ignore[type-var]
+
+
 def config_to_dict(obj: Any, *, redact: bool = True) -> Any:
     """Plain-data view of a config for YAML output and MLflow params. Secret-looking values are redacted."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from brainiac.platform.config import Config, load_config
+from brainiac.platform.config import Config, load_config, with_values
+from brainiac.platform.errors import UserError
 
 if TYPE_CHECKING:
     from brainiac.platform.catalog import AccessReport, Catalog
@@ -57,17 +59,26 @@ def build_config(
     config: str | Path | None,
     overrides: list[str] | None,
     *,
+    flags: Mapping[str, Any] | None = None,
     catalog: str | None = None,
     datasets: list[str] | None = None,
 ) -> Config:
-    """Config from ``--config`` and ``--set``, then explicit flags (which win over both)."""
-    extra = list(overrides or [])
-    if catalog is not None:
-        extra.append(f"catalog.uri={catalog}")
-    cfg = load_config(config, extra)
-    if datasets:  # set as given: a name such as "yes" or "1" must not go through YAML's scalar typing
-        cfg.catalog.datasets = list(dict.fromkeys(datasets))
-    return cfg
+    """Config from ``--config`` and ``--set`` (text, parsed as YAML), then explicit flags, which win over both.
+
+    Flags are typed values set on the config object by dotted key (:func:`~brainiac.platform.config.with_values`), never
+    turned back into ``key=value`` text: ``--catalog 0123`` or ``--catalog on`` stays that string. ``None`` = not given.
+    """
+    cfg = load_config(config, list(overrides or []))
+    values = {"catalog.uri": catalog, "catalog.datasets": list(dict.fromkeys(datasets)) if datasets else None}
+    return with_values(cfg, {**values, **(flags or {})})
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]`` for a comma-separated flag; anything else is a :class:`UserError` naming the flag."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise UserError(f"{flag} takes comma-separated integers, e.g. 0,1,2; got {text!r}") from exc
 
 
 def open_catalog(cfg: Config) -> Catalog:

@@ -12,6 +12,7 @@ from brainiac.platform.cli.common import (
     DatasetOption,
     SetOption,
     build_config,
+    parse_int_list,
     report_access,
 )
 
@@ -67,14 +68,10 @@ def finetune(
 
     from brainiac.jobs.finetune.run import finetune as run
 
-    extra = [*list(set_ or []), f"finetune.task={task}"]
-    for key, value in (("strategy", strategy), ("init", init), ("shots", shots), ("fraction", fraction),
-                       ("trials", trials), ("max_epochs", epochs)):  # fmt: skip
-        if value is not None:
-            extra.append(f"finetune.{key}={value}")
-    if seeds is not None:
-        extra.append(f"finetune.seeds=[{seeds}]")
-    cfg = build_config(config, extra, catalog=catalog, datasets=dataset)
+    flags = {"finetune.task": task, "finetune.strategy": strategy, "finetune.init": init, "finetune.shots": shots,
+             "finetune.fraction": fraction, "finetune.trials": trials, "finetune.max_epochs": epochs,
+             "finetune.seeds": parse_int_list(seeds, "--seeds") if seeds is not None else None}  # fmt: skip
+    cfg = build_config(config, set_, flags=flags, catalog=catalog, datasets=dataset)
     report_access(cfg)  # an unknown or forbidden --dataset stops here; say what the access levels leave out
     s = run(cfg, progress=not quiet)
     console = Console()

@@ -63,20 +63,13 @@ def pretrain(
 
     from brainiac.jobs.pretrain.run import pretrain as run
 
-    extra = list(set_ or [])
-    if workers is not None:
-        extra.append(f"pretrain.num_workers={workers}")
+    flags = {"pretrain.num_workers": workers, "pretrain.max_steps": max_steps, "pretrain.run_name": run_name,
+             "cluster.address": address}  # fmt: skip
     if gpus_per_worker is not None:
-        extra += [f"pretrain.use_gpu={'true' if gpus_per_worker > 0 else 'false'}"]
+        flags["pretrain.use_gpu"] = gpus_per_worker > 0
         if gpus_per_worker > 0:
-            extra.append(f"pretrain.gpus_per_worker={gpus_per_worker}")
-    if max_steps is not None:
-        extra.append(f"pretrain.max_steps={max_steps}")
-    if run_name is not None:
-        extra.append(f"pretrain.run_name={run_name}")
-    if address is not None:
-        extra.append(f"cluster.address={address}")
-    cfg = build_config(job_config_name(config), extra, catalog=catalog, datasets=dataset)
+            flags["pretrain.gpus_per_worker"] = gpus_per_worker
+    cfg = build_config(job_config_name(config), set_, flags=flags, catalog=catalog, datasets=dataset)
     report_access(cfg)  # an unknown or forbidden --dataset stops here; say what the access levels leave out
     s = run(cfg, progress=not quiet)
     console = Console()

@@ -56,14 +56,9 @@ def promote(
     from brainiac.jobs.promote.run import promote as run_promote
     from brainiac.jobs.promote.run import rollback as run_rollback
 
-    extra = list(set_ or [])
-    if candidate is not None:
-        extra.append(f"promote.candidate={candidate}")
-    if gate:
-        extra.append("promote.gates=[" + ", ".join(f"'{g}'" for g in gate) + "]")
-    if min_delta is not None:
-        extra.append(f"promote.min_delta={min_delta}")
-    cfg = build_config(config, extra, catalog=catalog)
+    flags = {"promote.candidate": candidate, "promote.gates": list(gate) if gate else None,
+             "promote.min_delta": min_delta}  # fmt: skip
+    cfg = build_config(config, set_, flags=flags, catalog=catalog)
     console = Console()
     if rollback:
         r = run_rollback(cfg, model)

@@ -72,16 +72,9 @@ def synth(
     [b]full[/b] takes about 18 s and 60 MB per subject. Example: [b]brainiac synth ./synth --subjects 40 --seed 0[/b], then
     [b]brainiac ingest ./synth/synth-lifespan-bids ...[/b]
     """
-    overrides = list(set_ or [])
-    if preset is not None:
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        overrides.append(f"synth.preset={preset}")
-    if subjects is not None:
-        overrides.append(f"synth.subjects={subjects}")
-    if seed is not None:
-        overrides.append(f"seed={seed}")
-    cfg = build_config(config, overrides)
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    cfg = build_config(config, set_, flags={"synth.preset": preset, "synth.subjects": subjects, "seed": seed})
 
     from rich.console import Console
     from rich.table import Table

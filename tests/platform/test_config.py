@@ -12,6 +12,7 @@ from brainiac.platform.config import (
     config_to_dict,
     from_dict,
     load_config,
+    with_values,
 )
 from brainiac.platform.errors import ConfigError
 
@@ -129,3 +130,30 @@ def test_credentials_are_redacted_in_printed_configs_and_mlflow_params(capsys):
     assert main(["config", "show", "-c", "tiny", "--set", overrides[0], "--set", overrides[1]]) == 0
     out = capsys.readouterr().out
     assert "hunter2" not in out and "alice:***@mlflow.example.org" in out
+
+
+def test_flags_are_set_on_the_typed_config_never_reparsed_as_yaml():
+    from brainiac.platform.cli.common import build_config
+
+    # Through "catalog.uri=0123" text, YAML read the octal 83 and the uri became "83"; "on" became a boolean.
+    for uri in ("0123", "on", "1e3", "[a]"):
+        assert build_config("tiny", None, catalog=uri).catalog.uri == uri
+    cfg = build_config("tiny", ["pretrain.max_steps=7", "catalog.uri=/a"], flags={"pretrain.max_steps": 9},
+                       catalog="/b", datasets=["yes", "1", "yes"])  # fmt: skip
+    assert (cfg.pretrain.max_steps, cfg.catalog.uri, cfg.catalog.datasets) == (9, "/b", ["yes", "1"])
+    assert build_config("tiny", ["pretrain.max_steps=7"], flags={"pretrain.max_steps": None}).pretrain.max_steps == 7
+
+
+def test_with_values_checks_keys_types_and_ranges_and_leaves_the_original_alone():
+    base = load_config("tiny")
+    cfg = with_values(base, {"finetune.seeds": [3, 4], "preprocess.fixed_size": 16})
+    assert cfg.finetune.seeds == [3, 4] and cfg.preprocess.fixed_size == 16
+    assert base.finetune.seeds != [3, 4] and base.preprocess.fixed_size == 32  # a copy, not a mutation
+    with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
+        with_values(base, {"pretrain.max_step": 1})
+    with pytest.raises(ConfigError, match="'pretrain.max_steps' expects an integer"):
+        with_values(base, {"pretrain.max_steps": "5"})
+    with pytest.raises(ConfigError, match="'pretrain.max_steps' must be >= 1"):
+        with_values(base, {"pretrain.max_steps": 0})
+    with pytest.raises(ConfigError, match="'catalog.uri' is a value, not a section"):
+        with_values(base, {"catalog.uri.x": 1})
