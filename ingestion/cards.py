@@ -78,7 +78,7 @@ class DatasetCard:
         except re.error as exc:
             raise ConfigError(
                 f"dataset card '{self.name}': field 'case_id_pattern' is not a valid regex: {exc}"
-            ) from None
+            ) from exc
 
 
 def normalize_case_id(raw: object, pattern: str) -> str:
@@ -106,12 +106,12 @@ def load_card(source: str | Path) -> DatasetCard:
     try:
         return from_dict(DatasetCard, data, prefix="card")
     except ConfigError as exc:
-        raise ConfigError(f"dataset card {origin}: {exc}") from None
+        raise ConfigError(f"dataset card {origin}: {exc}") from exc
     except TypeError as exc:  # a required field is missing
         missing = re.findall(r"'(\w+)'", str(exc))
         raise ConfigError(
             f"dataset card {origin}: missing required field(s) {', '.join(missing) or str(exc)}"
-        ) from None
+        ) from exc
 
 
 def card_for(dataset: str) -> DatasetCard | None:

@@ -328,8 +328,8 @@ def parse_slice_header(head: bytes, uri: str, size: int) -> SliceHeader:
             ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=list(HEADER_KEYWORDS), force=True)
     except Exception as exc:
         if len(head) < size:
-            raise EOFError(f"header longer than {len(head)} bytes") from None
-        raise SeriesError("dicom_unreadable", f"{posixpath.basename(uri)}: {describe_error(exc)}") from None
+            raise EOFError(f"header longer than {len(head)} bytes") from exc
+        raise SeriesError("dicom_unreadable", f"{posixpath.basename(uri)}: {describe_error(exc)}") from exc
     meta = getattr(ds, "file_meta", None)
     if meta is not None and str(getattr(meta, "TransferSyntaxUID", "") or "") == _DEFLATED:
         if len(head) < size:
@@ -338,7 +338,7 @@ def parse_slice_header(head: bytes, uri: str, size: int) -> SliceHeader:
             full = pydicom.dcmread(io.BytesIO(head), force=True)
             pixels = full.get("PixelData")
         except Exception as exc:  # a cut deflate stream
-            raise SeriesError("truncated", f"{posixpath.basename(uri)}: {describe_error(exc)}") from None
+            raise SeriesError("truncated", f"{posixpath.basename(uri)}: {describe_error(exc)}") from exc
         expected = _expected_pixel_bytes(full)
         has_pixels, decided = bool(pixels), True
         truncated = bool(pixels) and expected is not None and len(pixels) < expected

@@ -62,7 +62,7 @@ def parse_nifti_header(head: bytes) -> nib.Nifti1Header:
                 try:
                     hdr = cls.from_fileobj(io.BytesIO(head), check=False)
                 except Exception as exc:
-                    raise HarvestError("not_nifti", f"unreadable header: {exc}") from None
+                    raise HarvestError("not_nifti", f"unreadable header: {exc}") from exc
                 magic = bytes(hdr["magic"]).rstrip(b"\x00")
                 if magic not in (b"n+1", b"ni1", b"n+2", b"ni2"):
                     raise HarvestError("not_nifti", f"bad magic {magic!r}")
@@ -103,8 +103,8 @@ def harvest_nifti(file: StorageLocation) -> NiftiFacts:
                 if len(head_raw) < 65536:
                     head_raw += chunk[: 65536 - len(head_raw)]
                 tail = (tail + chunk)[-4:]
-    except FileNotFoundError:
-        raise HarvestError("missing_file", "the file vanished since it was listed") from None
+    except FileNotFoundError as exc:
+        raise HarvestError("missing_file", "the file vanished since it was listed") from exc
     if total == 0:
         raise HarvestError("empty_file", "0 bytes")
     gz = head_raw[:2] == b"\x1f\x8b"
@@ -112,7 +112,7 @@ def harvest_nifti(file: StorageLocation) -> NiftiFacts:
         try:
             head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(bytes(head_raw), _HEADER_BYTES)
         except zlib.error as exc:
-            raise HarvestError("truncated", f"corrupt gzip stream: {exc}") from None
+            raise HarvestError("truncated", f"corrupt gzip stream: {exc}") from exc
     else:
         head = bytes(head_raw[:_HEADER_BYTES])
     hdr = parse_nifti_header(head)

@@ -131,7 +131,7 @@ def read_scan(path: str | Path) -> nib.Nifti1Image:
     try:
         img = nib.load(p)
     except Exception as exc:  # nibabel raises several types (ImageFileError, gzip/zlib, struct errors)
-        raise UserError(f"{path} is not a readable NIfTI file ({_first_line(exc)})") from None
+        raise UserError(f"{path} is not a readable NIfTI file ({_first_line(exc)})") from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise UserError(f"{path} is a {type(img).__name__}, not a NIfTI file (.nii or .nii.gz)")
     shape = img.shape
@@ -144,7 +144,7 @@ def _voxels(img: nib.Nifti1Image, path: str) -> np.ndarray:
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # a truncated or corrupt payload only shows when decoded
-        raise UserError(f"{path}: the voxels cannot be read ({_first_line(exc)})") from None
+        raise UserError(f"{path}: the voxels cannot be read ({_first_line(exc)})") from exc
     return data[..., 0] if data.ndim == 4 else data
 
 
@@ -330,9 +330,9 @@ def preprocess_file(path: str | Path, cfg: PreprocessConfig) -> tuple[nib.Nifti1
     try:
         result = preprocess_scan(_voxels(img, str(path)), img.affine, cfg)
     except VoxelDefect as exc:
-        raise UserError(f"{path}: {exc}") from None
+        raise UserError(f"{path}: {exc}") from exc
     except ValueError as exc:
-        raise UserError(f"{path}: {_first_line(exc)}") from None
+        raise UserError(f"{path}: {_first_line(exc)}") from exc
     # Models read the fixed cube only; the whole-brain crop is dropped, so many scans can wait in memory together.
     empty = np.zeros((0, 0, 0), np.uint8)
     return img, dataclasses.replace(result, whole=empty.astype(np.float16), mask=empty, labels_whole={})

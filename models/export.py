@@ -128,7 +128,7 @@ def model_version(uri: str, tracking_uri: str | None = None):
         name, _, number = name.partition("/")
         return client.get_model_version(name, number)
     except mlflow.exceptions.MlflowException as exc:
-        raise UserError(f"cannot find {uri}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot find {uri}: {str(exc).splitlines()[0]}") from exc
 
 
 def resolve_encoder_dir(ref: str, tracking_uri: str | None = None) -> Path:
@@ -147,7 +147,7 @@ def resolve_encoder_dir(ref: str, tracking_uri: str | None = None) -> Path:
         try:
             path = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
         except MlflowException as exc:
-            raise UserError(f"cannot load encoder {ref}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"cannot load encoder {ref}: {str(exc).splitlines()[0]}") from exc
     else:
         path = Path(ref).expanduser()
     for candidate in (path, path / ENCODER_DIR):
@@ -184,7 +184,7 @@ def load_encoder(
     except RuntimeError as exc:  # torch lists the missing and unexpected keys
         raise UserError(
             f"encoder weights at {ref} do not match its backbone: {' '.join(str(exc).split())[:600]}"
-        ) from None
+        ) from exc
     return encoder, backbone
 
 

@@ -154,9 +154,9 @@ def _read_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
         raise UserError(
             f"{path} holds Python objects besides tensors ({str(exc).splitlines()[0][:200]}); if you trust the file, "
             "import it with trust_pickle=True"
-        ) from None
+        ) from exc
     except Exception as exc:  # a truncated or foreign file
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint: {type(exc).__name__}: {exc}") from None
+        raise UserError(f"cannot read {path} as a PyTorch checkpoint: {type(exc).__name__}: {exc}") from exc
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping) or not state:
         raise UserError(f"{path} is not a state dict or a Lightning checkpoint with a 'state_dict'")
@@ -228,7 +228,7 @@ def import_brainiac_checkpoint(
     try:
         encoder.load_state_dict(new_state, strict=True)
     except RuntimeError as exc:  # should not happen after the checks above; never a partial load
-        raise UserError(f"BrainIAC checkpoint {path} does not load: {' '.join(str(exc).split())[:600]}") from None
+        raise UserError(f"BrainIAC checkpoint {path} does not load: {' '.join(str(exc).split())[:600]}") from exc
     return encoder
 
 

@@ -705,7 +705,7 @@ class Catalog:
             return None
         except Exception as exc:
             if version is not None:
-                raise UserError(f"table '{name}' has no version {version} ({_first_line(exc)})") from None
+                raise UserError(f"table '{name}' has no version {version} ({_first_line(exc)})") from exc
             raise
 
     def tables(self) -> list[str]:
@@ -893,7 +893,7 @@ class Catalog:
         try:
             return _plain_types(reader.read_all(), None)
         except Exception as exc:  # DataFusion raises at planning or at execution time
-            raise UserError(f"SQL error: {_first_line(exc)}") from None
+            raise UserError(f"SQL error: {_first_line(exc)}") from exc
 
     def sql_batches(self, query: str, as_of: int | None = None, limit: int | None = None) -> Iterator[pa.RecordBatch]:
         """:meth:`sql`, streamed batch by batch; ``limit`` wraps the query so DataFusion stops the scan there.
@@ -915,7 +915,7 @@ class Catalog:
             if empty:  # no rows: one empty batch still tells the columns (a CSV header)
                 yield _plain_batch(pa.RecordBatch.from_pylist([], schema=reader.schema), None)
         except Exception as exc:  # DataFusion raises at execution time too
-            raise UserError(f"SQL error: {_first_line(exc)}") from None
+            raise UserError(f"SQL error: {_first_line(exc)}") from exc
 
     def _sql_reader(self, query: str, as_of: int | None) -> pa.RecordBatchReader:
         """A streaming reader of ``query`` over every table that exists (at ``as_of``), each seen through this
@@ -934,7 +934,7 @@ class Catalog:
         try:
             return pa.RecordBatchReader.from_stream(qb.execute(query))
         except Exception as exc:  # DataFusion raises at planning time
-            raise UserError(f"SQL error: {_first_line(exc)}") from None
+            raise UserError(f"SQL error: {_first_line(exc)}") from exc
 
     def scans(
         self,

@@ -79,7 +79,7 @@ def _env_json(name: str) -> dict[str, str]:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"environment variable {name} is not valid JSON: {exc.msg}") from None
+        raise ConfigError(f"environment variable {name} is not valid JSON: {exc.msg}") from exc
     if not isinstance(value, dict):
         raise ConfigError(f"environment variable {name} must be a JSON object of storage options")
     return {str(k): str(v) for k, v in value.items()}
@@ -453,7 +453,7 @@ def read_yaml_mapping(
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{kind} {origin} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{kind} {origin} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{kind} {origin} must be a mapping at the top level")
     return data, origin

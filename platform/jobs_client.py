@@ -127,7 +127,7 @@ def auth_headers(token: str | None = None) -> dict[str, str]:
         try:
             token = Path(path).expanduser().read_text()
         except OSError as exc:
-            raise UserError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read: {exc.strerror}") from None
+            raise UserError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read: {exc.strerror}") from exc
     token = (token or "").strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -140,15 +140,15 @@ def _probe(url: str, headers: dict[str, str], timeout_s: float) -> None:
             body = resp.read(4096)
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
-            raise UserError(_auth_message(url, exc.code)) from None
+            raise UserError(_auth_message(url, exc.code)) from exc
         raise UserError(
             f"{url} answered HTTP {exc.code}: is it the Ray head's dashboard (port 8265 by default)?"
-        ) from None
+        ) from exc
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UserError(
             f"cannot reach the Ray Jobs API at {url} ({reason}); is the head running, and is this its dashboard port?"
-        ) from None
+        ) from exc
     if b"ray_version" not in body:
         raise UserError(f"{url} is not a Ray dashboard (no ray_version at /api/version)")
 
@@ -186,7 +186,7 @@ def _user_errors(url: str, submission_id: str | None = None) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, OSError) as exc:  # the SDK raises RuntimeError for HTTP errors; requests' are OSErrors
-        raise UserError(_sdk_error_line(exc, url, submission_id)) from None
+        raise UserError(_sdk_error_line(exc, url, submission_id)) from exc
 
 
 def _sdk_error_line(exc: Exception, url: str, submission_id: str | None) -> str:
@@ -289,8 +289,8 @@ def _installed_distribution() -> _Source:
 
     try:
         dist = distribution("brainiac")
-    except PackageNotFoundError:
-        raise UserError("brainiac is neither installed nor run from its source tree; cannot build a wheel") from None
+    except PackageNotFoundError as exc:
+        raise UserError("brainiac is neither installed nor run from its source tree; cannot build a wheel") from exc
     files = {}
     for f in dist.files or ():
         rel = Path(str(f))

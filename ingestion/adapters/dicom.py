@@ -397,8 +397,8 @@ def unseal(key: bytes, token: str | None) -> str | None:
         return None
     try:
         return _siv(key).decrypt(bytes.fromhex(token), None).decode()
-    except InvalidTag:
-        raise ValueError("sealed value does not verify under this key") from None
+    except InvalidTag as exc:
+        raise ValueError("sealed value does not verify under this key") from exc
 
 
 def _series_folder(uris: list[str]) -> str:

@@ -260,7 +260,7 @@ def _release_stopped_trials(before: set[str], cfg: Config) -> int:
     """
     if cfg.cluster.address != "local":
         return 0
-    from ray._raylet import PlacementGroupID
+    from ray import PlacementGroupID  # public re-export of the id type placement_group_table() keys hold
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
     removed = 0

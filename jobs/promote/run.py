@@ -103,10 +103,10 @@ def _registry(cfg: Config, model_name: str):
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     try:
         client.get_registered_model(model_name)
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as exc:
         raise UserError(
             f"no registered model '{model_name}' in {uri} (register one with `brainiac finetune`)"
-        ) from None
+        ) from exc
     return client
 
 
@@ -119,7 +119,7 @@ def _version_by_ref(client, name: str, ref: str):
             return client.get_model_version(name, ref.lstrip("@"))
         return client.get_model_version_by_alias(name, ref.lstrip("@"))
     except mlflow.exceptions.MlflowException as exc:
-        raise UserError(f"{name}: no version '{ref}' ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{name}: no version '{ref}' ({str(exc).splitlines()[0]})") from exc
 
 
 def _champion(client, name: str, alias: str):
