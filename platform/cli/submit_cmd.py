@@ -69,10 +69,11 @@ def submit(
       [b]brainiac submit pretrain --address http://HEAD:8265 --gpus 1 --wait -- --config vit-b --workers 64[/b]
     """
     from brainiac.platform import jobs_client
+    from brainiac.platform.wheel import project_wheel
 
     jobs_client.check_job(job)
     client = jobs_client.connect(address, token)
-    wheel = jobs_client.project_wheel()
+    wheel = project_wheel()
     plan = jobs_client.plan_job(
         job, job_args or [], wheel=wheel, gpus=gpus, cpus=cpus, submission_id=submission_id,
         forward_env=forward_env or [],

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from brainiac.platform import jobs_client, stack
+from brainiac.platform import wheel as project_wheels
 from brainiac.platform.cli.main import main
 from brainiac.platform.errors import UserError
 
@@ -40,16 +41,16 @@ def _build_outputs() -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def wheel(wheel_cache: Path) -> jobs_client.ProjectWheel:
+def wheel(wheel_cache: Path) -> project_wheels.ProjectWheel:
     before = _build_outputs()
-    built = jobs_client.project_wheel(wheel_cache)
+    built = project_wheels.project_wheel(wheel_cache)
     assert not built.cached
     assert _build_outputs() == before  # built from a copy: no build/ or egg-info written into the checkout
     return built
 
 
 def test_wheel_ships_code_and_configs_without_dependencies(wheel, wheel_cache):
-    assert wheel.path.suffix == ".whl" and 0 < wheel.size < jobs_client.MAX_WHEEL_BYTES
+    assert wheel.path.suffix == ".whl" and 0 < wheel.size < project_wheels.MAX_WHEEL_BYTES
     # Ray names an uploaded wheel by its file name only, so the name must change with the code.
     assert f"+src.{wheel.digest[:12]}-py3-none-any.whl" in wheel.path.name
     with zipfile.ZipFile(wheel.path) as zf:
@@ -78,7 +79,7 @@ def test_wheel_ships_code_and_configs_without_dependencies(wheel, wheel_cache):
         n for n in names if "__pycache__" in n or n.endswith(".pyc") or n.startswith(("tests/", "brainiac/tests"))
     ]
     # Built once per source hash: the second call reuses the file, and no build output lands in the checkout.
-    again = jobs_client.project_wheel(wheel_cache)
+    again = project_wheels.project_wheel(wheel_cache)
     assert again.cached and again.path == wheel.path and again.digest == wheel.digest
 
 
