@@ -18,11 +18,16 @@ __all__ = [
     "HEAD_CENTER_MM",
     "BaseAnatomy",
     "Deformation",
+    "MassEffect",
     "base_anatomy",
+    "child_head_factor",
     "deform_volume",
+    "deformation_coords",
+    "jacobian_determinant",
     "random_deformation",
     "random_rigid",
     "rigid_matrix",
+    "shrunk_distance",
 ]
 
 TEMPLATE_ORIGIN_MM = np.array([-98.0, -134.0, -72.0])
@@ -184,39 +189,185 @@ def base_anatomy(spacing: float) -> BaseAnatomy:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Subject shape: a smooth deformation plus a global head scale, and a rigid pose in the scanner.
+# Subject shape: head size and shape, a smooth deformation, brain atrophy and tumour mass effect; then a rigid pose.
+
+SHRINK_SIGMA_MM = 12.0
+"""Width (Gaussian sd, mm of signed distance from the template brain surface) of the band that atrophy displaces."""
+SURFACE_SMOOTH_MM = 4.0
+"""Gaussian smoothing of the signed distance before its gradient is taken (the direction atrophy moves tissue)."""
+MASS_TAPER_MM = (-8.0, 4.0)
+"""Mass effect is full deeper than 8 mm inside the template brain surface and fades to nothing 4 mm outside it (the
+inner table of the skull), so tumours push brain and ventricles, close the CSF gap, and never move the skull."""
 
 
 @dataclass(frozen=True)
 class Deformation:
-    """Where each subject-space point comes from in template space: ``q = c + (p - c) / scale + u(p)``.
+    """Per-subject part of the backward map subject mm -> template mm (see :func:`deformation_coords`).
 
-    ``u`` is a smooth random displacement (white noise on a 6 mm lattice, Gaussian-smoothed with sigma 12 mm) rescaled so
-    that its largest magnitude inside the brain equals ``max_mm`` (3 to 6 mm); ``scale`` is the subject's linear head
-    size relative to MNI152 (men ~3 % larger than women, sd 3 %).
+    ``field`` is a smooth random displacement (white noise on a 6 mm lattice, Gaussian-smoothed with sigma 12 mm) rescaled
+    so that its largest magnitude inside the brain equals ``max_mm``; ``scale`` is the subject's adult linear head size
+    relative to MNI152 (men ~3 % larger than women, sd 3 %) and ``shape`` per-axis factors (x, y, z) with product 1
+    (long, wide or tall heads) applied on top of it.
     """
 
     field: np.ndarray  # (3, *working grid) displacement in mm
     max_mm: float
     scale: float
+    shape: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
-def random_deformation(rng: np.random.Generator, anat: BaseAnatomy, max_mm: float, scale: float) -> Deformation:
-    """A smooth random displacement field on the working grid with max |u| = ``max_mm`` inside the brain."""
-    lattice_mm, sigma_mm = 6.0, 12.0
-    shape = anat.shape
-    extent = np.array(shape) * anat.spacing
+@dataclass(frozen=True)
+class MassEffect:
+    """A tumour pushing the brain: the template core of radius ``radius_mm`` around ``centre_mm`` expands to
+    ``radius_mm + push_mm`` and the tissue around it is pushed outwards by ``push_mm * exp(-(r - R) / R)`` (R the expanded
+    radius), tapered to zero at the skull (:data:`MASS_TAPER_MM`)."""
+
+    centre_mm: tuple[float, float, float]
+    radius_mm: float
+    push_mm: float
+
+
+def _smooth_field(
+    rng: np.random.Generator, anat: BaseAnatomy, lattice_mm: float, sigma_mm: float, max_mm: float
+) -> np.ndarray:
+    """White noise on a ``lattice_mm`` lattice, Gaussian-smoothed (``sigma_mm``), sampled on the working grid and
+    rescaled so that its largest magnitude inside the brain is ``max_mm``."""
+    grid_shape = anat.shape
+    extent = np.array(grid_shape) * anat.spacing
     coarse = tuple(math.ceil(e / lattice_mm) + 1 for e in extent)
     noise = rng.standard_normal((3, *coarse)).astype(np.float32)
     noise = np.stack([ndi.gaussian_filter(n, sigma_mm / lattice_mm, mode="reflect") for n in noise])
     # Sample the lattice at the working-grid points (linear interpolation of an already smooth field).
-    idx = [np.arange(s, dtype=np.float32) * anat.spacing / lattice_mm for s in shape]
+    idx = [np.arange(s, dtype=np.float32) * anat.spacing / lattice_mm for s in grid_shape]
     grid = np.meshgrid(*idx, indexing="ij", sparse=False)
     u = np.stack([ndi.map_coordinates(n, grid, order=1, mode="nearest") for n in noise])
     mag = np.sqrt((u**2).sum(axis=0))
     peak = float(mag[anat.mask > 0.5].max()) or 1.0
     u *= max_mm / peak
-    return Deformation(field=u.astype(np.float32), max_mm=float(max_mm), scale=float(scale))
+    return u.astype(np.float32)
+
+
+def random_deformation(
+    rng: np.random.Generator,
+    anat: BaseAnatomy,
+    max_mm: float,
+    scale: float,
+    shape: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    coarse_mm: float = 0.0,
+) -> Deformation:
+    """A smooth random displacement field on the working grid: a fine component (6 mm lattice, sigma 12 mm) with max
+    |u| = ``max_mm`` inside the brain, plus a coarse one (12 mm lattice, sigma 30 mm: lobe-sized shape differences
+    that no affine registration absorbs) with max |u| = ``coarse_mm``."""
+    u = _smooth_field(rng, anat, 6.0, 12.0, max_mm)
+    if coarse_mm > 0:
+        u = u + _smooth_field(rng, anat, 12.0, 30.0, coarse_mm)
+    return Deformation(field=u, max_mm=float(max_mm), scale=float(scale), shape=tuple(float(v) for v in shape))  # type: ignore[arg-type]
+
+
+def child_head_factor(age_years: float, variation: float = 1.0) -> float:
+    """Linear head size of a child relative to the adult it becomes: 0.90 at 5 y, 0.95 at 10 y, 1 from 18 y.
+
+    Head circumference is ~51 cm at 5 years against ~56 cm in adults (and brain volume ~90 % of adult), so a 5-year-old
+    head is about 0.9 of its adult linear size; growth slows through adolescence. ``variation`` scales the effect.
+    """
+    young = max(0.0, min(1.0, (18.0 - float(age_years)) / 13.0))
+    return float(1.0 - 0.10 * variation * young**1.5)
+
+
+def shrink_profile(s: np.ndarray | float, shrink_mm: float):
+    """Backward displacement (mm, along the outward normal) that brain atrophy of ``shrink_mm`` applies at signed
+    distance ``s`` from the template brain surface: a Gaussian bump of sd :data:`SHRINK_SIGMA_MM` centred on the
+    surface. A subject point at ``s`` samples the template at ``s + shrink_profile(s)``."""
+    return shrink_mm * np.exp(-0.5 * (np.asarray(s, dtype=np.float32) / SHRINK_SIGMA_MM) ** 2)
+
+
+def shrunk_distance(s: float, shrink_mm: float) -> float:
+    """Template signed distance that lands at subject signed distance ``s`` once the brain has shrunk by ``shrink_mm``:
+    the skull is drawn there in template space so that it stays where it was in the subject."""
+    return float(s + shrink_profile(s, shrink_mm))
+
+
+@dataclass(frozen=True, eq=False)
+class _ShapeFields:
+    signed: np.ndarray  # smoothed signed distance to the brain surface (mm, positive outside)
+    shrink: np.ndarray  # (3, *grid): Gaussian bump x gradient of the signed distance (per mm of atrophy)
+    taper: np.ndarray  # mass-effect weight: 1 deep in the brain, 0 at the skull
+
+
+@functools.lru_cache(maxsize=3)
+def _shape_fields(anat: BaseAnatomy) -> _ShapeFields:
+    signed = ndi.gaussian_filter(anat.dist_out - anat.dist_in, SURFACE_SMOOTH_MM / anat.spacing, mode="nearest")
+    grad = np.stack(np.gradient(signed, anat.spacing)).astype(np.float32)
+    bump = shrink_profile(signed, 1.0)
+    lo, hi = MASS_TAPER_MM
+    x = np.clip((hi - signed) / (hi - lo), 0.0, 1.0)
+    out = _ShapeFields(
+        signed=signed.astype(np.float32),
+        shrink=(grad * bump).astype(np.float32),
+        taper=(x * x * (3.0 - 2.0 * x)).astype(np.float32),  # smoothstep
+    )
+    for a in (out.signed, out.shrink, out.taper):
+        a.setflags(write=False)
+    return out
+
+
+def _sample(field: np.ndarray, anat: BaseAnatomy, mm: np.ndarray) -> np.ndarray:
+    inv = np.linalg.inv(anat.affine)
+    idx = np.einsum("ij,j...->i...", inv[:3, :3].astype(np.float32), mm) + inv[:3, 3].astype(np.float32).reshape(
+        3, 1, 1, 1
+    )
+    if field.ndim == 3:
+        return ndi.map_coordinates(field, idx, order=1, mode="nearest", prefilter=False)
+    return np.stack([ndi.map_coordinates(f, idx, order=1, mode="nearest", prefilter=False) for f in field])
+
+
+def _mass_effect(anat: BaseAnatomy, mm: np.ndarray, mass: MassEffect) -> np.ndarray:
+    """Backward radial map of a tumour's mass effect (see :class:`MassEffect`), tapered to nothing at the skull."""
+    c = np.asarray(mass.centre_mm, np.float32).reshape(3, 1, 1, 1)
+    d = mm - c
+    r = np.sqrt((d * d).sum(axis=0))
+    big = np.float32(mass.radius_mm + mass.push_mm)
+    inside = np.float32(mass.radius_mm) / big
+    with np.errstate(divide="ignore", invalid="ignore"):
+        outside = 1.0 - np.float32(mass.push_mm) * np.exp(-(r - big) / big) / np.maximum(r, 1e-3)
+    ratio = np.where(r < big, inside, outside).astype(np.float32)  # template radius / subject radius
+    w = _sample(_shape_fields(anat).taper, anat, mm)
+    return (mm + w * (ratio - 1.0) * d).astype(np.float32)
+
+
+def deformation_coords(
+    anat: BaseAnatomy,
+    deformation: Deformation,
+    *,
+    size: tuple[float, float, float] | None = None,
+    shrink_mm: float = 0.0,
+    mass: MassEffect | None = None,
+) -> np.ndarray:
+    """Working-grid index coordinates of the template point each subject-space voxel samples.
+
+    The backward map from subject mm ``p`` to template mm ``q`` composes, in order:
+
+    1. head size and shape: ``p1 = c + (p - c) / size`` per axis (``size`` defaults to ``scale * shape``);
+    2. the smooth random displacement: ``p2 = p1 + u(p)``;
+    3. a tumour's mass effect (:class:`MassEffect`), when given;
+    4. brain atrophy: ``q = p3 + shrink_mm * bump(s(p3)) * grad s(p3)``, with ``s`` the smoothed signed distance from
+       the template brain surface: the brain surface retreats by ``shrink_mm`` and the CSF gap under the skull widens
+       (the skull itself is drawn ``shrunk_distance`` out in template space, so it stays put).
+    """
+    if size is None:
+        size = tuple(deformation.scale * v for v in deformation.shape)  # type: ignore[assignment]
+    c = HEAD_CENTER_MM.astype(np.float32).reshape(3, 1, 1, 1)
+    inv_size = (1.0 / np.asarray(size, np.float32)).reshape(3, 1, 1, 1)
+    q = c + (anat.coords - c) * inv_size + deformation.field
+    if mass is not None and mass.push_mm > 0:
+        q = _mass_effect(anat, q, mass)
+    if shrink_mm > 0:
+        q = q + np.float32(shrink_mm) * _sample(_shape_fields(anat).shrink, anat, q)
+    inv = np.linalg.inv(anat.affine)
+    return (
+        np.einsum("ij,j...->i...", inv[:3, :3].astype(np.float32), q)
+        + inv[:3, 3].astype(np.float32).reshape(3, 1, 1, 1)
+    ).astype(np.float32)
 
 
 def deform_volume(
@@ -229,14 +380,14 @@ def deform_volume(
     return out.astype(vol.dtype, copy=False)
 
 
-def deformation_coords(anat: BaseAnatomy, deformation: Deformation) -> np.ndarray:
-    """Working-grid index coordinates of the template point each subject-space voxel samples."""
-    c = HEAD_CENTER_MM.astype(np.float32).reshape(3, 1, 1, 1)
-    q = c + (anat.coords - c) / np.float32(deformation.scale) + deformation.field
-    inv = np.linalg.inv(anat.affine)
+def jacobian_determinant(coords: np.ndarray) -> np.ndarray:
+    """Determinant of d(template index)/d(subject index) of a backward map (as from :func:`deformation_coords`);
+    positive everywhere for a fold-free (diffeomorphic) map."""
+    g = np.stack([np.stack(np.gradient(c)) for c in coords])  # g[i, j] = d coords_i / d x_j
     return (
-        np.einsum("ij,j...->i...", inv[:3, :3].astype(np.float32), q)
-        + inv[:3, 3].astype(np.float32).reshape(3, 1, 1, 1)
+        g[0, 0] * (g[1, 1] * g[2, 2] - g[1, 2] * g[2, 1])
+        - g[0, 1] * (g[1, 0] * g[2, 2] - g[1, 2] * g[2, 0])
+        + g[0, 2] * (g[1, 0] * g[2, 1] - g[1, 1] * g[2, 0])
     ).astype(np.float32)
 
 

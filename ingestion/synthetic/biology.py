@@ -19,13 +19,14 @@ Glioma: see :class:`GliomaParams`. Stroke: see :class:`StrokeParams`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from brainiac.ingestion.synthetic.anatomy import BaseAnatomy
+from brainiac.ingestion.synthetic.anatomy import BaseAnatomy, MassEffect, shrunk_distance
 
 __all__ = [
     "BRATS_LABELS",
@@ -36,13 +37,21 @@ __all__ = [
     "add_stroke",
     "apply_ageing",
     "base_tissue",
+    "brain_shrink_mm",
     "sample_glioma",
     "sample_stroke",
+    "skull_growth",
     "stroke_levels",
     "survival_days",
 ]
 
 VENT_GROWTH_MM = 7.0
+MCI_VENT_MM = 6.0
+"""Extra ventricle growth per unit of medial-temporal loss (MCI ~0.28 -> ~1.7 mm, about 15 years of ageing)."""
+BRAIN_SHRINK_MM = 3.0
+"""Retreat of the brain surface from the skull at brain age 90 (``3 * ((a - 25) / 65) ** 1.5`` mm, 0 before 25 y)."""
+MCI_SHRINK_MM = 1.5
+"""Extra brain-surface retreat per unit of medial-temporal loss (MCI ~0.28 -> ~0.4 mm)."""
 BRATS_LABELS = {"NCR": 1, "ED": 2, "ET": 4}
 """BraTS 2021 label values: 1 necrotic / non-enhancing tumour core, 2 peritumoral edema, 4 enhancing tumour."""
 
@@ -75,22 +84,33 @@ def _ramp(d: np.ndarray, lo: float, hi: float, w: float) -> np.ndarray:
     return (a - b).astype(np.float32)
 
 
-def base_tissue(anat: BaseAnatomy, rng: np.random.Generator) -> Tissue:
+def skull_growth(age_years: float) -> float:
+    """Skull and scalp thickness of a child relative to an adult's: 0.68 at 5 y, rising linearly to 1 at 18 y."""
+    return float(0.55 + 0.45 * max(0.0, min(1.0, float(age_years) / 18.0)))
+
+
+def base_tissue(
+    anat: BaseAnatomy, rng: np.random.Generator, *, thickness: float = 1.0, shrink_mm: float = 0.0
+) -> Tissue:
     """Copy the template tissues and add a skull and scalp shell outside the brain mask (thickness drawn per subject).
 
-    Layers outward from the brain-mask surface: CSF/dura 0-2 mm, skull 4.5-7.5 mm thick, scalp (fat and skin) 4-7 mm.
-    A superior sagittal sinus (bright on T1ce) runs along the midline just outside the brain.
+    Layers outward from the brain-mask surface: CSF/dura 0-2 mm, skull 4.5-7.5 mm thick, scalp (fat and skin) 4-7 mm;
+    ``thickness`` scales both (children's are thinner: :func:`skull_growth`). A superior sagittal sinus (bright on T1ce) runs along
+    the midline just outside the brain. With brain atrophy of ``shrink_mm`` (applied later by the subject's deformation,
+    which pulls the brain surface inwards), the layers are drawn where that deformation leaves them at their usual
+    distances, so the skull stays put and the CSF gap under it widens by ``shrink_mm``.
     """
     w = anat.spacing
-    skull_mm = float(rng.uniform(4.5, 7.5))
-    scalp_mm = float(rng.uniform(4.0, 7.0))
+    skull_mm = float(rng.uniform(4.5, 7.5)) * thickness
+    scalp_mm = float(rng.uniform(4.0, 7.0)) * thickness
     d = anat.dist_out
     outside = anat.mask <= 0.5
-    csf_shell = np.where(outside, _ramp(d, 0.0, 2.0, w), 0.0)
-    skull = np.where(outside, _ramp(d, 2.0, 2.0 + skull_mm, w), 0.0).astype(np.float32)
-    scalp = np.where(outside, _ramp(d, 2.0 + skull_mm, 2.0 + skull_mm + scalp_mm, w), 0.0).astype(np.float32)
+    b1, b2, b3 = (shrunk_distance(v, shrink_mm) for v in (2.0, 2.0 + skull_mm, 2.0 + skull_mm + scalp_mm))
+    csf_shell = np.where(outside, _ramp(d, 0.0, b1, w), 0.0)
+    skull = np.where(outside, _ramp(d, b1, b2, w), 0.0).astype(np.float32)
+    scalp = np.where(outside, _ramp(d, b2, b3, w), 0.0).astype(np.float32)
     x, _, z = anat.coords
-    vessel = ((np.abs(x) < max(3.0, w)) & (d > 0) & (d < 4.0) & (z > -20)).astype(np.float32)
+    vessel = ((np.abs(x) < max(3.0, w)) & (d > 0) & (d < b1 + 2.0) & (z > -20)).astype(np.float32)
     return Tissue(
         gm=anat.gm.copy(),
         wm=anat.wm.copy(),
@@ -113,12 +133,22 @@ def _to_csf(t: Tissue, frac_gm: np.ndarray, frac_wm: np.ndarray | None = None) -
 
 
 def apply_ageing(
-    t: Tissue, anat: BaseAnatomy, brain_age: float, hippocampal_loss: float, rng: np.random.Generator
+    t: Tissue,
+    anat: BaseAnatomy,
+    brain_age: float,
+    hippocampal_loss: float,
+    rng: np.random.Generator,
+    *,
+    variation: float = 0.0,
 ) -> dict[str, float]:
-    """Ventricle growth, cortical thinning, hippocampal loss (age + ``hippocampal_loss``), WMH and myelination."""
+    """Ventricle growth, cortical thinning, hippocampal loss (age + ``hippocampal_loss``), WMH and myelination.
+
+    With anatomical ``variation`` > 0 the ventricles also grow with medial-temporal loss (MCI):
+    ``MCI_VENT_MM * variation * hippocampal_loss`` mm more CSF around them."""
     a = float(brain_age)
     w = anat.spacing
     vent_mm = VENT_GROWTH_MM * max(0.0, min(1.0, (a - 20.0) / 70.0)) ** 1.5
+    vent_mm += MCI_VENT_MM * variation * float(hippocampal_loss)
     if vent_mm > 0:
         p = np.clip((vent_mm - anat.dist_vent) / w + 0.5, 0.0, 1.0) * (anat.dist_vent > 0) * (anat.mask > 0.5)
         _to_csf(t, p, p)
@@ -140,6 +170,13 @@ def apply_ageing(
             acc += np.exp(-d2 / (2 * s * s)).astype(np.float32)
         t.wmh = (np.clip(acc, 0, 1) * (anat.wm > 0.3)).astype(np.float32)
     return {"ventricle_growth_mm": vent_mm, "cortical_gm_loss": cortical, "hippocampal_loss": hippo, "n_wmh": n_wmh}
+
+
+def brain_shrink_mm(brain_age: float, hippocampal_loss: float, variation: float) -> float:
+    """How far the brain surface retreats from the skull (mm): global atrophy with age plus a little more with
+    medial-temporal loss (:data:`BRAIN_SHRINK_MM`, :data:`MCI_SHRINK_MM`), times the anatomical ``variation``."""
+    age = BRAIN_SHRINK_MM * max(0.0, min(1.0, (float(brain_age) - 25.0) / 65.0)) ** 1.5
+    return float(variation * (age + MCI_SHRINK_MM * float(hippocampal_loss)))
 
 
 def _lumpy_distance(anat: BaseAnatomy, rng: np.random.Generator, centre, radius: float, lumpiness: float) -> np.ndarray:
@@ -173,9 +210,19 @@ class GliomaParams:
     necrosis_frac: float
     edema_ratio: float
     mismatch: bool
+    push_mm: float = 0.0
+    """Mass effect: the core (``radius_mm`` in template space) expands by ``push_mm`` and pushes the brain around it."""
+
+    def mass_effect(self) -> MassEffect | None:
+        return MassEffect(self.centre_mm, self.radius_mm, self.push_mm) if self.push_mm > 0 else None
 
 
-def sample_glioma(rng: np.random.Generator, anat: BaseAnatomy, idh_mutant: bool) -> GliomaParams:
+def sample_glioma(
+    rng: np.random.Generator, anat: BaseAnatomy, idh_mutant: bool, variation: float = 0.0
+) -> GliomaParams:
+    """Draw one glioma. With ``variation`` > 0 it has mass effect: a fraction ``variation * U(0.1, 0.3)`` of the drawn
+    radius is expansion, so the core is that much smaller in template space and grows back to the drawn radius by
+    pushing the brain around it (:class:`~.anatomy.MassEffect`)."""
     frontal = bool(rng.random() < (0.75 if idh_mutant else 0.25))
     radius = float(rng.uniform(12, 26) if idh_mutant else rng.uniform(12, 24))
     y = anat.coords[1]
@@ -186,7 +233,7 @@ def sample_glioma(rng: np.random.Generator, anat: BaseAnatomy, idh_mutant: bool)
     centre = tuple(float(v) for v in np.round(anat.coords.reshape(3, -1)[:, idx], 2))
     enhancing = bool(rng.random() < (0.2 if idh_mutant else 0.9))
     necrotic = bool(rng.random() < (0.2 if idh_mutant else 0.9))
-    return GliomaParams(
+    params = GliomaParams(
         idh_mutant=idh_mutant,
         frontal=frontal,
         centre_mm=centre,  # type: ignore[arg-type]
@@ -197,6 +244,11 @@ def sample_glioma(rng: np.random.Generator, anat: BaseAnatomy, idh_mutant: bool)
         edema_ratio=float(rng.uniform(1.05, 1.4) if idh_mutant else rng.uniform(1.3, 2.0)),
         mismatch=bool(rng.random() < (0.6 if idh_mutant else 0.05)),
     )
+    push_frac = float(rng.uniform(0.1, 0.3)) * variation
+    if push_frac > 0:
+        core = radius / (1.0 + push_frac)
+        params = dataclasses.replace(params, radius_mm=core, push_mm=radius - core)
+    return params
 
 
 def add_glioma(t: Tissue, anat: BaseAnatomy, g: GliomaParams, rng: np.random.Generator) -> dict[str, float]:

@@ -4,6 +4,7 @@ and write the ground truth to ``OUT/_truth``."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
@@ -26,10 +27,13 @@ from brainiac.ingestion.synthetic.anatomy import (
     random_rigid,
 )
 from brainiac.ingestion.synthetic.biology import (
+    BRATS_LABELS,
     add_glioma,
     add_stroke,
     apply_ageing,
     base_tissue,
+    brain_shrink_mm,
+    skull_growth,
     stroke_levels,
     survival_days,
 )
@@ -61,7 +65,7 @@ __all__ = ["ALL_COHORTS", "TRUTH_COLUMNS", "CohortSummary", "generate_cohort"]
 ALL_COHORTS = ("bids", "brats", "adni", "dicom", "stroke")
 MARKER = "_truth/synth.json"
 """Marks a folder as a previous ``brainiac synth`` output (so it may be replaced)."""
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 TRUTH_COLUMNS = (
     "cohort", "dataset", "path", "kind", "format", "n_files", "subject_uid", "cohort_subject_id", "session", "sequence",
@@ -70,6 +74,8 @@ TRUTH_COLUMNS = (
     "enhancing_volume_ml", "vendor", "manufacturer", "scanner_model", "field_strength_t", "voxel_size_mm", "shape",
     "axcodes", "dtype", "scl_slope", "skull_present", "duplicate_of", "duplicate_group", "rigid_transform",
     "rotation_deg", "translation_mm", "deform_max_mm", "head_scale", "affine", "mask_path", "label_path", "tissue_path",
+    "head_size_xyz", "coarse_deform_mm", "brain_shrink_mm", "ventricle_growth_mm", "mass_effect_mm",
+    "anatomy_variation",
 )  # fmt: skip
 
 
@@ -164,30 +170,37 @@ class _Generator:
     # -- simulation ------------------------------------------------------------------------------------------------
     def simulate(self, plan: SubjectPlan, session: SessionPlan, deformation) -> _Session:
         anat = self.anat
-        t = base_tissue(anat, rng_for(self.seed, plan.cohort, plan.index, "skull"))
+        variation = self.preset.anatomy_variation
         age = plan.age_at(session)
+        brain_age = age + plan.brain_age_gap_years
+        shrink = brain_shrink_mm(brain_age, plan.hippocampal_loss, variation)
+        t = base_tissue(
+            anat,
+            rng_for(self.seed, plan.cohort, plan.index, "skull"),
+            thickness=1.0 - variation * (1.0 - skull_growth(age)),
+            shrink_mm=shrink,
+        )
         info = apply_ageing(
             t,
             anat,
-            age + plan.brain_age_gap_years,
+            brain_age,
             plan.hippocampal_loss,
             rng_for(self.seed, plan.cohort, plan.index, session.label, "wmh"),
+            variation=variation,
         )
+        mass = None
         if plan.glioma is not None:
             info.update(add_glioma(t, anat, plan.glioma, rng_for(self.seed, plan.cohort, plan.index, "tumour-shape")))
-            if plan.survival_days is None:
-                srng = rng_for(self.seed, plan.cohort, plan.index, "survival")
-                plan.survival_days = round(survival_days(srng, plan.glioma, plan.age_years, info), 1)
-                if srng.random() < 0.15:
-                    plan.survival_censored_days = round(plan.survival_days * float(srng.uniform(0.3, 0.95)), 1)
+            mass = plan.glioma.mass_effect()
         if plan.stroke is not None:
             info.update(add_stroke(t, anat, plan.stroke, rng_for(self.seed, plan.cohort, plan.index, "lesion-shape")))
             levels = stroke_levels(
                 plan.stroke, {q: v["gm"] for q, v in LEVELS.items()}, {q: v["csf"] for q, v in LEVELS.items()}
             )
-            for q, v in levels.items():
-                t.lesion_levels.setdefault(q, {})["infarct"] = v
-        coords = deformation_coords(anat, deformation)
+            for q, lv in levels.items():
+                t.lesion_levels.setdefault(q, {})["infarct"] = lv
+        size = plan.head_size(session)
+        coords = deformation_coords(anat, deformation, size=size, shrink_mm=shrink, mass=mass)
         images = {
             q: deform_volume(render(t, q), anat, deformation, order=1, coords=coords)
             for q in COHORT_SEQUENCES[plan.cohort]
@@ -195,7 +208,18 @@ class _Generator:
         labels = None
         if t.labels is not None:
             labels = deform_volume(t.labels, anat, deformation, order=0, coords=coords)
+            info.update(_lesion_volumes(labels, anat.spacing, glioma=plan.glioma is not None))
+        if plan.glioma is not None and plan.survival_days is None:
+            srng = rng_for(self.seed, plan.cohort, plan.index, "survival")
+            plan.survival_days = round(survival_days(srng, plan.glioma, plan.age_years, info), 1)
+            if srng.random() < 0.15:
+                plan.survival_censored_days = round(plan.survival_days * float(srng.uniform(0.3, 0.95)), 1)
         tissue = deform_volume(_tissue_classes(t, anat.mask > 0.5), anat, deformation, order=0, coords=coords)
+        info.update(
+            brain_shrink_mm=shrink,
+            head_scale=float(np.prod(size) ** (1.0 / 3.0)),
+            mass_effect_mm=0.0 if mass is None else mass.push_mm,
+        )
         return _Session(images=images, labels=labels, tissue=tissue, info=info)
 
     def acquire(
@@ -278,6 +302,7 @@ class _Generator:
             self.truth_files += 1
         g, s = plan.glioma, plan.stroke
         age = plan.age_at(session)
+        size = plan.head_size(session)
         self.rows.append(
             {
                 "cohort": cohort,
@@ -319,7 +344,13 @@ class _Generator:
                 "rotation_deg": list(scan.rotation_deg),
                 "translation_mm": list(scan.translation_mm),
                 "deform_max_mm": plan.deform_max_mm,
-                "head_scale": plan.head_scale,
+                "head_scale": round(float(np.prod(size) ** (1.0 / 3.0)), 4),
+                "head_size_xyz": list(size),
+                "coarse_deform_mm": plan.coarse_deform_mm,
+                "brain_shrink_mm": round(sess_info.get("brain_shrink_mm", 0.0), 3),
+                "ventricle_growth_mm": round(sess_info.get("ventricle_growth_mm", 0.0), 3),
+                "mass_effect_mm": round(g.push_mm, 3) if g is not None else 0.0,
+                "anatomy_variation": plan.anatomy_variation,
                 "affine": scan.acq.affine,
                 "mask_path": mask_rel,
                 "label_path": label_rel,
@@ -340,6 +371,8 @@ class _Generator:
                 self.anat,
                 plan.deform_max_mm,
                 plan.head_scale,
+                plan.head_shape,
+                coarse_mm=plan.coarse_deform_mm,
             )
             for session in plan.sessions:
                 sess = self.simulate(plan, session, deformation)
@@ -417,6 +450,9 @@ class _Generator:
                 sessions=[session],
                 deform_max_mm=src.deform_max_mm,
                 head_scale=src.head_scale,
+                head_shape=src.head_shape,
+                coarse_deform_mm=src.coarse_deform_mm,
+                anatomy_variation=src.anatomy_variation,
                 glioma=src.glioma,
                 survival_days=src.survival_days,
                 survival_censored_days=src.survival_censored_days,
@@ -427,10 +463,10 @@ class _Generator:
             plan.cohort_id = target.subject_id(plan)
             axcodes = str(ident_rng.choice([a for a in AXCODES if a != "LPS"]))
             crop = ident_rng.integers(0, 4, size=(3, 2))
+            src_row = next((r for r in self.rows if r["subject_uid"] == src.uid), {})
             info = {
-                "tumour_volume_ml": next(
-                    (r["tumour_volume_ml"] for r in self.rows if r["subject_uid"] == src.uid), None
-                )
+                k: src_row.get(k)
+                for k in ("tumour_volume_ml", "enhancing_volume_ml", "brain_shrink_mm", "ventricle_growth_mm")
             }
             for scan in scans[src.uid]:
                 new = _reorient_crop(scan, axcodes, crop)
@@ -477,6 +513,19 @@ each scan are in `masks/`, lesion label maps on each scan's grid in `labels/` (B
 years. `rigid_transform` (row-major 4x4) maps template (MNI152) mm to the scan's scanner mm. The schema is documented in
 `brainiac.ingestion.synthetic` and docs/synthetic-cohort.md.
 """
+
+
+def _lesion_volumes(labels: np.ndarray, spacing: float, *, glioma: bool) -> dict[str, float]:
+    """Lesion volumes (ml) of a subject-space label map: they include the head size and a tumour's mass effect."""
+    vox_ml = spacing**3 / 1000.0
+    if not glioma:
+        return {"lesion_volume_ml": float(np.count_nonzero(labels)) * vox_ml}
+    core = np.isin(labels, (BRATS_LABELS["NCR"], BRATS_LABELS["ET"]))
+    return {
+        "tumour_volume_ml": float(np.count_nonzero(core)) * vox_ml,
+        "enhancing_volume_ml": float(np.count_nonzero(labels == BRATS_LABELS["ET"])) * vox_ml,
+        "edema_volume_ml": float(np.count_nonzero(labels == BRATS_LABELS["ED"])) * vox_ml,
+    }
 
 
 BRAIN_CLASSES = (1, 2, 3, 6, 7)
@@ -532,6 +581,7 @@ def generate_cohort(
     preset: str = "tiny",
     cohorts: Sequence[str] = ALL_COHORTS,
     progress: bool = False,
+    anatomy_variation: float | None = None,
 ) -> CohortSummary:
     """Write a synthetic multi-site cohort under ``out_dir``: one dataset folder per cohort, truth in ``_truth/``.
 
@@ -544,6 +594,9 @@ def generate_cohort(
         preset: ``tiny`` (3 mm), ``small`` (2 mm) or ``full`` (1 mm).
         cohorts: any of ``bids``, ``brats``, ``adni``, ``dicom``, ``stroke``.
         progress: show a progress bar on stderr.
+        anatomy_variation: strength of the inter-subject anatomical variation (head shape, children's heads, coarse
+            deformation, atrophy, MCI ventricles, tumour mass effect); None takes the preset's (1.0), 0 the earlier
+            template-like anatomy.
 
     Raises:
         UserError: unknown preset or cohort, too few subjects, or ``out_dir`` holds something else.
@@ -554,6 +607,10 @@ def generate_cohort(
         p = get_preset(preset)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if anatomy_variation is not None:
+        if not 0.0 <= float(anatomy_variation) <= 2.0:
+            raise UserError(f"anatomy_variation must be between 0 and 2, got {anatomy_variation}")
+        p = dataclasses.replace(p, anatomy_variation=float(anatomy_variation))
     cohorts = list(dict.fromkeys(cohorts))
     unknown = [c for c in cohorts if c not in ALL_COHORTS]
     if unknown or not cohorts:
@@ -589,7 +646,7 @@ def generate_cohort(
         root = out_dir / DATASET_FOLDERS[c]
         layout = LAYOUTS[c](root, p.gzip_level) if c != "dicom" else DicomPacs(root, p.gzip_level, seed)
         layouts[c] = layout
-        plans[c] = plan_cohort(seed, c, counts[c], anat, offset)
+        plans[c] = plan_cohort(seed, c, counts[c], anat, offset, p.anatomy_variation)
         offset += counts[c]
         for plan in plans[c]:
             plan.cohort_id = layout.subject_id(plan)
@@ -615,6 +672,7 @@ def generate_cohort(
         "seed": seed,
         "preset": preset,
         "subjects": subjects,
+        "anatomy_variation": p.anatomy_variation,
     }
     truth = gen.write_truth(folders, meta)
     if bar is not None:

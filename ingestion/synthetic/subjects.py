@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from brainiac.ingestion.synthetic.anatomy import BaseAnatomy
+from brainiac.ingestion.synthetic.anatomy import BaseAnatomy, child_head_factor
 from brainiac.ingestion.synthetic.biology import GliomaParams, StrokeParams, sample_glioma, sample_stroke
 from brainiac.ingestion.synthetic.physics import SCANNERS, Scanner
 
@@ -71,6 +71,12 @@ class SubjectPlan:
     sessions: list[SessionPlan]
     deform_max_mm: float
     head_scale: float
+    """Adult linear head size relative to MNI152 (children's heads are smaller: :meth:`head_size`)."""
+    head_shape: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Per-axis (x, y, z) shape factors with product 1, on top of ``head_scale``."""
+    coarse_deform_mm: float = 0.0
+    """Largest displacement of the coarse (lobe-scale) deformation inside the brain."""
+    anatomy_variation: float = 0.0
     glioma: GliomaParams | None = None
     stroke: StrokeParams | None = None
     survival_days: float | None = None
@@ -83,6 +89,11 @@ class SubjectPlan:
 
     def age_at(self, session: SessionPlan) -> float:
         return self.age_years + session.years_from_baseline
+
+    def head_size(self, session: SessionPlan) -> tuple[float, float, float]:
+        """Per-axis linear head size relative to MNI152 at ``session`` (children grow between sessions)."""
+        s = self.head_scale * child_head_factor(self.age_at(session), self.anatomy_variation)
+        return tuple(round(s * v, 5) for v in self.head_shape)  # type: ignore[return-value]
 
 
 def _date(rng: np.random.Generator, start: dt.date = dt.date(2010, 1, 1), span_days: int = 4000) -> dt.date:
@@ -112,8 +123,11 @@ def fake_identity(rng: np.random.Generator, sex: str, age: float, scan_date: dt.
     }
 
 
-def plan_cohort(seed: int, cohort: str, n: int, anat: BaseAnatomy, uid_offset: int) -> list[SubjectPlan]:
-    """Draw ``n`` subjects of ``cohort``; ``uid_offset`` makes subject uids unique across cohorts."""
+def plan_cohort(
+    seed: int, cohort: str, n: int, anat: BaseAnatomy, uid_offset: int, variation: float = 0.0
+) -> list[SubjectPlan]:
+    """Draw ``n`` subjects of ``cohort``; ``uid_offset`` makes subject uids unique across cohorts; ``variation`` is the
+    preset's ``anatomy_variation`` (head shape, coarse deformation, tumour mass effect)."""
     sites = _sites(seed, cohort)
     ids = rng_for(seed, cohort, "ids")
     case_numbers = ids.choice(np.arange(1, max(10_000, 10 * n)), size=n, replace=False)
@@ -126,6 +140,10 @@ def plan_cohort(seed: int, cohort: str, n: int, anat: BaseAnatomy, uid_offset: i
         site = int(nui.integers(0, len(sites)))
         deform_max = float(nui.uniform(3.0, 6.0))
         head_scale = float(np.clip((1.017 if sex == "M" else 0.983) * nui.normal(1.0, 0.03), 0.9, 1.1))
+        shp = rng_for(seed, cohort, i, "head-shape")  # its own stream: the draws above stay as they were
+        log_shape = np.clip(shp.normal(0.0, 0.04, 3), -0.1, 0.1) * variation
+        head_shape = tuple(round(float(v), 5) for v in np.exp(log_shape - log_shape.mean()))
+        coarse_mm = round(float(shp.uniform(3.0, 7.0)) * variation, 3)
         start = _date(nui)
         sessions = [SessionPlan("01", 0.0, start)]
         diagnosis, hippo, glioma, stroke = "CN", float(abs(lab.normal(0.0, 0.04))), None, None
@@ -148,7 +166,7 @@ def plan_cohort(seed: int, cohort: str, n: int, anat: BaseAnatomy, uid_offset: i
             mutant = bool(lab.random() < 0.5)
             age = float(np.clip(lab.normal(42, 12), 18, 80) if mutant else np.clip(lab.normal(62, 11), 25, 88))
             diagnosis = "glioma"
-            glioma = sample_glioma(rng_for(seed, cohort, i, "tumour"), anat, mutant)
+            glioma = sample_glioma(rng_for(seed, cohort, i, "tumour"), anat, mutant, variation)
             resection = str(lab.choice(["GTR", "STR", "NA"], p=[0.6, 0.25, 0.15]))
         elif cohort == "stroke":
             age = float(np.clip(lab.normal(67, 12), 30, 95))
@@ -172,6 +190,9 @@ def plan_cohort(seed: int, cohort: str, n: int, anat: BaseAnatomy, uid_offset: i
             sessions=sessions,
             deform_max_mm=round(deform_max, 3),
             head_scale=round(head_scale, 4),
+            head_shape=head_shape,  # type: ignore[arg-type]
+            coarse_deform_mm=coarse_mm,
+            anatomy_variation=float(variation),
             glioma=glioma,
             stroke=stroke,
             resection=resection,
