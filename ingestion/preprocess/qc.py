@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from brainiac.ingestion.preprocess.config import PreprocessConfig
     from brainiac.ingestion.preprocess.steps import BiasField
 
-__all__ = ["assess", "fov_coverage", "noise_sigma"]
+__all__ = ["assess", "dice", "fov_coverage", "noise_sigma"]
 
 _MAD_TO_SIGMA = 1.0 / (0.6744897501960817 * math.sqrt(2.0))
 """median(|a - b|) of two independent N(0, s²) values is 0.6745·√2·s."""
@@ -63,10 +63,18 @@ def fov_coverage(matrix: np.ndarray, shape: tuple[int, ...], affine: np.ndarray)
     return float(inside.mean())
 
 
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks (1.0 when both are empty)."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    total = np.count_nonzero(a) + np.count_nonzero(b)
+    return 2.0 * np.count_nonzero(a & b) / total if total else 1.0
+
+
 def assess(qc: dict[str, float], cfg: PreprocessConfig) -> tuple[bool, str]:
     """Apply the QC rule to the numbers in ``qc``; returns (``qc_pass``, ``qc_reason``: ``""`` or ``"; "``-joined
-    ``code: detail`` items, codes ``registration_metric``, ``brain_volume``, ``fov_coverage``, ``flat_intensity``; the
-    caller adds ``registration_error`` when ITK gave up)."""
+    ``code: detail`` items, codes ``registration_metric``, ``brain_volume``, ``fov_coverage``, ``flat_intensity``,
+    ``mask_disagreement`` (a learned mask's Dice to the atlas mask below ``cfg.qc_min_mask_dice``); the caller adds
+    ``registration_error`` when ITK gave up and ``brain_mask_error`` when the network found no brain)."""
     reasons = []
     metric = qc["registration_metric"]
     if not metric <= cfg.qc_max_metric:  # NaN fails too
@@ -78,6 +86,9 @@ def assess(qc: dict[str, float], cfg: PreprocessConfig) -> tuple[bool, str]:
     cover = qc["fov_coverage"]
     if not cover >= cfg.qc_min_fov_coverage:
         reasons.append(f"fov_coverage: {cover:.2f} < {cfg.qc_min_fov_coverage:g}")
+    agreement = qc.get("mask_dice_atlas")
+    if agreement is not None and not math.isnan(agreement) and agreement < cfg.qc_min_mask_dice:
+        reasons.append(f"mask_disagreement: Dice {agreement:.3f} to the atlas mask < {cfg.qc_min_mask_dice:g}")
     if not qc["brain_std"] > 0:
         reasons.append("flat_intensity: the brain has one intensity")
     return not reasons, "; ".join(reasons)
