@@ -473,7 +473,7 @@ def _names(slices: Sequence[SliceHeader], limit: int = 3) -> str:
 def series_scan_id(slice_digests: Sequence[str]) -> str:
     """Content identity of a DICOM series: sha256 over its slices' sha256 hex digests, sorted, one per line.
 
-    Sorting makes it independent of file names and of the order files are listed or read in (ARCHITECTURE §3).
+    Sorting makes it independent of file names and of the order files are listed or read in (docs/architecture.md#scan-identity).
     """
     return hashlib.sha256("\n".join(sorted(slice_digests)).encode()).hexdigest()
 

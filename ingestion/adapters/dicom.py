@@ -8,7 +8,7 @@ a NIfTI volume in the raw area. Series that cannot be faithful volumes are repor
 (missing or irregular slices, no or truncated pixel data, 4-D or multi-plane series), and unparseable files are
 reported one by one, so a bad file never hides the good series beside it.
 
-PHI (ARCHITECTURE §3, PS3.15 Basic Profile as an allow-list):
+PHI (docs/architecture.md#privacy, PS3.15 Basic Profile as an allow-list):
 
 - ``SourceScan.subject`` carries the raw PatientID **in memory only**; the caller replaces it with
   :meth:`brainiac.platform.pseudonym.Pseudonymizer.subject_id` before anything is written or logged.
@@ -18,8 +18,9 @@ PHI (ARCHITECTURE §3, PS3.15 Basic Profile as an allow-list):
   :func:`brainiac.ingestion.phi.safe_dicom_header` (from PatientAge, or from birth and study dates, which are dropped).
 - ``sequence_hints["description"]`` is the free-text SeriesDescription (ProtocolName when absent). It is an input to
   :func:`brainiac.ingestion.harmonize.infer_sequence` only and must not be stored: free text can hold anything.
-- ``source_uri``/``relative_path`` are the user's own paths, kept as given (a PACS export's folder names may contain
-  identifiers; they are the user's, see issue 4). ``source_uri`` is the series folder (the files' common parent) and
+- ``source_uri``/``relative_path`` are the user's own paths, held **in memory only** (a PACS export's folder names may
+  contain identifiers): the catalog stores a keyed source key (``src-…``) and the real path goes to the identified zone
+  (:mod:`brainiac.ingestion.identified`). ``source_uri`` is the series folder (the files' common parent) and
   ends with ``relative_path`` (``""`` for a series in the root itself). When several series share one folder,
   ``#series-<hex>`` (the series pseudonym) is appended to both, so that each series has its own source key.
 
