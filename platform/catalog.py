@@ -3,9 +3,10 @@
 Tables (docs/architecture.md#tables): ``scans`` (one row per image, partitioned by dataset), ``quarantine`` (inputs
 that could not be ingested, with a reason code), ``duplicates`` (the same image stored as other bytes),
 ``scan_signatures`` and ``duplicate_queue`` (the duplicate search's inputs), ``volumes`` and ``preprocess_configs``
-(preprocessed voxels, by version), ``splits`` and ``embeddings``. Writers go through :func:`merge_with_retry`, which retries a MERGE when another writer committed first, so
-two ingest jobs on one catalog end without duplicate rows. Tables are written without deletion vectors so that every
-reader (Ray's ``read_delta``, polars, older delta-rs) can read them.
+(preprocessed voxels, by version), ``splits`` and ``embeddings``. Writers go through :func:`merge_with_retry`, which
+retries a MERGE when another writer committed first, so two ingest jobs on one catalog end without duplicate rows.
+Tables are written without deletion vectors so that every reader (Ray's ``read_delta``, polars, older delta-rs) can read
+them.
 
 Access levels (``open | registered | restricted``, the ``access`` column of ``scans``, from the dataset card): a catalog
 opened with ``allowed_access`` (:meth:`Catalog.restricted`) shows every reader, SQL included, only the rows of the
