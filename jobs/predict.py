@@ -395,7 +395,7 @@ def _check_sequences(
     checker: _Model, case: dict[str, str], prepared: dict[str, tuple[Any, PreprocessResult]], cfg: PreprocessConfig
 ) -> dict[str, dict[str, Any]]:
     """Run the sequence model on every input of a case; a confident other sequence is a :class:`UserError`."""
-    from brainiac.jobs.finetune.engine import TargetScale, predict
+    from brainiac.models.tasks.inference import TargetScale, predict
 
     out: dict[str, dict[str, Any]] = {}
     classes = checker.spec.classes
@@ -446,7 +446,7 @@ def predict_scans(
             model or records no preprocessing, a model that is not its task's champion (unless ``any_version``), or an
             input whose sequence is confidently not the expected one.
     """
-    from brainiac.jobs.finetune.engine import TargetScale, predict
+    from brainiac.models.tasks.inference import TargetScale, predict
     from brainiac.platform.tracking import use_tracking
 
     say = info or log.info

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from brainiac.jobs.finetune.data import TaskData, load_task_data
-from brainiac.jobs.finetune.engine import TargetScale, predict, score
 from brainiac.models.export import load_model_artifacts, model_version
+from brainiac.models.tasks.inference import TargetScale, predict, score
 from brainiac.models.tasks.spec import TaskSpec, task_spec
 from brainiac.platform.catalog import Catalog, sql_literal
 from brainiac.platform.config import Config
@@ -144,7 +144,7 @@ def case_strata(spec: TaskSpec, targets: np.ndarray) -> np.ndarray | None:
 class CaseScorer:
     """The spec's metrics of one set of predictions on any resample of its cases.
 
-    :func:`~brainiac.jobs.finetune.engine.score` computes every metric from scratch; for segmentation that means a
+    :func:`~brainiac.models.tasks.inference.score` computes every metric from scratch; for segmentation that means a
     surface distance per case per resample. Dice and HD95 are per-case quantities averaged over cases, so they are
     computed once per case here and a resample only averages them (the same value ``score`` gives on those cases).
     """

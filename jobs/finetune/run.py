@@ -350,9 +350,9 @@ def _test(spec: TaskSpec, data: TaskData, paths: list[str], cfg: Config, backbon
     """
     import torch
 
-    from brainiac.jobs.finetune.engine import TargetScale, predict
     from brainiac.jobs.finetune.evaluate import seed_mean_cis
     from brainiac.models.backbones import build_backbone
+    from brainiac.models.tasks.inference import TargetScale, predict
     from brainiac.models.tasks.model import build_task_model
 
     test = data.indices("test")

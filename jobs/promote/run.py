@@ -146,9 +146,9 @@ def _evaluate(cfg: Config, spec, model_uri: str, tags: dict[str, str], data, tes
     The version is rebuilt from its weights and spec (:func:`~brainiac.models.export.load_model_artifacts`): a version
     logged as a pickle is refused, never unpickled.
     """
-    from brainiac.jobs.finetune.engine import TargetScale, predict
     from brainiac.jobs.finetune.evaluate import metric_cis
     from brainiac.models.export import load_model_artifacts
+    from brainiac.models.tasks.inference import TargetScale, predict
     from brainiac.platform.tracking import resolve_tracking_uri
 
     p = cfg.promote

@@ -24,7 +24,7 @@ preprocessing masks the brain after the z-score, so it would mask an acquisition
 =================== =========================================================================================
 
 :func:`robustness_table` evaluates a model under every artifact × strength with the fine-tuning engine's
-:func:`~brainiac.jobs.finetune.engine.predict` and :func:`~brainiac.jobs.finetune.engine.score`, and
+:func:`~brainiac.models.tasks.inference.predict` and :func:`~brainiac.models.tasks.inference.score`, and
 :func:`robustness_plot` draws metric vs strength.
 """
 
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from torch import nn
 
-    from brainiac.jobs.finetune.engine import TargetScale
+    from brainiac.models.tasks.inference import TargetScale
     from brainiac.models.tasks.spec import TaskSpec
 
 __all__ = ["ARTIFACTS", "Artifact", "corrupt", "robustness_plot", "robustness_table"]
@@ -208,9 +208,9 @@ def robustness_table(
     """The spec's metrics under each artifact at each strength: rows ``{artifact, strength, <metric>: value}``.
 
     Args:
-        model, spec, scale: as for :func:`~brainiac.jobs.finetune.engine.predict`.
+        model, spec, scale: as for :func:`~brainiac.models.tasks.inference.predict`.
         inputs: clean test inputs (n, S, D, H, W); ``targets`` and ``raw`` as for
-            :func:`~brainiac.jobs.finetune.engine.score`.
+            :func:`~brainiac.models.tasks.inference.score`.
         artifacts: names from :data:`ARTIFACTS` (default: all, in registry order).
         strengths: one list for every artifact, a mapping per artifact name, or ``None`` for each artifact's default.
         seed, keep_background: as for :func:`corrupt`.
@@ -218,7 +218,7 @@ def robustness_table(
     Returns:
         One row per artifact × strength, in order. Strength-0 rows are the clean evaluation (computed once).
     """
-    from brainiac.jobs.finetune.engine import predict, score
+    from brainiac.models.tasks.inference import predict, score
 
     names = list(ARTIFACTS) if artifacts is None else list(artifacts)
     unknown = [a for a in names if a not in ARTIFACTS]
