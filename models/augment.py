@@ -10,12 +10,14 @@ listed as MONAI per-sample transform → batched torch implementation:
 4. gamma on the min-max range: ``RandAdjustContrast`` → the same formula per sample;
 5. multiplicative contrast: ``RandScaleIntensity`` → a per-sample factor;
 6. Gibbs ringing: ``RandGibbsNoise`` → ``torch.fft.rfftn`` with the same spherical k-space mask (exact);
-7. Gaussian smoothing: ``RandGaussianSmooth`` → separable grouped ``conv3d``, σ per sample and axis;
+7. Gaussian smoothing: ``RandGaussianSmooth`` → one banded matrix per sample and axis (batched matmul), zero padded;
 8. Gaussian noise: ``RandGaussianNoise`` → ``randn`` with a per-sample std;
 9. coarse dropout: ``RandCoarseDropout`` → per-sample boxes set to 0.
 
 The batched path covers every step. It draws every parameter per sample and runs on the tensor's device, so on a GPU
-worker the CPUs only decode and crop. The paths agree in distribution, not bit for bit: MONAI's smoothing integrates
+worker the CPUs only decode and crop. It never synchronises with the host (no ``nonzero``, ``.any()`` or ``.item()``
+deciding what to run): each step runs on the whole batch and a per-sample mask selects its result, so the next batch can
+be augmented on a side CUDA stream while the current one trains. The paths agree in distribution, not bit for bit: MONAI's smoothing integrates
 the Gaussian (``erf``) where the batched path samples it (truncated at 4σ), and MONAI composes its affine matrix in
 its own order (rotation, shear, translation, scale) where the batched one applies rotation·scale about the patch
 centre, then the shift.
@@ -347,8 +349,9 @@ class BatchedViewAugment:
         lin = _rotation(uniform(-rad, rad, batch, 3)) @ torch.diag_embed(
             uniform(1 - cfg.scale, 1 + cfg.scale, batch, 3)
         )
-        half = torch.tensor([shape[2], shape[1], shape[0]], device=dev, dtype=torch.float32) / 2
-        lin = lin * half[None, None, :] / half[None, :, None]  # D⁻¹ · A · D
+        half = (shape[2] / 2, shape[1] / 2, shape[0] / 2)
+        ratio = torch.tensor([[half[j] / half[i] for j in range(3)] for i in range(3)], dtype=torch.float32)
+        lin = lin * ratio.to(dev, non_blocking=True)  # D⁻¹ · A · D (an async copy: no host sync on CUDA)
         shift = uniform(-2 * cfg.translate_frac, 2 * cfg.translate_frac, batch, 3)  # normalised units span 2
         theta = torch.cat([lin, shift[:, :, None]], dim=2)
 
@@ -397,74 +400,88 @@ class BatchedViewAugment:
     def apply(self, x: torch.Tensor, params: BatchParams, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augment ``x`` (B, C, D, H, W) with ``params``; ``generator`` draws the noise. Returns a new tensor.
 
+        No host synchronisation: every step runs on the whole batch and a per-sample mask picks its result
+        (``torch.where``), so nothing waits for the device to learn which samples were drawn; samples a step skips keep
+        their values bit for bit. Steps whose probability is 0 in the config are not run at all.
+
         Raises:
             ValueError: ``x`` is not 5-D floating point, or ``params`` were drawn for another batch size.
         """
         self._check(x, generator)
         if params.affine.shape[0] != x.shape[0]:
             raise ValueError(f"params are for batch {params.affine.shape[0]}, input is {tuple(x.shape)}")
+        cfg = self.cfg
         dtype = x.dtype
         x = x.to(torch.float32, copy=True)
         b, spatial = x.shape[0], tuple(x.shape[2:])
         dims = (-3, -2, -1)
 
-        def chosen(mask: torch.Tensor) -> torch.Tensor:
-            return mask.nonzero().squeeze(1)
+        def per_sample(mask: torch.Tensor) -> torch.Tensor:
+            return mask.view(b, 1, 1, 1, 1)
 
-        if (sel := chosen(params.affine)).numel():
-            sub = x[sel]
-            grid = F.affine_grid(params.theta[sel], list(sub.shape), align_corners=False)
-            x[sel] = F.grid_sample(sub, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if cfg.affine_p > 0:
+            grid = F.affine_grid(params.theta, list(x.shape), align_corners=False)
+            warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            x = torch.where(per_sample(params.affine), warped, x)
+            del grid, warped
 
-        for j, axis in enumerate(self.cfg.flip_axes):
-            mask = params.flip[:, j].view(b, 1, 1, 1, 1)
-            x = torch.where(mask, x.flip(2 + axis), x)
+        if cfg.flip_p > 0:
+            for j, axis in enumerate(cfg.flip_axes):
+                x = torch.where(per_sample(params.flip[:, j]), x.flip(2 + axis), x)
 
-        if (sel := chosen(params.bias)).numel():
-            polys = [_legendre(self.cfg.bias_field_degree, n, x.device) for n in spatial]
-            field = torch.einsum("bijk,id,jh,kw->bdhw", params.bias_coeff[sel], *polys)
-            x[sel] = x[sel] * torch.exp(field)[:, None]
+        if cfg.bias_field_p > 0:
+            polys = [_legendre(cfg.bias_field_degree, n, x.device) for n in spatial]
+            field = torch.einsum("bijk,id,jh,kw->bdhw", params.bias_coeff, *polys)
+            x = torch.where(per_sample(params.bias), x * torch.exp(field)[:, None], x)
 
-        if (sel := chosen(params.gamma)).numel():
-            sub = x[sel]
-            lo = sub.amin(dim=(1, 2, 3, 4), keepdim=True)
-            span = sub.amax(dim=(1, 2, 3, 4), keepdim=True) - lo
-            gamma = params.gamma_value[sel].view(-1, 1, 1, 1, 1)
-            x[sel] = ((sub - lo) / (span + 1e-7)) ** gamma * span + lo
+        if cfg.gamma_p > 0:
+            lo = x.amin(dim=(1, 2, 3, 4), keepdim=True)
+            span = x.amax(dim=(1, 2, 3, 4), keepdim=True) - lo
+            gamma = params.gamma_value.view(b, 1, 1, 1, 1)
+            x = torch.where(per_sample(params.gamma), ((x - lo) / (span + 1e-7)) ** gamma * span + lo, x)
 
-        if (sel := chosen(params.contrast)).numel():
-            x[sel] = x[sel] * params.contrast_factor[sel].view(-1, 1, 1, 1, 1)
+        if cfg.contrast_p > 0:
+            x = x * torch.where(params.contrast, params.contrast_factor, 1.0).view(b, 1, 1, 1, 1)
 
-        if (sel := chosen(params.gibbs)).numel():
-            radius = (1 - params.gibbs_alpha[sel]) * max(spatial) * math.sqrt(2) / 2
-            keep = _gibbs_rfft_mask(spatial, radius)[:, None]  # (b, 1, D, H, W // 2 + 1)
-            x[sel] = torch.fft.irfftn(torch.fft.rfftn(x[sel], dim=dims) * keep, s=spatial, dim=dims)
+        if cfg.gibbs_p > 0:
+            radius = (1 - params.gibbs_alpha) * max(spatial) * math.sqrt(2) / 2
+            keep = _gibbs_rfft_mask(spatial, radius)[:, None]  # (B, 1, D, H, W // 2 + 1)
+            rung = torch.fft.irfftn(torch.fft.rfftn(x, dim=dims) * keep, s=spatial, dim=dims)
+            x = torch.where(per_sample(params.gibbs), rung, x)
+            del keep, rung
 
-        if (sel := chosen(params.smooth)).numel():
-            x[sel] = self._smooth(x[sel], params.smooth_sigma[sel])
+        if cfg.smooth_p > 0:
+            x = torch.where(per_sample(params.smooth), self._smooth(x, params.smooth_sigma), x)
 
-        if (sel := chosen(params.noise)).numel():
-            sub = x[sel]
-            noise = torch.randn(sub.shape, device=x.device, generator=generator)
-            x[sel] = sub + params.noise_std[sel].view(-1, 1, 1, 1, 1) * noise
+        if cfg.noise_p > 0:
+            noise = torch.randn(x.shape, device=x.device, generator=generator)
+            std = torch.where(params.noise, params.noise_std, 0.0).view(b, 1, 1, 1, 1)
+            x = torch.where(per_sample(params.noise), x + std * noise, x)
 
-        if params.dropout.any():
+        if cfg.dropout_p > 0:
             x = x.masked_fill(self._dropout_mask(params, spatial)[:, None], 0.0)
         return x.to(dtype)
 
     def _smooth(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Separable Gaussian smoothing of (b, C, D, H, W) with a σ per sample and axis (one grouped conv per axis)."""
-        b, c = x.shape[:2]
+        """Separable Gaussian smoothing of (b, C, D, H, W) with a σ per sample and axis, zero padded at the faces.
+
+        Along each axis of length n the filter is a banded (n, n) matrix per sample (the sampled kernel, truncated at
+        ``ceil(4 · max σ)``, on its diagonals), so one batched matmul per axis smooths the whole batch: the same numbers
+        as a zero-padded ``conv3d`` with that kernel (MONAI's ``GaussianSmooth(approx="sampled")``), without a grouped
+        convolution per sample. Smoothing stays out of the Gibbs step's FFT on purpose: a product of spectra there is a
+        circular convolution, which wraps the opposite face into the border voxels instead of zeros.
+        """
         radius = max(1, math.ceil(4.0 * self.cfg.smooth_sigma[1]))
-        y = x.reshape(1, b * c, *x.shape[2:])
-        for axis in range(3):
-            kernels = _gaussian_kernels(sigma[:, axis], radius).repeat_interleave(c, dim=0)  # (b·c, K)
-            shape = [b * c, 1, 1, 1, 1]
-            shape[2 + axis] = 2 * radius + 1
-            pad = [0, 0, 0]
-            pad[axis] = radius
-            y = F.conv3d(y, kernels.view(shape), padding=tuple(pad), groups=b * c)
-        return y.reshape(x.shape)
+        out = x
+        for axis, letter in enumerate("dhw"):
+            n = x.shape[2 + axis]
+            kernels = _gaussian_kernels(sigma[:, axis], radius)  # (b, 2r + 1), normalised over the whole kernel
+            offset = torch.arange(n, device=x.device)[None, :] - torch.arange(n, device=x.device)[:, None]  # j - i
+            band = kernels[:, (offset.clamp(-radius, radius) + radius)]  # (b, n, n)
+            band = band * (offset.abs() <= radius)
+            spec = "bcdhw".replace(letter, "j")
+            out = torch.einsum(f"b{letter}j,{spec}->bcdhw", band, out)  # e.g. "bdj,bcjhw->bcdhw"
+        return out
 
     @staticmethod
     def _dropout_mask(params: BatchParams, spatial: tuple[int, ...]) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import ViT
 from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck, get_inplanes
 from torch import nn
@@ -118,8 +119,35 @@ class ViTEncoder(Encoder):
             # gradient (DDP would fail on it), yet UNETR's ViT has it too, so keep it in the state dict, frozen.
             if not getattr(block, "with_cross_attention", False) and hasattr(block, "norm_cross_attn"):
                 block.norm_cross_attn.requires_grad_(False)
+        self.patch_size = cfg.patch_size
         self.grid = (cfg.img_size // cfg.patch_size,) * 3
         self.feature_dim = cfg.hidden_size
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens plus position embedding, (B, C, D, H, W) → (B, N, hidden): MONAI's ``patch_embedding``
+        computed as reshape + ``linear`` with the ``Conv3d``'s own parameters.
+
+        A 16³ convolution with stride 16 is one matrix product of the flattened patches with the kernel
+        (hidden, C·16³), so the ``Conv3d`` keeps its parameters (state dicts and checkpoints are unchanged) and only its
+        arithmetic moves to a plain GEMM, which needs no cuDNN algorithm search. Under autocast the input is cast before
+        the reshape's copy, and the fp32 position embedding is cast to the tokens' dtype, so the residual stream stays
+        in bf16 instead of being promoted to fp32 by one addition.
+        """
+        pe = self.vit.patch_embedding
+        conv = pe.patch_embeddings
+        p, (n_d, n_h, n_w) = self.patch_size, self.grid
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = x[:, :, : n_d * p, : n_h * p, : n_w * p]  # a strided conv ignores what does not fill a patch
+        b, c = x.shape[:2]
+        patches = (
+            x.reshape(b, c, n_d, p, n_h, p, n_w, p)
+            .permute(0, 2, 4, 6, 1, 3, 5, 7)  # (B, n_d, n_h, n_w, C, p, p, p): the kernel's (C, p, p, p) order
+            .reshape(b, n_d * n_h * n_w, c * p**3)
+        )
+        tokens = F.linear(patches, conv.weight.flatten(1), conv.bias)
+        tokens = tokens + pe.position_embeddings.to(tokens.dtype)
+        return pe.dropout(tokens)
 
     def forward_features(self, x: torch.Tensor) -> EncoderOutput:
         self._check_input(x)
@@ -128,7 +156,18 @@ class ViTEncoder(Encoder):
                 f"ViTEncoder was built for {self.img_size}³ inputs, got spatial shape {tuple(x.shape[2:])} "
                 f"(input shape {tuple(x.shape)})"
             )
-        out, hidden = self.vit(x)  # out: (B, [1 +] N, C) after the final LayerNorm
+        # MONAI's ViT.forward step by step, with the patch embedding of :meth:`embed` and the CLS token in the tokens'
+        # dtype (under autocast a float32 CLS token would promote the whole concatenation, and the residual stream
+        # after it, to float32).
+        vit = self.vit
+        h = self.embed(x)
+        if hasattr(vit, "cls_token"):
+            h = torch.cat([vit.cls_token.to(h.dtype).expand(h.shape[0], -1, -1), h], dim=1)
+        hidden = []
+        for block in vit.blocks:
+            h = block(h)
+            hidden.append(h)
+        out = vit.norm(h)  # (B, [1 +] N, C) after the final LayerNorm
         if self.pooling == "cls":
             features, tokens = out[:, 0], out[:, 1:]
             hidden = [h[:, 1:] for h in hidden]

@@ -24,7 +24,7 @@ from brainiac.models.config import AugmentConfig, BackboneConfig, ProjectionConf
 from brainiac.models.ssl import NTXentLoss, ProjectionHead, positive_pair_top1
 from brainiac.models.train_config import OptimConfig
 
-__all__ = ["LARS", "SimCLRModel", "SimCLRStep", "build_optimizer", "warmup_cosine"]
+__all__ = ["LARS", "PreparedViews", "SimCLRModel", "SimCLRStep", "StepResult", "build_optimizer", "warmup_cosine"]
 
 
 class SimCLRModel(nn.Module):
@@ -102,16 +102,25 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, global_batch: int | None = None, fused: bool | None = None
+) -> torch.optim.Optimizer:
     """AdamW or LARS over ``model``'s trainable parameters, without weight decay on biases and norms, at peak rate
-    ``cfg.peak_lr(global_batch)`` (``global_batch`` is needed when the config gives a per-256 rate)."""
+    ``cfg.peak_lr(global_batch)`` (``global_batch`` is needed when the config gives a per-256 rate).
+
+    ``fused``: AdamW's single-kernel CUDA implementation (one launch for all parameters instead of a few per tensor);
+    ``None`` = when every trainable parameter is on a CUDA device. Same update as the default implementation.
+    """
     groups = _decay_groups(model, cfg.weight_decay)
     lr = cfg.peak_lr(global_batch)
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient)
     for g in groups:
         g.pop("lars_adapt")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+    if fused is None:
+        params = [p for g in groups for p in g["params"]]
+        fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), **({"fused": True} if fused else {}))
 
 
 def warmup_cosine(cfg: OptimConfig, total_steps: int):
@@ -129,17 +138,36 @@ def warmup_cosine(cfg: OptimConfig, total_steps: int):
 
 @dataclass
 class StepResult:
-    """What one optimiser step reports (means over its micro-steps)."""
+    """What one optimiser step reports (means over its micro-steps).
 
-    loss: float
-    top1: float
+    ``loss`` and ``top1`` are floats, or 0-d tensors on the device when the step ran with ``sync=False`` (call
+    ``float()`` on them when the numbers are needed: that waits for the device once).
+    """
+
+    loss: float | torch.Tensor
+    top1: float | torch.Tensor
     lr: float
     samples: int
     compute_s: float
 
 
+@dataclass
+class PreparedViews:
+    """Both views of one micro-batch on the device, augmented and concatenated: ``x`` is (2B, C, D, H, W), view 1
+    first. ``ready`` is the side stream's event the training stream waits on (``None`` off CUDA)."""
+
+    x: torch.Tensor
+    pairs: int
+    ready: torch.cuda.Event | None = None
+
+
 class SimCLRStep:
     """One optimiser step of SimCLR: worker-side augmentation, forward of both views, NT-Xent, accumulation, update.
+
+    On CUDA the step avoids waiting for the device: the augmentation never synchronises, the losses stay on the device
+    unless ``sync=True`` asks for them, AdamW is fused, ``cudnn.benchmark`` is on and the model runs under
+    ``torch.compile``. :meth:`prepare` copies and augments a batch on a side CUDA stream, so the next batch's
+    augmentation overlaps the current step's compute when the caller prepares it before stepping.
 
     Args:
         model: the :class:`SimCLRModel`, possibly wrapped in DDP (``no_sync`` is used between micro-steps).
@@ -151,6 +179,9 @@ class SimCLRStep:
         precision: ``bf16`` autocast on CUDA, fp32 elsewhere.
         grad_accum_steps: micro-steps per optimiser step.
         global_batch: pairs per optimiser step over all workers; scales ``optim.base_lr_per_256`` (needed then).
+        compile: ``torch.compile`` the model's forward (and so its backward); ``None`` = on CUDA only.
+        compile_backend: the ``torch.compile`` backend (``inductor``; ``aot_eager`` checks the tracing cheaply).
+        compile_mode: the ``torch.compile`` mode (``None`` = default; ``max-autotune-no-cudagraphs`` searches GEMMs).
     """
 
     def __init__(
@@ -164,42 +195,95 @@ class SimCLRStep:
         precision: str = "fp32",
         grad_accum_steps: int = 1,
         global_batch: int | None = None,
+        compile: bool | None = None,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
     ) -> None:
         self.model, self.device = model, device
+        cuda = device.type == "cuda"
         self.loss_fn = NTXentLoss.from_config(ssl)
         self.optimizer = build_optimizer(model, optim, global_batch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(optim, total_steps))
         self.augment = BatchedViewAugment(augment) if augment.device == "worker" else None
-        self.autocast = device.type == "cuda" and precision == "bf16"
+        self.autocast = cuda and precision == "bf16"
         self.grad_accum_steps = grad_accum_steps
         self.grad_clip = optim.grad_clip
         self.generator = torch.Generator(device=device)
+        self.compiled = cuda if compile is None else bool(compile)
+        self.run_model = (
+            torch.compile(model, dynamic=False, backend=compile_backend, mode=compile_mode) if self.compiled else model
+        )
+        if cuda:
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once per shape
+        self._side = torch.cuda.Stream(device) if cuda else None
         self._micro = 0
         self._acc: list[tuple[torch.Tensor, torch.Tensor, int]] = []
 
-    def _views(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _views(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """Both views on the device, augmented, as one (2B, ...) batch in the dtype the model consumes."""
         first = first.to(self.device, non_blocking=True).float()
         second = second.to(self.device, non_blocking=True).float()
         if self.augment is not None:
             first, second = self.augment.pair(first, second, generator=self.generator)
-        return first, second
+        # Under bf16 autocast the first matmul would cast the input anyway; casting here halves the concatenation.
+        return torch.cat([first, second]).to(torch.bfloat16 if self.autocast else torch.float32)
 
-    def micro_step(self, first: torch.Tensor, second: torch.Tensor) -> StepResult | None:
-        """Forward and backward one micro-batch; returns a :class:`StepResult` when it completed an optimiser step."""
+    def prepare(self, first: torch.Tensor, second: torch.Tensor) -> PreparedViews:
+        """Copy a micro-batch's two crop batches (B, C, D, H, W) to the device and augment them.
+
+        On CUDA the work is queued on a side stream and nothing waits for it here: called for the next batch before
+        :meth:`micro_step` of the current one returns to the device, its copy and augmentation run beside the current
+        step. Pass host tensors in pinned memory for asynchronous copies. Elsewhere it runs inline.
+        """
+        if self._side is None:
+            return PreparedViews(self._views(first, second), len(first))
+        main = torch.cuda.current_stream(self.device)
+        if first.device.type == "cuda" or second.device.type == "cuda":
+            self._side.wait_stream(main)  # inputs already on the device may still be written by queued work
+        with torch.cuda.stream(self._side):
+            x = self._views(first, second)
+            ready = torch.cuda.Event()
+            ready.record(self._side)
+        return PreparedViews(x, len(first), ready)
+
+    def _take(self, views: PreparedViews) -> torch.Tensor:
+        if views.ready is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(views.ready)
+            views.x.record_stream(main)  # allocated on the side stream, used (and freed) on this one
+        return views.x
+
+    def micro_step(
+        self, first: torch.Tensor | PreparedViews, second: torch.Tensor | None = None, *, sync: bool = True
+    ) -> StepResult | None:
+        """Forward and backward one micro-batch; returns a :class:`StepResult` when it completed an optimiser step.
+
+        Args:
+            first: the first views' crops (B, C, D, H, W), or a :class:`PreparedViews` from :meth:`prepare` (then
+                ``second`` is not given).
+            second: the second views' crops.
+            sync: report the step's loss and top-1 as floats (one wait for the device per optimiser step). With
+                ``False`` they stay 0-d device tensors and the host runs ahead of the device: pass ``True`` only on
+                the steps whose numbers are logged.
+        """
         start = time.perf_counter()
         self.model.train()
-        v1, v2 = self._views(first, second)
+        if not isinstance(first, PreparedViews):
+            if second is None:
+                raise ValueError("micro_step needs both views' crops, or one PreparedViews")
+            first = self.prepare(first, second)
+        x, pairs = self._take(first), first.pairs
         last = self._micro + 1 == self.grad_accum_steps
-        sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        no_sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
-        with sync:
+        with no_sync:
             with amp:
-                z = self.model(torch.cat([v1, v2]))
+                z = self.run_model(x)
             z1, z2 = z.float().chunk(2)
             loss = self.loss_fn(z1, z2)
             (loss / self.grad_accum_steps).backward()
-        # Kept on the device: a float() here would sync the GPU every micro-step; one sync per optimiser step below.
-        self._acc.append((loss.detach(), positive_pair_top1(z1.detach(), z2.detach()), len(v1)))
+        # Kept on the device: a float() here would make the host wait for the device every micro-step.
+        self._acc.append((loss.detach(), positive_pair_top1(z1.detach(), z2.detach()), pairs))
         self._micro += 1
         if not last:
             return None
@@ -209,20 +293,15 @@ class SimCLRStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         losses, tops, sizes = zip(*self._acc, strict=True)
-        losses = torch.stack(losses).tolist()
-        tops = torch.stack(tops).tolist()
         self._micro, self._acc = 0, []
         n = sum(sizes)
-        return StepResult(
-            loss=sum(val * s for val, s in zip(losses, sizes, strict=True)) / n,
-            top1=sum(t * s for t, s in zip(tops, sizes, strict=True)) / n,
-            lr=lr,
-            samples=n,
-            compute_s=time.perf_counter() - start,
-        )
+        means = torch.stack([sum(v * (s / n) for v, s in zip(vals, sizes, strict=True)) for vals in (losses, tops)])
+        if sync:
+            loss_mean, top1_mean = means.tolist()  # the one wait for the device
+        else:
+            loss_mean, top1_mean = means[0], means[1]
+        return StepResult(loss=loss_mean, top1=top1_mean, lr=lr, samples=n, compute_s=time.perf_counter() - start)
 
     def state_dict(self) -> dict:
         """Optimiser, scheduler and augmentation-generator state (the model's weights are saved by the caller)."""

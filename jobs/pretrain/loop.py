@@ -44,10 +44,11 @@ class _Window:
     wait_s: float = 0.0
     steps: int = 0
     samples: int = 0
-    loss: float = 0.0
-    top1: float = 0.0
+    loss: float | torch.Tensor = 0.0
+    top1: float | torch.Tensor = 0.0
 
-    def add(self, loss: float, top1: float, samples: int) -> None:
+    def add(self, loss: float | torch.Tensor, top1: float | torch.Tensor, samples: int) -> None:
+        """Add one step's numbers; device tensors are summed on the device and read once, in :meth:`metrics`."""
         self.steps += 1
         self.samples += samples
         self.loss += loss
@@ -59,9 +60,9 @@ class _Window:
         return {
             "step": step,
             "epoch": epoch,
-            "loss": self.loss / steps,
+            "loss": float(self.loss) / steps,
             "lr": lr,
-            "top1": self.top1 / steps,
+            "top1": float(self.top1) / steps,
             "samples_per_s": self.samples * world / elapsed,
             "data_wait_fraction": min(1.0, self.wait_s / elapsed),
             "step_time_s": elapsed / steps,
@@ -143,11 +144,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         model.load_state_dict(state["model"], strict=True)
     model.to(device)
     wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
-    if pcfg.compile and device.type == "cuda":
-        wrapped = torch.compile(wrapped)
+    cuda = device.type == "cuda"
     engine = SimCLRStep(
         wrapped, cfg.ssl, cfg.optim, cfg.augment, pcfg.max_steps, device, pcfg.precision, pcfg.grad_accum_steps,
         global_batch=pcfg.global_batch(world),  # the world that runs, which scales a per-256 learning rate
+        compile=pcfg.compile and cuda,  # torch.compile of the (DDP-wrapped) model's forward and backward
     )  # fmt: skip
     engine.generator.manual_seed(cfg.seed * 7919 + rank)
     step, epoch = 0, 0
@@ -167,6 +168,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 batch_size=pcfg.batch_size,
                 drop_last=True,
                 local_shuffle_buffer_size=cfg.patches.shuffle_buffer or None,
+                # Batches stay on the host, pinned by Ray's prefetch thread; SimCLRStep.prepare copies them without
+                # blocking (non_blocking=True) on a side stream. Ray's default (device="auto") would copy them from
+                # pageable memory, synchronously, every step.
+                device="cpu",
+                pin_memory=cuda,
             )
         )
         seen = 0
@@ -178,7 +184,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 break
             window.wait_s += time.perf_counter() - started
             seen += 1
-            result = engine.micro_step(batch["view1"], batch["view2"])
+            # Read the loss back (a wait for the device) only on steps that report it; the others queue work and
+            # return, so the next batch is fetched, copied and augmented (on a side stream, the next time round this
+            # loop) while the device still runs this step.
+            due = (
+                step + 1 == pcfg.max_steps
+                or (step + 1) % pcfg.log_every == 0
+                or (step + 1) % pcfg.checkpoint_every == 0
+            )
+            views = engine.prepare(batch["view1"], batch["view2"])
+            result = engine.micro_step(views, sync=due)
             if result is None:
                 continue
             step += 1
