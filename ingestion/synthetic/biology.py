@@ -52,6 +52,8 @@ BRAIN_SHRINK_MM = 3.0
 """Retreat of the brain surface from the skull at brain age 90 (``3 * ((a - 25) / 65) ** 1.5`` mm, 0 before 25 y)."""
 MCI_SHRINK_MM = 1.5
 """Extra brain-surface retreat per unit of medial-temporal loss (MCI ~0.28 -> ~0.4 mm)."""
+MAX_SHRINK_MM = 4.0
+"""Cap on the retreat (whatever the ``variation``): beyond ~5 mm the atrophy map would fold at concave brain surfaces."""
 BRATS_LABELS = {"NCR": 1, "ED": 2, "ET": 4}
 """BraTS 2021 label values: 1 necrotic / non-enhancing tumour core, 2 peritumoral edema, 4 enhancing tumour."""
 
@@ -176,7 +178,7 @@ def brain_shrink_mm(brain_age: float, hippocampal_loss: float, variation: float)
     """How far the brain surface retreats from the skull (mm): global atrophy with age plus a little more with
     medial-temporal loss (:data:`BRAIN_SHRINK_MM`, :data:`MCI_SHRINK_MM`), times the anatomical ``variation``."""
     age = BRAIN_SHRINK_MM * max(0.0, min(1.0, (float(brain_age) - 25.0) / 65.0)) ** 1.5
-    return float(variation * (age + MCI_SHRINK_MM * float(hippocampal_loss)))
+    return float(min(MAX_SHRINK_MM, variation * (age + MCI_SHRINK_MM * float(hippocampal_loss))))
 
 
 def _lumpy_distance(anat: BaseAnatomy, rng: np.random.Generator, centre, radius: float, lumpiness: float) -> np.ndarray:
