@@ -8,14 +8,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from brainiac.platform.catalog import Catalog, sql_literal
 
-__all__ = ["decode_array", "encode_array", "newest_preprocess_version", "read_volumes"]
+if TYPE_CHECKING:
+    from brainiac.ingestion.preprocess.config import PreprocessConfig
+
+__all__ = [
+    "VolumeSet",
+    "decode_array",
+    "encode_array",
+    "newest_preprocess_version",
+    "read_volumes",
+    "resolve_volume_set",
+]
+
+NEWEST = "newest"
+"""The version name that asks for the preprocess version written last (also what an empty version means)."""
 
 
 def encode_array(array: np.ndarray) -> bytes:
@@ -61,22 +75,60 @@ def row_arrays(row: dict[str, Any]) -> dict[str, np.ndarray | None]:
     }
 
 
-def newest_preprocess_version(catalog: Catalog) -> str:
-    """The preprocess version written last among QC-passing ``volumes`` (what jobs read unless told a version).
+@dataclass(frozen=True)
+class VolumeSet:
+    """One set of preprocessed volumes, pinned for a whole job: every read of the job uses this ``volumes`` snapshot
+    and this preprocess version, and registration records both with the config that wrote them."""
+
+    volumes_version: int
+    """Delta version of ``volumes`` the job reads (its whole run, whatever commits meanwhile)."""
+    preprocess_version: str
+    """The ``preprocess_version`` partition: one preprocessing config's output."""
+    config: PreprocessConfig | None
+    """The settings recorded for that version in ``preprocess_configs``; ``None`` for volumes written before the
+    catalog kept that record."""
+
+
+def resolve_volume_set(catalog: Catalog, version: str | None = None, *, table_version: int | None = None) -> VolumeSet:
+    """``(catalog, version | "newest")`` → the pinned :class:`VolumeSet` a job reads: the one resolver of pretrain,
+    finetune, embed, evaluate and promote (predict reads the model's own recorded config, with no catalog).
+
+    ``volumes`` is pinned first (``table_version``, else its current version) and "newest" -- ``None``, ``""`` or
+    ``"newest"`` -- is looked up in that same snapshot: the preprocess version written last among the QC-passing volumes
+    ``catalog`` shows (restrict it to the job's access levels first). A preprocess run that commits while the job
+    starts can therefore never slip in between the lookup and the reads.
+
+    Raises:
+        UserError: the catalog has no ``volumes`` table or no preprocessed volume.
+    """
+    from brainiac.ingestion.prepare import preprocess_config_of
+    from brainiac.platform.errors import UserError
+
+    pinned = catalog.version("volumes") if table_version is None else int(table_version)
+    if pinned is None:
+        raise UserError(
+            f"the catalog {catalog.uri} has no volumes table; run `brainiac preprocess --catalog {catalog.uri}` first"
+        )
+    chosen = version if version and version != NEWEST else newest_preprocess_version(catalog, table_version=pinned)
+    return VolumeSet(int(pinned), chosen, preprocess_config_of(catalog, chosen))
+
+
+def newest_preprocess_version(catalog: Catalog, *, table_version: int | None = None) -> str:
+    """The preprocess version written last among QC-passing ``volumes`` (at ``table_version``, else the newest
+    snapshot): what jobs read unless told a version. Reads two narrow columns, never the arrays.
 
     Raises:
         UserError: the catalog holds no preprocessed volume.
     """
     from brainiac.platform.errors import UserError
 
-    table = None
-    if catalog.version("volumes") is not None:
-        table = catalog.sql(  # the newest per version, aggregated where the rows are: the driver receives a few rows
-            "SELECT preprocess_version, max(preprocessed_at) AS preprocessed_at FROM volumes WHERE qc_pass "
-            "GROUP BY preprocess_version"
-        ).to_pandas()
-    if table is None or table.empty:
+    rows = None
+    if table_version is not None or catalog.version("volumes") is not None:
+        rows = catalog.select("volumes", "qc_pass", ["preprocess_version", "preprocessed_at"], version=table_version)
+    if rows is None or rows.num_rows == 0:
         raise UserError(
             f"the catalog {catalog.uri} has no preprocessed volumes; run `brainiac preprocess --catalog {catalog.uri}` first"
         )
-    return str(table.sort_values("preprocessed_at")["preprocess_version"].iloc[-1])
+    newest = rows.group_by("preprocess_version").aggregate([("preprocessed_at", "max")])
+    order = newest.sort_by([("preprocessed_at_max", "descending"), ("preprocess_version", "ascending")])
+    return str(order["preprocess_version"][0].as_py())

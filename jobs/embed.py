@@ -19,11 +19,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from brainiac.ingestion.volumes import decode_array, newest_preprocess_version
+from brainiac.ingestion.volumes import decode_array, resolve_volume_set
 from brainiac.jobs.pretrain.pairs import row_group_bounds
 from brainiac.platform.catalog import EMBEDDINGS_SCHEMA, Catalog, merge_with_retry, sql_in, sql_literal
 from brainiac.platform.config import Config
-from brainiac.platform.errors import UserError
 
 __all__ = ["EmbedSummary", "embed", "model_label", "volume_rows"]
 
@@ -140,12 +139,10 @@ def embed(
     encoder, backbone = load_encoder(model_ref, tracking_uri=uri)
     label = model_label(model_ref, uri)
     catalog = Catalog.open(cfg.catalog.uri, cfg.catalog.storage_options)
-    volumes_version = catalog.version("volumes")
-    if volumes_version is None:
-        raise UserError(f"the catalog {catalog.uri} has no volumes table; run `brainiac preprocess` first")
     reader = catalog.restricted(cfg.catalog.allowed_access)  # the volumes of the datasets this job may read
+    volume_set = resolve_volume_set(reader, cfg.patches.preprocess_version)  # pinned, "newest" in the same snapshot
+    volumes_version, version = volume_set.volumes_version, volume_set.preprocess_version
     left_out = reader.access_report(cfg.catalog.datasets).line
-    version = cfg.patches.preprocess_version or newest_preprocess_version(reader)
     partition = f"preprocess_version = {sql_literal(version)}"
     where = f"{partition} AND qc_pass" + (
         f" AND {sql_in('dataset', cfg.catalog.datasets)}" if cfg.catalog.datasets else ""

@@ -484,6 +484,11 @@ class Catalog:
         default_factory=dict, init=False, compare=False, repr=False
     )
     """Cache of :meth:`_dataset_levels`, keyed by the ``scans`` version it was read at."""
+    _pinned: dict[tuple[str, int], DeltaTable] = dataclasses.field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
+    """Tables opened at a given version (:meth:`table`): a version never changes, so a job that pins its tables opens
+    each one once (its log is read once) however many reads it makes."""
 
     @classmethod
     def open(
@@ -696,13 +701,19 @@ class Catalog:
         return self.location.join(name)
 
     def table(self, name: str, version: int | None = None) -> DeltaTable | None:
-        """The Delta table ``name`` (at ``version``), or ``None`` if it does not exist yet."""
+        """The Delta table ``name`` (at ``version``), or ``None`` if it does not exist yet. A table at a given version
+        is opened once per catalog object and shared by later calls (callers must not move it to another version)."""
         from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
 
+        if version is not None and (name, version) in self._pinned:
+            return self._pinned[(name, version)]
         loc = self.table_location(name)
         try:
-            return DeltaTable(loc.uri, version=version, storage_options=loc.delta_storage_options())
+            table = DeltaTable(loc.uri, version=version, storage_options=loc.delta_storage_options())
+            if version is not None:
+                self._pinned[(name, version)] = table
+            return table
         except TableNotFoundError:
             return None
         except Exception as exc:

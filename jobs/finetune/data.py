@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from brainiac.ingestion.preprocess.config import PreprocessConfig
 from brainiac.ingestion.splits import draw_fraction, draw_shots, read_splits
-from brainiac.ingestion.volumes import decode_array, newest_preprocess_version
+from brainiac.ingestion.volumes import decode_array, resolve_volume_set
 from brainiac.models.tasks.spec import TaskSpec
 from brainiac.platform.catalog import Catalog, sql_literal
 from brainiac.platform.config import Config
@@ -61,6 +62,9 @@ class TaskData:
     """Delta versions of ``scans``, ``volumes`` and ``splits`` the cases were read at."""
     left_out: str | None = None
     """What ``catalog.allowed_access`` left out of the catalog (datasets, scans, levels), or ``None``."""
+    preprocess_config: PreprocessConfig | None = None
+    """The settings recorded for ``preprocess_version`` (:class:`~brainiac.ingestion.volumes.VolumeSet`), which a
+    registered model keeps so that ``brainiac predict`` rebuilds its inputs; ``None`` when the catalog has no record."""
 
     def indices(self, split: str, subjects: set[str] | None = None) -> np.ndarray:
         """Case indices of ``split`` (optionally only those of ``subjects``; a :class:`CaseSelection` keeps only its
@@ -171,14 +175,13 @@ def load_task_data(
             label.
     """
     pinned = dict(table_versions or {})
-    volumes_version = pinned.get("volumes", catalog.version("volumes"))
-    if volumes_version is None:
-        raise UserError(f"the catalog {catalog.uri} has no volumes table; run `brainiac preprocess` first")
-    used = {"scans": pinned.get("scans", catalog.version("scans")), "volumes": int(volumes_version),
-            "splits": pinned.get("splits", catalog.version("splits"))}  # fmt: skip
     reader = catalog.restricted(cfg.catalog.allowed_access)
+    volume_set = resolve_volume_set(reader, preprocess_version or cfg.patches.preprocess_version,
+                                    table_version=pinned.get("volumes"))  # fmt: skip
+    version, volumes_version = volume_set.preprocess_version, volume_set.volumes_version
+    used = {"scans": pinned.get("scans", catalog.version("scans")), "volumes": volume_set.volumes_version,
+            "splits": pinned.get("splits", catalog.version("splits"))}  # fmt: skip
     left_out = reader.access_report(cfg.catalog.datasets).line
-    version = preprocess_version or cfg.patches.preprocess_version or newest_preprocess_version(reader)
     wanted = sorted(set(spec.sequences))  # exactly what the model reads (optional_sequences is unused)
     scans = reader.scans(dataset=cfg.catalog.datasets or None, sequence=wanted, version=used["scans"])
     rows = scans.to_arrow([*SCAN_COLUMNS, "access"]).to_pylist()
@@ -271,6 +274,7 @@ def load_task_data(
         access_levels=sorted({r["access"] for r in labelled}),
         table_versions={k: int(v) for k, v in used.items() if v is not None},
         left_out=left_out,
+        preprocess_config=volume_set.config,
     )
 
 

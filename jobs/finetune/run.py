@@ -385,11 +385,9 @@ def _register(
     """
     import mlflow
 
-    from brainiac.ingestion.prepare import preprocess_config_of
     from brainiac.models.export import MODEL_DIR, ModelSpec, save_model_artifacts
 
-    catalog = Catalog.open(cfg.catalog.uri, cfg.catalog.storage_options)
-    preprocess_cfg = preprocess_config_of(catalog, data.preprocess_version)
+    preprocess_cfg = data.preprocess_config  # resolved with the volume set (brainiac.ingestion.volumes)
     if preprocess_cfg is None and cfg.preprocess.version() == data.preprocess_version:
         preprocess_cfg = cfg.preprocess
     if preprocess_cfg is None:

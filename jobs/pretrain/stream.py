@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from brainiac.ingestion.splits import read_splits
-from brainiac.ingestion.volumes import decode_array, newest_preprocess_version
+from brainiac.ingestion.volumes import decode_array, resolve_volume_set
 from brainiac.jobs.pretrain.pairs import ARRAY_COLUMNS, augmented_block_pairs, view_pair_bytes
 from brainiac.models.train_config import PatchConfig
 from brainiac.platform.catalog import Catalog, sql_in, sql_literal
@@ -92,15 +92,11 @@ def select_volumes(catalog: Catalog, cfg: Config) -> PretrainSelection:
         UserError: no volumes, a named dataset that is unknown or at a level the job may not read, or an empty train
             or held-out selection.
     """
-    volumes_version = catalog.version("volumes")
-    if volumes_version is None:
-        raise UserError(
-            f"the catalog {catalog.uri} has no volumes table; run `brainiac preprocess --catalog {catalog.uri}` first"
-        )
     pcfg = cfg.patches
     reader = catalog.restricted(cfg.catalog.allowed_access)  # every read below sees only what the job may read
+    volume_set = resolve_volume_set(reader, pcfg.preprocess_version)  # pinned: "newest" is read in the same snapshot
+    volumes_version, version = volume_set.volumes_version, volume_set.preprocess_version
     left_out = reader.access_report([*cfg.catalog.datasets, *pcfg.datasets]).line
-    version = pcfg.preprocess_version or newest_preprocess_version(reader)
     where = f"preprocess_version = {sql_literal(version)} AND qc_pass"
     for named in (cfg.catalog.datasets, pcfg.datasets):
         if named:
