@@ -17,17 +17,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from brainiac.platform.errors import ConfigError
+from brainiac.platform.fields import bounds
 
 __all__ = ["AugmentConfig", "BackboneConfig", "ProjectionConfig", "SSLConfig"]
 
 
-def _range(
-    *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
-) -> dict[str, float]:
-    return {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
-
-
-_PROB = _range(ge=0.0, le=1.0)
+_PROB = bounds(ge=0.0, le=1.0)
 
 
 def _check_interval(name: str, value: tuple[float, ...], *, low: float | None = None) -> None:
@@ -44,25 +39,25 @@ class BackboneConfig:
     kind: Literal["vit", "resnet"] = "vit"
     """Encoder family: ``vit`` (MONAI ``ViT``) or ``resnet`` (MONAI ``ResNet``, 3-D)."""
 
-    in_channels: int = field(default=1, metadata=_range(ge=1))
+    in_channels: int = field(default=1, metadata=bounds(ge=1))
     """Image channels of one view (one MRI sequence per view)."""
 
-    img_size: int = field(default=96, metadata=_range(ge=8))
+    img_size: int = field(default=96, metadata=bounds(ge=8))
     """Edge of the cubic input patch in voxels. The ViT is built for exactly this size; the ResNet accepts any size."""
 
-    patch_size: int = field(default=16, metadata=_range(ge=1))
+    patch_size: int = field(default=16, metadata=bounds(ge=1))
     """ViT: edge of the cubic patch embedded as one token (96 / 16 = 6 → 216 tokens). Must divide ``img_size``."""
 
-    hidden_size: int = field(default=768, metadata=_range(ge=8))
+    hidden_size: int = field(default=768, metadata=bounds(ge=8))
     """ViT: token width (768 = ViT-B). Must be divisible by ``num_heads``."""
 
-    mlp_dim: int = field(default=3072, metadata=_range(ge=8))
+    mlp_dim: int = field(default=3072, metadata=bounds(ge=8))
     """ViT: hidden width of each transformer block's MLP."""
 
-    num_layers: int = field(default=12, metadata=_range(ge=1))
+    num_layers: int = field(default=12, metadata=bounds(ge=1))
     """ViT: number of transformer blocks."""
 
-    num_heads: int = field(default=12, metadata=_range(ge=1))
+    num_heads: int = field(default=12, metadata=bounds(ge=1))
     """ViT: attention heads per block."""
 
     pooling: Literal["cls", "mean"] = "cls"
@@ -75,7 +70,7 @@ class BackboneConfig:
     qkv_bias: bool = False
     """ViT: bias in the attention's qkv projection (MONAI's default, and BrainIAC V2's, is off)."""
 
-    dropout_rate: float = field(default=0.0, metadata=_range(ge=0.0, lt=1.0))
+    dropout_rate: float = field(default=0.0, metadata=bounds(ge=0.0, lt=1.0))
     """ViT: dropout inside the transformer blocks."""
 
     flash_attention: bool = False
@@ -86,13 +81,13 @@ class BackboneConfig:
     resnet_depth: Literal[10, 18, 34, 50] = 50
     """ResNet: depth; 10/18/34 use basic blocks (512-d features), 50 bottlenecks (2048-d, BrainIAC V1)."""
 
-    resnet_widen_factor: float = field(default=1.0, metadata=_range(gt=0.0, le=4.0))
+    resnet_widen_factor: float = field(default=1.0, metadata=bounds(gt=0.0, le=4.0))
     """ResNet: multiplies every stage's width (0.25 gives a tiny net for tests)."""
 
-    conv1_t_size: int = field(default=7, metadata=_range(ge=1))
+    conv1_t_size: int = field(default=7, metadata=bounds(ge=1))
     """ResNet: kernel size of the stem convolution."""
 
-    conv1_t_stride: int = field(default=2, metadata=_range(ge=1))
+    conv1_t_stride: int = field(default=2, metadata=bounds(ge=1))
     """ResNet: stride of the stem convolution. MONAI's default of 1 is ~10× slower at 96³; 2 is the usual choice."""
 
     resnet_no_max_pool: bool = False
@@ -138,13 +133,13 @@ class BackboneConfig:
 class ProjectionConfig:
     """The projection head g(·) of SimCLR (Chen et al. 2020): an MLP whose output is used only by the loss."""
 
-    hidden_dim: int = field(default=2048, metadata=_range(ge=1))
+    hidden_dim: int = field(default=2048, metadata=bounds(ge=1))
     """Width of the hidden layers."""
 
-    out_dim: int = field(default=128, metadata=_range(ge=1))
+    out_dim: int = field(default=128, metadata=bounds(ge=1))
     """Width of the embedding the contrastive loss sees (SimCLR: 128)."""
 
-    num_layers: int = field(default=2, metadata=_range(ge=2, le=3))
+    num_layers: int = field(default=2, metadata=bounds(ge=2, le=3))
     """Linear layers in the head: 2 (SimCLR v1) or 3 (SimCLR v2)."""
 
     batch_norm: bool = True
@@ -155,7 +150,7 @@ class ProjectionConfig:
 class SSLConfig:
     """The NT-Xent contrastive objective (SimCLR, Chen et al. 2020)."""
 
-    temperature: float = field(default=0.1, metadata=_range(gt=0.0, le=10.0))
+    temperature: float = field(default=0.1, metadata=bounds(gt=0.0, le=10.0))
     """Softmax temperature τ. SimCLR uses 0.1 with large batches, nnssl 0.5, MONAI's tutorial 0.05."""
 
     gather_distributed: bool = True
@@ -174,37 +169,37 @@ class AugmentConfig:
     affine_p: float = field(default=0.5, metadata=_PROB)
     """Probability of a random affine (rotation, scaling, translation)."""
 
-    rotate_deg: float = field(default=15.0, metadata=_range(ge=0.0, le=180.0))
+    rotate_deg: float = field(default=15.0, metadata=bounds(ge=0.0, le=180.0))
     """Rotation about each axis drawn from [-rotate_deg, rotate_deg] degrees."""
 
-    scale: float = field(default=0.1, metadata=_range(ge=0.0, lt=1.0))
+    scale: float = field(default=0.1, metadata=bounds(ge=0.0, lt=1.0))
     """Zoom factor drawn per axis from [1 - scale, 1 + scale]."""
 
-    translate_frac: float = field(default=0.0, metadata=_range(ge=0.0, le=0.5))
+    translate_frac: float = field(default=0.0, metadata=bounds(ge=0.0, le=0.5))
     """Shift per axis drawn from ±translate_frac of the patch edge (crop jitter already moves the views apart)."""
 
     flip_p: float = field(default=0.5, metadata=_PROB)
     """Probability of flipping along each axis in ``flip_axes``."""
 
-    flip_axes: list[int] = field(default_factory=lambda: [0], metadata=_range(ge=0, le=2))
+    flip_axes: list[int] = field(default_factory=lambda: [0], metadata=bounds(ge=0, le=2))
     """Spatial axes that may be flipped; 0 is left-right in the catalog's RAS-oriented volumes."""
 
     gamma_p: float = field(default=0.3, metadata=_PROB)
     """Probability of a gamma curve on the min-max range of the patch (MONAI ``RandAdjustContrast``)."""
 
-    gamma_range: tuple[float, float] = field(default=(0.7, 1.5), metadata=_range(gt=0.0))
+    gamma_range: tuple[float, float] = field(default=(0.7, 1.5), metadata=bounds(gt=0.0))
     """Range the gamma exponent is drawn from."""
 
     contrast_p: float = field(default=0.3, metadata=_PROB)
     """Probability of a multiplicative contrast change (MONAI ``RandScaleIntensity``)."""
 
-    contrast_range: tuple[float, float] = field(default=(0.75, 1.25), metadata=_range(gt=0.0))
+    contrast_range: tuple[float, float] = field(default=(0.75, 1.25), metadata=bounds(gt=0.0))
     """Range the intensity factor is drawn from."""
 
     bias_field_p: float = field(default=0.3, metadata=_PROB)
     """Probability of a smooth multiplicative bias field exp(Σ c·Legendre) (MONAI ``RandBiasField``)."""
 
-    bias_field_degree: int = field(default=3, metadata=_range(ge=1, le=5))
+    bias_field_degree: int = field(default=3, metadata=bounds(ge=1, le=5))
     """Degree of the polynomial bias field."""
 
     bias_field_coeff: tuple[float, float] = field(default=(0.0, 0.1))
@@ -219,22 +214,22 @@ class AugmentConfig:
     noise_p: float = field(default=0.3, metadata=_PROB)
     """Probability of additive Gaussian noise."""
 
-    noise_std: float = field(default=0.1, metadata=_range(ge=0.0))
+    noise_std: float = field(default=0.1, metadata=bounds(ge=0.0))
     """Noise standard deviation is drawn from [0, noise_std] (the volumes are z-scored)."""
 
     smooth_p: float = field(default=0.2, metadata=_PROB)
     """Probability of Gaussian smoothing."""
 
-    smooth_sigma: tuple[float, float] = field(default=(0.5, 1.0), metadata=_range(gt=0.0, le=4.0))
+    smooth_sigma: tuple[float, float] = field(default=(0.5, 1.0), metadata=bounds(gt=0.0, le=4.0))
     """Range of the smoothing σ in voxels, drawn per axis."""
 
     dropout_p: float = field(default=0.2, metadata=_PROB)
     """Probability of coarse dropout (boxes set to zero)."""
 
-    dropout_holes: tuple[int, int] = field(default=(1, 4), metadata=_range(ge=1, le=64))
+    dropout_holes: tuple[int, int] = field(default=(1, 4), metadata=bounds(ge=1, le=64))
     """Range of the number of boxes."""
 
-    dropout_size_frac: tuple[float, float] = field(default=(0.1, 0.25), metadata=_range(gt=0.0, le=1.0))
+    dropout_size_frac: tuple[float, float] = field(default=(0.1, 0.25), metadata=bounds(gt=0.0, le=1.0))
     """Range of each box's edge as a fraction of the patch edge, drawn per axis."""
 
     def __post_init__(self) -> None:

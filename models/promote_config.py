@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from brainiac.models.config import _range
 from brainiac.platform.errors import ConfigError
+from brainiac.platform.fields import bounds
 
 __all__ = ["PromoteConfig"]
 
@@ -32,7 +32,7 @@ class PromoteConfig:
     min_delta: float = 0.0
     """The lower bound of the improvement's bootstrap CI must reach this (in the metric's units, direction-aware)."""
 
-    confidence: float = field(default=0.95, metadata=_range(gt=0.5, lt=1.0))
+    confidence: float = field(default=0.95, metadata=bounds(gt=0.5, lt=1.0))
     """Confidence level of the paired bootstrap interval of the improvement."""
 
     gates: list[str] = field(default_factory=list)
@@ -49,13 +49,13 @@ class PromoteConfig:
     robustness: bool = True
     """Compare both models under imaging artifacts; none may regress past ``robustness_tolerance``."""
 
-    robustness_tolerance: float = field(default=0.05, metadata=_range(ge=0.0))
+    robustness_tolerance: float = field(default=0.05, metadata=bounds(ge=0.0))
     """How much worse (primary metric, its own units, averaged over an artifact's strengths) the candidate may be."""
 
     robustness_artifacts: list[str] = field(default_factory=list)
     """Artifacts to compare (empty = all of :data:`brainiac.models.tasks.robustness.ARTIFACTS`)."""
 
-    bootstrap: int = field(default=1000, metadata=_range(ge=100))
+    bootstrap: int = field(default=1000, metadata=bounds(ge=100))
     """Bootstrap resamples for the metric CIs and the paired improvement CI."""
 
     table_versions: dict[str, int] = field(default_factory=dict)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from brainiac.models.config import _range
 from brainiac.platform.errors import ConfigError
+from brainiac.platform.fields import bounds
 
 __all__ = ["OptimConfig", "PatchConfig", "PretrainConfig"]
 
@@ -41,19 +41,19 @@ class PatchConfig:
     eval_split: str = "val"
     """Split whose patches measure positive-pair retrieval at the end (the trained encoder against a random one)."""
 
-    patches_per_volume: int = field(default=8, metadata=_range(ge=1, le=1024))
+    patches_per_volume: int = field(default=8, metadata=bounds(ge=1, le=1024))
     """View pairs cut from one decoded volume per pass (decoding is amortised over them)."""
 
-    jitter_frac: float = field(default=0.25, metadata=_range(ge=0.0, le=1.0))
+    jitter_frac: float = field(default=0.25, metadata=bounds(ge=0.0, le=1.0))
     """Largest shift of the second crop against the first, per axis, as a fraction of the (smaller) crop edge."""
 
-    min_overlap: float = field(default=0.4, metadata=_range(ge=0.0, le=1.0))
+    min_overlap: float = field(default=0.4, metadata=bounds(ge=0.0, le=1.0))
     """Least shared volume of the two crops (fraction of the smaller crop)."""
 
-    min_brain_fraction: float = field(default=0.3, metadata=_range(ge=0.0, le=1.0))
+    min_brain_fraction: float = field(default=0.3, metadata=bounds(ge=0.0, le=1.0))
     """Least fraction of brain-mask voxels in the first crop (redrawn otherwise), so views are not empty background."""
 
-    crop_scale: tuple[float, float] | None = field(default=(0.4, 1.0), metadata=_range(gt=0.0, le=1.5))
+    crop_scale: tuple[float, float] | None = field(default=(0.4, 1.0), metadata=bounds(gt=0.0, le=1.5))
     """Random resized crops: each view draws its own scale s uniformly in [low, high] and is a cube of edge s·L (L =
     the ``whole`` volume's longest edge), resized (trilinear) to ``img_size``. At 1.0 a view is the whole volume fitted
     into the cube, as fine-tuning's ``fixed`` cube shows it; at 0.4 it shows 0.4 of the volume per axis in finer
@@ -62,12 +62,12 @@ class PatchConfig:
     views: 0.5-0.6 of the volume per axis, a sixth of it (161 x 197 x 171 voxels at 1 mm with 96³ crops; the same
     at the tiny configs' 3 mm with 32³)."""
 
-    min_pairs_per_pass: int = field(default=4096, metadata=_range(ge=1))
+    min_pairs_per_pass: int = field(default=4096, metadata=bounds(ge=1))
     """Each pass of the stream yields at least this many pairs (a small selection cuts more pairs per volume from one
     read, at new random locations every pass), so the stream restarts (a few seconds of Ray Data start-up) rarely, not
     every few steps."""
 
-    shuffle_buffer: int = field(default=64, metadata=_range(ge=0))
+    shuffle_buffer: int = field(default=64, metadata=bounds(ge=0))
     """Pairs held in the local shuffle buffer of each worker's iterator (0 = no shuffle beyond the block order)."""
 
     def __post_init__(self) -> None:
@@ -84,34 +84,34 @@ class OptimConfig:
     name: Literal["adamw", "lars"] = "adamw"
     """``adamw`` (ViT default) or ``lars`` (SimCLR's large-batch choice; bias and norm weights skip adaptation)."""
 
-    lr: float | None = field(default=1.5e-4, metadata=_range(gt=0.0, le=10.0))
+    lr: float | None = field(default=1.5e-4, metadata=bounds(gt=0.0, le=10.0))
     """Peak learning rate (after warmup) for the whole global batch, as given. ``null`` when ``base_lr_per_256`` sets
     it instead (exactly one of the two is set)."""
 
-    base_lr_per_256: float | None = field(default=None, metadata=_range(gt=0.0, le=10.0))
+    base_lr_per_256: float | None = field(default=None, metadata=bounds(gt=0.0, le=10.0))
     """Linear scaling rule (Goyal et al. 2017; SimCLR, MAE): the peak learning rate is this rate per 256 pairs times
     the global batch, ``base_lr_per_256 · batch_size · num_workers · grad_accum_steps / 256`` (:meth:`peak_lr`), so
     one recipe holds at any number of GPUs. A per-256 rate used unscaled on a 4,096-pair batch trains 16x too slowly."""
 
-    weight_decay: float = field(default=0.05, metadata=_range(ge=0.0, le=1.0))
+    weight_decay: float = field(default=0.05, metadata=bounds(ge=0.0, le=1.0))
     """Decoupled weight decay; never applied to biases and norm weights."""
 
-    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_range(ge=0.0, lt=1.0))
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=bounds(ge=0.0, lt=1.0))
     """AdamW betas."""
 
-    momentum: float = field(default=0.9, metadata=_range(ge=0.0, lt=1.0))
+    momentum: float = field(default=0.9, metadata=bounds(ge=0.0, lt=1.0))
     """LARS momentum."""
 
-    trust_coefficient: float = field(default=0.001, metadata=_range(gt=0.0))
+    trust_coefficient: float = field(default=0.001, metadata=bounds(gt=0.0))
     """LARS trust ratio coefficient η."""
 
-    warmup_steps: int = field(default=500, metadata=_range(ge=0))
+    warmup_steps: int = field(default=500, metadata=bounds(ge=0))
     """Optimiser steps of linear warmup from 0 to ``lr``."""
 
-    min_lr_ratio: float = field(default=0.01, metadata=_range(ge=0.0, le=1.0))
+    min_lr_ratio: float = field(default=0.01, metadata=bounds(ge=0.0, le=1.0))
     """Floor of the cosine decay as a fraction of ``lr``."""
 
-    grad_clip: float = field(default=1.0, metadata=_range(ge=0.0))
+    grad_clip: float = field(default=1.0, metadata=bounds(ge=0.0))
     """Clip the global gradient norm to this value (0 = no clipping)."""
 
     def __post_init__(self) -> None:
@@ -144,33 +144,33 @@ class PretrainConfig:
     storage_path: str = ""
     """Where Ray Train keeps checkpoints (a directory or ``s3://``, shared by all nodes). Empty = ``brainiac-data/runs``."""
 
-    max_steps: int = field(default=100_000, metadata=_range(ge=1))
+    max_steps: int = field(default=100_000, metadata=bounds(ge=1))
     """Optimiser steps in total (a resumed run continues towards the same total)."""
 
-    batch_size: int = field(default=32, metadata=_range(ge=2))
+    batch_size: int = field(default=32, metadata=bounds(ge=2))
     """View pairs per worker per micro-step (every pair gives 2·world·batch − 2 negatives)."""
 
-    grad_accum_steps: int = field(default=1, metadata=_range(ge=1))
+    grad_accum_steps: int = field(default=1, metadata=bounds(ge=1))
     """Micro-steps whose gradients add up before one optimiser step."""
 
-    num_workers: int = field(default=2, metadata=_range(ge=1))
+    num_workers: int = field(default=2, metadata=bounds(ge=1))
     """Ray Train workers (one process, one GPU each on a GPU cluster)."""
 
     use_gpu: bool = False
     """Put each worker on a GPU."""
 
-    cpus_per_worker: float = field(default=1.0, metadata=_range(gt=0.0))
+    cpus_per_worker: float = field(default=1.0, metadata=bounds(gt=0.0))
     """CPUs reserved per Train worker. Fractions leave CPUs to Ray Data on small machines."""
 
-    gpus_per_worker: float = field(default=1.0, metadata=_range(gt=0.0))
+    gpus_per_worker: float = field(default=1.0, metadata=bounds(gt=0.0))
     """GPUs per worker when ``use_gpu``."""
 
-    data_cpus: float | None = field(default=None, metadata=_range(gt=0.0))
+    data_cpus: float | None = field(default=None, metadata=bounds(gt=0.0))
     """Cap on the CPUs Ray Data's decode/crop operators may use (``None`` = what the workers leave free). Capping it
     stops the stream from taking the CPUs Train needs, and leaving it room stops it from starving (a hang, not an
     error, in Ray)."""
 
-    data_tasks_per_cpu: int = field(default=2, metadata=_range(ge=1, le=8))
+    data_tasks_per_cpu: int = field(default=2, metadata=bounds(ge=1, le=8))
     """Map tasks of the stream in flight per CPU of Ray Data's share, like a DataLoader's ``prefetch_factor``: with
     one, a CPU idles between a finished task and the next (Ray Data notices the end of a task up to 0.1 s late, then
     starts the next; with one-volume tasks about 15 % of the time). Keep ``cluster.workers_per_cpu`` at least as
@@ -185,19 +185,19 @@ class PretrainConfig:
     compile: bool = False
     """``torch.compile`` the model on GPU workers (ignored on CPU)."""
 
-    checkpoint_every: int = field(default=500, metadata=_range(ge=1))
+    checkpoint_every: int = field(default=500, metadata=bounds(ge=1))
     """Optimiser steps between checkpoints (and one at the end)."""
 
-    keep_checkpoints: int = field(default=3, metadata=_range(ge=1))
+    keep_checkpoints: int = field(default=3, metadata=bounds(ge=1))
     """Newest checkpoints kept in storage."""
 
-    max_failures: int = field(default=3, metadata=_range(ge=-1))
+    max_failures: int = field(default=3, metadata=bounds(ge=-1))
     """Worker-group failures survived by restarting from the last checkpoint (-1 = unlimited)."""
 
-    log_every: int = field(default=10, metadata=_range(ge=1))
+    log_every: int = field(default=10, metadata=bounds(ge=1))
     """Optimiser steps between metric reports (loss, lr, samples/s, data-wait fraction, top-1)."""
 
-    eval_pairs: int = field(default=128, metadata=_range(ge=4))
+    eval_pairs: int = field(default=128, metadata=bounds(ge=4))
     """Held-out view pairs on which the final encoder's retrieval accuracy is compared with a random encoder's."""
 
     register_as: str = "brainiac-encoder"
@@ -207,10 +207,10 @@ class PretrainConfig:
     """Alias set on the new model version (``models:/brainiac-encoder@candidate``); promotion moves ``champion``.
     MLflow reserves ``latest`` (``models:/brainiac-encoder/latest`` is the newest version anyway)."""
 
-    fail_at_step: int | None = field(default=None, metadata=_range(ge=1))
+    fail_at_step: int | None = field(default=None, metadata=bounds(ge=1))
     """Fault injection for tests and drills: rank ``fail_rank`` raises at this step, once (first attempt only)."""
 
-    fail_rank: int = field(default=0, metadata=_range(ge=0))
+    fail_rank: int = field(default=0, metadata=bounds(ge=0))
     """Rank that raises at ``fail_at_step``."""
 
     def global_batch(self, workers: int | None = None) -> int:

@@ -35,6 +35,7 @@ from brainiac.models.finetune_config import FinetuneConfig
 from brainiac.models.promote_config import PromoteConfig
 from brainiac.models.train_config import OptimConfig, PatchConfig, PretrainConfig
 from brainiac.platform.errors import ConfigError
+from brainiac.platform.fields import bounds
 
 __all__ = [
     "CatalogConfig",
@@ -64,12 +65,6 @@ _URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@
 def redact_uri_credentials(text: str) -> str:
     """``https://user:pass@host/...`` → ``https://user:***@host/...`` (any scheme, anywhere in ``text``)."""
     return _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-
-
-def _range(
-    *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
-) -> dict:
-    return {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
 
 
 def _env_json(name: str) -> dict[str, str]:
@@ -130,17 +125,17 @@ class ClusterConfig:
     """``local`` starts Ray in-process (never joins a stray cluster); ``auto`` or ``host:port`` or ``ray://`` connects.
     Env: ``RAY_ADDRESS``."""
 
-    num_cpus: int | None = field(default=None, metadata=_range(ge=1))
+    num_cpus: int | None = field(default=None, metadata=bounds(ge=1))
     """Logical CPUs of a local Ray. More than the physical cores keeps Train, Tune and Data from starving each other."""
 
-    object_store_memory_mb: int | None = field(default=None, metadata=_range(ge=64))
+    object_store_memory_mb: int | None = field(default=None, metadata=bounds(ge=64))
     """Object-store size of a local Ray in MiB; ``None`` lets Ray choose."""
 
     include_dashboard: bool = False
     """Start the dashboard with a local Ray (it binds 127.0.0.1). Without it, a local Ray collects no metrics or task
     events (nothing would read them)."""
 
-    workers_per_cpu: int = field(default=2, metadata=_range(ge=1, le=8))
+    workers_per_cpu: int = field(default=2, metadata=bounds(ge=1, le=8))
     """Idle worker processes a local Ray keeps per logical CPU (Ray's ``num_workers_soft_limit``, which by default
     keeps one). The pretraining stream runs ``pretrain.data_tasks_per_cpu`` map tasks per CPU; workers above the limit
     are killed when idle, and every new pass would pay their torch/MONAI import again. A cluster started with
@@ -154,7 +149,7 @@ class ClusterConfig:
 class IngestConfig:
     """How ``brainiac ingest`` commits what it harvests."""
 
-    commit_scans: int = field(default=4096, metadata=_range(ge=1))
+    commit_scans: int = field(default=4096, metadata=bounds(ge=1))
     """Harvested scans per commit to ``scans`` and ``quarantine``: a crash keeps every commit made before it, and the
     driver holds at most about this many rows."""
 
@@ -176,7 +171,7 @@ class IngestConfig:
 class SynthConfig:
     """The synthetic multi-site cohort (``brainiac synth``); the generator is ``brainiac.ingestion.synthetic``."""
 
-    subjects: int = field(default=40, metadata=_range(ge=1, le=100_000))
+    subjects: int = field(default=40, metadata=bounds(ge=1, le=100_000))
     """Subjects in total, spread over the cohorts."""
 
     preset: Literal["tiny", "small", "full"] = "tiny"
@@ -207,7 +202,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
-    seed: int = field(default=0, metadata=_range(ge=0))
+    seed: int = field(default=0, metadata=bounds(ge=0))
     """Seed for every random draw a job makes, so that a run can be repeated exactly."""
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from brainiac.platform.errors import ConfigError
+from brainiac.platform.fields import bounds
 
 __all__ = ["PIPELINE_REVISION", "BrainMaskMethod", "PreprocessConfig"]
 
@@ -27,12 +28,6 @@ BrainMaskMethod = Literal["atlas", "deepbet", "hd-bet"]
 _BRAIN_MASKS: tuple[str, ...] = typing.get_args(BrainMaskMethod)
 
 
-def _range(
-    *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
-) -> dict[str, float]:
-    return {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
-
-
 @dataclass
 class PreprocessConfig:
     """Reorient → N4 → rotation search + rigid + affine registration to MNI152 → atlas brain mask → crop and resample to
@@ -40,17 +35,17 @@ class PreprocessConfig:
     tests and the quickstart on the 3 mm ``tiny`` cohort use :meth:`tiny`."""
 
     # ---- outputs --------------------------------------------------------------------------------------------------
-    whole_spacing_mm: float = field(default=1.0, metadata=_range(gt=0.0, le=8.0))
+    whole_spacing_mm: float = field(default=1.0, metadata=bounds(gt=0.0, le=8.0))
     """Isotropic voxel size of the whole-brain crop (``whole``), on the MNI152 template grid."""
 
-    margin_mm: float = field(default=8.0, metadata=_range(ge=0.0, le=60.0))
+    margin_mm: float = field(default=8.0, metadata=bounds(ge=0.0, le=60.0))
     """Margin around the template brain's bounding box that both output grids keep: a subject brain larger than MNI152
     (up to ~5 % here) or deformed (a few mm) still fits inside the crop."""
 
-    fixed_size: int = field(default=96, metadata=_range(ge=8, le=512))
+    fixed_size: int = field(default=96, metadata=bounds(ge=8, le=512))
     """Edge in voxels of the cubic ``fixed`` output (BrainIAC fine-tunes on 96³)."""
 
-    fixed_spacing_mm: float | None = field(default=None, metadata=_range(gt=0.0, le=16.0))
+    fixed_spacing_mm: float | None = field(default=None, metadata=bounds(gt=0.0, le=16.0))
     """Voxel size of the ``fixed`` cube. ``None`` fits the brain box (with margin) into the cube isotropically, about
     1.9 mm at 96³; a value makes the cube crop or pad the box instead. Never an anisotropic resize."""
 
@@ -59,20 +54,20 @@ class PreprocessConfig:
     """Run N4 bias-field correction (SimpleITK). The field is fitted on a block-averaged copy and applied at full output
     resolution by interpolating the (smooth) log field; the uncorrected scan is never resampled twice."""
 
-    n4_spacing_mm: float = field(default=8.0, metadata=_range(gt=0.0, le=32.0))
+    n4_spacing_mm: float = field(default=8.0, metadata=bounds(gt=0.0, le=32.0))
     """Voxel size of the grid N4 fits on: each axis is block-averaged by ``round(n4_spacing_mm / spacing)`` (×8 at 1 mm,
     ×3 at 3 mm). On the 1 mm phantom 8 mm removed as much low-frequency white-matter non-uniformity as 4 mm in ~1/6 of
     the time (0.3-0.6 s vs 1-7 s per scan, one thread)."""
 
-    n4_iterations: list[int] = field(default_factory=lambda: [30, 20], metadata=_range(ge=1, le=1000))
+    n4_iterations: list[int] = field(default_factory=lambda: [30, 20], metadata=bounds(ge=1, le=1000))
     """Maximum iterations per N4 fitting level; the number of entries is the number of levels (the B-spline mesh doubles
     at each level). Two levels: on the phantom a third level (50/40/30) cost 2-4x the time and over-fitted anatomy on
     some T2w scans (regional white-matter non-uniformity rose instead of falling)."""
 
-    n4_convergence: float = field(default=1e-3, metadata=_range(gt=0.0, lt=1.0))
+    n4_convergence: float = field(default=1e-3, metadata=bounds(gt=0.0, lt=1.0))
     """N4 convergence threshold (coefficient of variation of the field's change between iterations)."""
 
-    n4_control_points: int = field(default=4, metadata=_range(ge=4, le=32))
+    n4_control_points: int = field(default=4, metadata=bounds(ge=4, le=32))
     """Control points of N4's B-spline mesh per axis at the first level (spline order 3 needs at least 4)."""
 
     # ---- registration ---------------------------------------------------------------------------------------------
@@ -81,43 +76,43 @@ class PreprocessConfig:
     the template brain centroid), ``affine`` also normalises head size and shear. The brain mask always uses the full
     affine fit, so that it follows the subject's head size either way."""
 
-    registration_spacing_mm: float = field(default=2.0, metadata=_range(gt=0.0, le=16.0))
+    registration_spacing_mm: float = field(default=2.0, metadata=bounds(gt=0.0, le=16.0))
     """Voxel size of the template and of the block-averaged scan that registration runs on. Level ``f`` of
     ``rigid_levels``/``affine_levels`` runs at ``f × registration_spacing_mm``."""
 
-    rotation_search_deg: float = field(default=15.0, metadata=_range(ge=0.0, le=90.0))
+    rotation_search_deg: float = field(default=15.0, metadata=bounds(ge=0.0, le=90.0))
     """Half-range of an exhaustive search over rotations about the three axes, run at the coarsest rigid level before
     gradient descent (0 disables it). Started from the centre of mass alone, Mattes MI on FLAIR/T2/DWI scans with a skull
     fell into local optima up to 10 mm off for poses of ±15°; the search removes them for ~0.2 s."""
 
-    rotation_search_steps: int = field(default=2, metadata=_range(ge=1, le=6))
+    rotation_search_steps: int = field(default=2, metadata=bounds(ge=1, le=6))
     """Search steps on each side of zero per axis: ``(2 × steps + 1)³`` candidate rotations ``rotation_search_deg /
     steps`` apart (125 candidates 7.5° apart by default)."""
 
-    rigid_levels: list[int] = field(default_factory=lambda: [4, 2], metadata=_range(ge=1, le=32))
+    rigid_levels: list[int] = field(default_factory=lambda: [4, 2], metadata=bounds(ge=1, le=32))
     """Shrink factors (coarse to fine) of the rigid stage, relative to ``registration_spacing_mm``: 8 and 4 mm."""
 
-    affine_levels: list[int] = field(default_factory=lambda: [2, 1], metadata=_range(ge=1, le=32))
+    affine_levels: list[int] = field(default_factory=lambda: [2, 1], metadata=bounds(ge=1, le=32))
     """Shrink factors of the affine stage, which starts from the rigid result: 4 and 2 mm by default."""
 
-    registration_iterations: int = field(default=100, metadata=_range(ge=1, le=10_000))
+    registration_iterations: int = field(default=100, metadata=bounds(ge=1, le=10_000))
     """Maximum gradient-descent iterations per level (regular-step gradient descent, physical-shift scales)."""
 
-    registration_samples: int = field(default=8000, metadata=_range(ge=100, le=10_000_000))
+    registration_samples: int = field(default=8000, metadata=bounds(ge=100, le=10_000_000))
     """Random metric samples inside the template brain mask per level (all voxels when a level has fewer); a count, not a
     percentage, so coarse levels are not starved of samples."""
 
-    registration_bins: int = field(default=32, metadata=_range(ge=8, le=256))
+    registration_bins: int = field(default=32, metadata=bounds(ge=8, le=256))
     """Histogram bins of the Mattes mutual information metric."""
 
     registration_init: Literal["moments", "geometry"] = "moments"
     """Initial alignment: centres of mass (``moments``) or image centres (``geometry``)."""
 
-    registration_seed: int = field(default=1, metadata=_range(ge=0))
+    registration_seed: int = field(default=1, metadata=bounds(ge=0))
     """Seed of the metric's random sampling, so that a scan always gives the same result."""
 
     # ---- intensities ----------------------------------------------------------------------------------------------
-    clip_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5], metadata=_range(ge=0.0, le=100.0))
+    clip_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5], metadata=bounds(ge=0.0, le=100.0))
     """Intensity percentiles over brain voxels that the image is clipped to before the z-score (nnU-Net's 0.5/99.5)."""
 
     zero_outside_mask: bool = True
@@ -145,28 +140,28 @@ class PreprocessConfig:
     the CPU with ``threads`` torch threads. Not part of :meth:`version` (the same weights give the same mask up to
     floating-point rounding)."""
 
-    hdbet_folds: int = field(default=1, metadata=_range(ge=1, le=5))
+    hdbet_folds: int = field(default=1, metadata=bounds(ge=1, le=5))
     """HD-BET models to ensemble (folds 0..n-1 of its five-fold cross-validation; the original tool's ``accurate``
     mode is 5, ``fast`` is 1). Cost grows linearly."""
 
     hdbet_tta: bool = False
     """HD-BET test-time augmentation: average over the 8 mirrorings (the original tool's default; 8× the cost)."""
 
-    qc_min_mask_dice: float = field(default=0.85, metadata=_range(ge=0.0, le=1.0))
+    qc_min_mask_dice: float = field(default=0.85, metadata=bounds(ge=0.0, le=1.0))
     """With a learned ``brain_mask`` the atlas mask is computed too; a scan whose two masks have a Dice below this
     fails QC (``mask_disagreement``): either the network or the registration went wrong there."""
 
     # ---- QC ------------------------------------------------------------------------------------------------------
-    qc_max_metric: float = field(default=-0.15, metadata=_range(le=0.0))
+    qc_max_metric: float = field(default=-0.15, metadata=bounds(le=0.0))
     """A final Mattes MI above this (less negative) marks the registration failed (``qc_pass = False``). Good
     registrations of the synthetic cohorts score -0.27 (2x2x5 mm FLAIR) to -1.0 (T1w); pure noise about -0.02, a head
     turned 90° that the search cannot reach -0.07 to -0.09."""
 
-    qc_brain_volume_ml: list[float] = field(default_factory=lambda: [700.0, 2600.0], metadata=_range(ge=0.0))
+    qc_brain_volume_ml: list[float] = field(default_factory=lambda: [700.0, 2600.0], metadata=bounds(ge=0.0))
     """Plausible brain-mask volume in mL, [low, high]; outside it the scan fails QC. The MNI152 mask is ~1.9 L; the
     affine fit scales it with the subject's head."""
 
-    qc_min_fov_coverage: float = field(default=0.9, metadata=_range(ge=0.0, le=1.0))
+    qc_min_fov_coverage: float = field(default=0.9, metadata=bounds(ge=0.0, le=1.0))
     """Least fraction of the (registered) template brain that must lie inside the scan's field of view."""
 
     def __post_init__(self) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from brainiac.models.config import _range
 from brainiac.platform.errors import ConfigError
+from brainiac.platform.fields import bounds
 
 __all__ = ["QuickstartConfig"]
 
@@ -22,7 +22,7 @@ class QuickstartConfig:
     workdir: str = "brainiac-quickstart"
     """Everything goes under here: cohort/, catalog/, mlflow.db, runs/, predictions/, report.html, state.json."""
 
-    pretrain_steps: int = field(default=150, metadata=_range(ge=1))
+    pretrain_steps: int = field(default=150, metadata=bounds(ge=1))
     """SimCLR optimiser steps of the tiny encoder."""
 
     tasks: list[str] = field(default_factory=lambda: ["sequence", "brain_age", "segmentation"])
@@ -31,10 +31,10 @@ class QuickstartConfig:
     scratch_tasks: list[str] = field(default_factory=lambda: ["brain_age"])
     """Tasks also trained from scratch, so the report shows what pretraining bought."""
 
-    trials: int = field(default=2, metadata=_range(ge=1))
+    trials: int = field(default=2, metadata=bounds(ge=1))
     """Tune trials per task sweep."""
 
-    max_epochs: int = field(default=6, metadata=_range(ge=1))
+    max_epochs: int = field(default=6, metadata=bounds(ge=1))
     """Epochs per trial (ASHA stops weak trials earlier)."""
 
     gates: dict[str, list[str]] = field(
@@ -49,10 +49,10 @@ class QuickstartConfig:
     robustness_artifacts: list[str] = field(default_factory=lambda: ["bias_field", "rician_noise", "motion_ghosting"])
     """Artifacts the evaluation and the promotion compare (fewer = faster)."""
 
-    saliency_cases: int = field(default=2, metadata=_range(ge=0))
+    saliency_cases: int = field(default=2, metadata=bounds(ge=0))
     """Test cases per classification/regression task explained with occlusion saliency."""
 
-    bootstrap: int = field(default=200, metadata=_range(ge=100))
+    bootstrap: int = field(default=200, metadata=bounds(ge=100))
     """Bootstrap resamples for every CI of the tour."""
 
     def __post_init__(self) -> None:
