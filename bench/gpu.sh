@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# ViT-B 96³ SimCLR pretraining on one GPU: samples/s, model FLOP utilisation, data-wait fraction (bench/gpu_pretrain.py).
+# ViT-B 96³ SimCLR pretraining on one GPU (bench/gpu_pretrain.py): pairs/s and MFU (vs the card's dense bf16 peak),
+# eager and torch.compile'd, a torch.profiler step breakdown, and the data-wait fraction of a CPU loader and, with
+# --catalog URI (needs ray + deltalake), of the pretraining job's Ray Data stream.
 #
 # Self-contained, for a bare GPU machine with python3 + torch (CUDA), numpy, einops, pyarrow, pyyaml and no network:
 # MONAI comes from the wheel carried in .whl/ (installed into /tmp/site), and the brainiac packages are imported from
@@ -7,6 +9,7 @@
 #
 #   bash bench/gpu.sh                 # full run on the GPU machine; writes $OUT/gpu.txt (and $OUT/gpu_sh.log) if OUT is set
 #   bash bench/gpu.sh --tiny --steps 3   # CPU check of the same path (tiny config, fp32)
+#   bash bench/gpu.sh --batches 128,256 --catalog /path/to/catalog   # also the Ray Data stream
 #   PYTHON=.venv/bin/python bash bench/gpu.sh --tiny --steps 3
 set -uo pipefail
 cd "$(dirname "$0")/.."

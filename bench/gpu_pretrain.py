@@ -1,19 +1,21 @@
-"""ViT-B 96³ SimCLR on one GPU: samples/s, model FLOP utilisation and data-wait fraction of the real training step.
+"""ViT-B 96³ SimCLR on one GPU: pairs/s, MFU, a step-time breakdown and the data-wait fraction, eager and compiled.
 
-What is timed is :class:`brainiac.models.simclr.SimCLRStep` as the Ray Train loop drives it: the batch goes to the GPU,
-is augmented there, batched (``augment.device == "worker"``), both views run through encoder + projection head under bf16
-autocast, NT-Xent, backward, optimiser step. Phases, each printed as it finishes:
+What is timed is :class:`brainiac.models.simclr.SimCLRStep` as the Ray Train loop drives it: pinned host float16 crops
+are copied and augmented on a side CUDA stream (``SimCLRStep.prepare``, batched augmentation without host syncs), both
+views run through encoder + projection head under bf16 autocast, NT-Xent, backward, fused AdamW, and the loss is read
+back only at the end of the timed steps (``sync=False``, as between two log steps). Phases, each printed as it finishes:
 
-1. **throughput**: GPU-resident float16 crops (no loader) at per-GPU batch 32 and 64 (``--batches``), after warm-up,
-   timed with ``torch.cuda.synchronize``; the best batch that fits is reported;
-2. **FLOPs**: one forward+backward of both views of the model (not the augmentation) under
-   ``torch.utils.flop_counter.FlopCounterMode``; MFU = FLOPs per step / step time / peak (989 TFLOP/s, the H100/H200
-   SXM dense bf16 spec, unless ``--peak-tflops`` says otherwise);
-3. **data wait**: a torch ``DataLoader`` (``min(16, cpus) - 1`` workers, pinned memory, persistent workers) whose dataset
-   decodes zstd float16 volumes (synthetic ~120×140×120 brains with an ellipsoid mask, encoded once at start-up with
-   ``brainiac.ingestion.volumes.encode_array``) and cuts pairs with ``brainiac.models.patches.view_pairs``; so the CPUs
-   only decode and crop. Data-wait fraction = time blocked in ``next(loader)`` / total step time;
-4. **torch.compile** (``pretrain.compile``), in a child process with its own deadline, only if time is left.
+1. **eager**: pairs/s at per-GPU batch 64, 128 and 256 (``--batches``), after warm-up; the best batch is used below;
+2. **FLOPs / MFU**: one forward+backward of both views under ``torch.utils.flop_counter.FlopCounterMode``; MFU = FLOPs
+   per step / step time / the card's dense bf16 peak (H100 and H200 SXM: 989 TFLOP/s; ``--peak-tflops`` overrides);
+3. **profile**: ``torch.profiler`` over 3 steps: device ms per step in augmentation (with the copy), forward (with the
+   loss), backward and optimiser (the ``simclr.*`` ranges of SimCLRStep);
+4. **data wait**: a torch ``DataLoader`` (``min(16, cpus) - 1`` workers, pinned memory) decoding zstd float16 synthetic
+   volumes and cutting pairs with ``brainiac.models.patches.view_pairs``; and, with ``--catalog URI``, the real Ray Data
+   stream of the pretraining job (``pair_dataset`` → ``iter_torch_batches(device="cpu", pin_memory=True)``).
+   Data-wait fraction = host time blocked on the next batch / wall time;
+5. **compiled**: the same step under ``torch.compile`` (``SimCLRStep(compile=True)``) in a child process with its own
+   deadline: pairs/s, MFU and the profile breakdown.
 
 Runs from a bare checkout: the ``brainiac.*`` names are mapped onto the repository folders here (as the
 ``package-dir`` of pyproject.toml does), and nothing that needs Ray, deltalake or MLflow is imported.
@@ -34,7 +36,6 @@ import importlib.machinery
 import importlib.util
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -184,6 +185,23 @@ def _flops(n: float) -> str:
 # -- measurements ------------------------------------------------------------------------------------------------------
 
 
+PEAKS_BF16_DENSE = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+"""Dense bf16 tensor-core peaks in TFLOP/s by card family (NVIDIA's SXM specs, no sparsity)."""
+
+
+def card_peak(device: torch.device, override: float | None) -> tuple[str, float | None, str]:
+    """(card name, dense bf16 peak in TFLOP/s, where the peak comes from)."""
+    if device.type != "cuda":
+        return "cpu", override, "given" if override else "n/a"
+    name = torch.cuda.get_device_name(device)
+    if override:
+        return name, override, "--peak-tflops"
+    for family, peak in PEAKS_BF16_DENSE.items():
+        if family in name:
+            return name, peak, f"{family} SXM dense bf16 spec"
+    return name, H200_BF16_DENSE_TFLOPS, "unknown card: H100/H200 figure assumed"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -192,50 +210,90 @@ def sync(device: torch.device) -> None:
 def build_engine(cfg, device: torch.device, compile_model: bool = False) -> tuple[SimCLRModel, SimCLRStep]:
     torch.manual_seed(cfg.seed)
     model = SimCLRModel(cfg.model, cfg.projection).to(device)
-    wrapped = torch.compile(model) if compile_model else model
     engine = SimCLRStep(
-        wrapped, cfg.ssl, cfg.optim, cfg.augment, cfg.pretrain.max_steps, device, cfg.pretrain.precision, 1,
+        model, cfg.ssl, cfg.optim, cfg.augment, cfg.pretrain.max_steps, device, cfg.pretrain.precision, 1,
         global_batch=cfg.pretrain.batch_size,  # one GPU: the per-256 rate scales by this batch
+        compile=compile_model,
     )  # fmt: skip
     engine.generator.manual_seed(cfg.seed)
     return model, engine
 
 
-def resident_batch(batch: int, size: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two (B, 1, s, s, s) float16 crop batches already on the device (what the loader would deliver, minus the copy)."""
-    g = torch.Generator(device=device).manual_seed(seed)
+def host_batch(batch: int, size: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (B, 1, s, s, s) float16 crop batches in host memory, pinned on a CUDA machine: what the loader and the Ray
+    Data stream (``pin_memory=True``) deliver. Every step copies them to the device (asynchronously, on the side
+    stream), as training does."""
+    g = torch.Generator().manual_seed(seed)
     shape = (batch, 1, size, size, size)
-    return tuple(torch.rand(shape, generator=g, device=device).to(torch.float16) for _ in range(2))  # type: ignore[return-value]
+    views = [torch.rand(shape, generator=g).to(torch.float16) for _ in range(2)]
+    if device.type == "cuda":
+        views = [v.pin_memory() for v in views]
+    return views[0], views[1]
+
+
+def run_steps(engine: SimCLRStep, views, steps: int) -> None:
+    """``steps`` optimiser steps as the training loop runs them: prepare (copy + augment on the side stream), step,
+    read nothing back (``sync=False``)."""
+    for _ in range(steps):
+        engine.micro_step(engine.prepare(*views), sync=False)
 
 
 def time_steps(engine: SimCLRStep, views, device: torch.device, warmup: int, steps: int) -> dict[str, float]:
-    """Median and mean seconds per optimiser step of ``engine.micro_step`` on fixed inputs."""
-    for _ in range(warmup):
-        engine.micro_step(*views)
+    """Seconds per optimiser step over ``steps`` back-to-back steps (one device sync at the end, as between two log
+    steps of training), after ``warmup`` steps."""
+    run_steps(engine, views, warmup)
     sync(device)
-    times = []
     started = time.perf_counter()
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.micro_step(*views)
+    run_steps(engine, views, steps)
+    sync(device)
+    return {"step_s": (time.perf_counter() - started) / steps}
+
+
+PHASES = ("simclr.augment", "simclr.forward", "simclr.backward", "simclr.optimizer")
+
+
+def profile_breakdown(engine: SimCLRStep, views, device: torch.device, steps: int) -> dict[str, float]:
+    """Per-step milliseconds of augmentation (copy included), forward (+ loss), backward and optimiser from
+    ``torch.profiler``: on CUDA the device (kernel) time launched inside each range of :class:`SimCLRStep`; the
+    backward's kernels are launched by autograd's device thread, outside the range, so backward is the device time
+    not inside the other three ranges. On CPU, the ranges' CPU time. ``wall`` is the step time while profiling."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    run_steps(engine, views, 1)
+    sync(device)
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        run_steps(engine, views, steps)
         sync(device)
-        times.append(time.perf_counter() - t0)
-    total = time.perf_counter() - started
-    return {"median_s": statistics.median(times), "mean_s": total / steps}
+        wall = time.perf_counter() - started
+    events = prof.key_averages()
+
+    def dev(e) -> float:
+        return float(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)))
+
+    def self_dev(e) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+    by_key = {e.key: e for e in events}
+    out = {"wall": 1e3 * wall / steps}
+    if cuda:
+        total = sum(self_dev(e) for e in events) / 1e3 / steps
+        for name in PHASES[:2] + PHASES[3:]:
+            out[name.split(".")[1]] = dev(by_key[name]) / 1e3 / steps if name in by_key else 0.0
+        out["backward"] = max(0.0, total - out["augment"] - out["forward"] - out["optimizer"])
+        out["device_busy"] = total
+    else:
+        for name in PHASES:
+            out[name.split(".")[1]] = by_key[name].cpu_time_total / 1e3 / steps if name in by_key else 0.0
+    return out
 
 
-def time_augment(engine: SimCLRStep, views, device: torch.device, reps: int) -> float | None:
-    """Seconds per step spent in the worker-side batched augmentation of both views."""
-    if engine.augment is None:
-        return None
-    first, second = (v.float() for v in views)
-    engine.augment.pair(first, second, generator=engine.generator)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        engine.augment.pair(first, second, generator=engine.generator)
-    sync(device)
-    return (time.perf_counter() - t0) / reps
+def breakdown_line(b: dict[str, float]) -> str:
+    parts = [f"{k} {b[k]:.1f}" for k in ("augment", "forward", "backward", "optimizer") if k in b]
+    busy = f", device busy {b['device_busy']:.1f}" if "device_busy" in b else ""
+    return f"{', '.join(parts)} ms/step{busy} (wall {b['wall']:.1f} ms/step)"
 
 
 def count_model_flops(model: torch.nn.Module, engine: SimCLRStep, views, device: torch.device) -> int:
@@ -243,7 +301,7 @@ def count_model_flops(model: torch.nn.Module, engine: SimCLRStep, views, device:
     where the step uses it). Augmentation and the optimiser update are not counted (they are not model FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.cat([v.float() for v in views]).to(device)
+    x = engine._take(engine.prepare(*views))
     model.train()
     model.zero_grad(set_to_none=True)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if engine.autocast else contextlib.nullcontext()
@@ -259,7 +317,7 @@ def count_model_flops(model: torch.nn.Module, engine: SimCLRStep, views, device:
 def loader_phase(
     cfg, engine: SimCLRStep, device: torch.device, batch: int, blobs, workers: int, warmup: int, steps: int, say
 ) -> dict[str, float]:
-    """Steps fed by a real CPU DataLoader; returns wait fraction, samples/s and the loader settings used."""
+    """Steps fed by a real CPU DataLoader (pinned batches); returns wait fraction, samples/s and the loader settings."""
     size = cfg.model.img_size
     per_volume = math.gcd(cfg.patches.patches_per_volume, batch)
     patch_cfg = dataclasses.replace(cfg.patches, patches_per_volume=per_volume)
@@ -289,33 +347,75 @@ def loader_phase(
         f"  loader: {workers} workers, {batch // per_volume} volumes x {per_volume} pairs per batch, prefetch {prefetch},"
         f" {batch_bytes / 2**20:.0f} MiB per batch, shm free {'?' if shm is None else f'{shm / 2**30:.1f} GiB'}"
     )
-    it = iter(loader)
-    waits, totals = [], []
     try:
-        for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            first, second = next(it)
-            t1 = time.perf_counter()
-            engine.micro_step(first, second)
-            sync(device)
-            t2 = time.perf_counter()
-            if i >= warmup:
-                waits.append(t1 - t0)
-                totals.append(t2 - t0)
+        return fed_steps(engine, iter(loader), device, warmup, steps)
     finally:
-        del it, loader
+        del loader
         gc.collect()
-    wait, total = sum(waits), sum(totals)
-    half = len(waits) // 2
+
+
+def fed_steps(engine: SimCLRStep, batches, device: torch.device, warmup: int, steps: int) -> dict[str, float]:
+    """Steps fed by an iterator of (first, second) host batches, run as the training loop runs them; data wait = host
+    time blocked in ``next``. Returns the wait fraction (all steps and the second half), pairs/s and step time."""
+    waits: list[float] = []
+    pairs = 0
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            started = time.perf_counter()
+            half_started = None
+        if i == warmup + steps // 2:
+            sync(device)
+            half_started = time.perf_counter()
+        t0 = time.perf_counter()
+        first, second = next(batches)
+        if i >= warmup:
+            waits.append(time.perf_counter() - t0)
+            pairs += len(first)
+        engine.micro_step(engine.prepare(first, second), sync=False)
+    sync(device)
+    ended = time.perf_counter()
+    total = ended - started
+    late = ended - half_started
     return {
-        "wait_fraction": wait / total,
+        "wait_fraction": sum(waits) / total,
         # The prefetch queue filled during warm-up can hide a slow loader early on; the second half is steady state.
-        "wait_fraction_late": sum(waits[half:]) / max(sum(totals[half:]), 1e-9),
-        "samples_per_s": steps * batch / total,
+        "wait_fraction_late": sum(waits[steps // 2 :]) / max(late, 1e-9),
+        "samples_per_s": pairs / total,
         "step_s": total / steps,
-        "wait_ms": 1e3 * wait / steps,
-        "workers": workers,
+        "wait_ms": 1e3 * sum(waits) / steps,
     }
+
+
+def ray_phase(args, cfg, engine: SimCLRStep, device: torch.device, batch: int, say) -> dict[str, float] | None:
+    """The same steps fed by the real Ray Data stream of the pretraining job (``pair_dataset`` over the catalog's
+    ``volumes`` table, ``iter_torch_batches(device="cpu", pin_memory=True)``, as jobs/pretrain/loop.py reads it)."""
+    if not args.catalog:
+        say("[ray] not run: pass --catalog URI (a catalog with preprocessed volumes of the model's size)")
+        return None
+    try:
+        import ray
+
+        from brainiac.jobs.pretrain.stream import pair_dataset, select_volumes
+        from brainiac.platform.catalog import Catalog
+    except ImportError as exc:
+        say(f"[ray] not run: {exc}")
+        return None
+    rcfg = load_config("pretrain/tiny" if args.tiny else "pretrain/vit-b", [f"catalog.uri={args.catalog}"])
+    catalog = Catalog.open(rcfg.catalog.uri, rcfg.catalog.storage_options)
+    selection = select_volumes(catalog, rcfg)
+    ray.init(num_cpus=max(1, (os.cpu_count() or 2) - 1), include_dashboard=False, ignore_reinit_error=True)
+    try:
+        dataset = pair_dataset(catalog, rcfg, selection, selection.train_ids)
+        torch_batches = dataset.iter_torch_batches(
+            batch_size=batch, drop_last=True, device="cpu", pin_memory=device.type == "cuda", prefetch_batches=2
+        )
+        pairs = ((b["view1"], b["view2"]) for b in torch_batches)
+        steps = args.loader_steps if args.loader_steps is not None else (args.steps if args.tiny else 100)
+        say(f"  ray data: {len(selection.train_ids)} train volumes from {args.catalog}, batch {batch}, {steps} steps")
+        return fed_steps(engine, pairs, device, args.warmup, steps)
+    finally:
+        ray.shutdown()
 
 
 def run_child(cmd: list[str], timeout: float) -> tuple[int | None, str]:
@@ -338,16 +438,20 @@ def run_child(cmd: list[str], timeout: float) -> tuple[int | None, str]:
 
 
 def compile_child(args: argparse.Namespace) -> None:
-    """``--compile-child``: time ``torch.compile``d steps at one batch; prints one ``COMPILE_RESULT`` line."""
+    """``--compile-child``: the compiled step at one batch: first-step (compile) time, step time and the profiler
+    breakdown; prints one ``COMPILE_RESULT`` JSON line."""
+    import json
+
     cfg, device = setup(args)
     _, engine = build_engine(cfg, device, compile_model=True)
-    views = resident_batch(args.batch, cfg.model.img_size, device, cfg.seed)
+    views = host_batch(args.batch, cfg.model.img_size, device, cfg.seed)
     t0 = time.perf_counter()
-    engine.micro_step(*views)
+    run_steps(engine, views, 1)
     sync(device)
     first_s = time.perf_counter() - t0
     timing = time_steps(engine, views, device, args.warmup, args.steps)
-    print(f"COMPILE_RESULT first_step_s={first_s:.3f} step_s={timing['median_s']:.6f}", flush=True)
+    breakdown = profile_breakdown(engine, views, device, steps=min(3, args.steps))
+    print("COMPILE_RESULT " + json.dumps({"first_step_s": first_s, **timing, "breakdown": breakdown}), flush=True)
 
 
 def setup(args: argparse.Namespace):
@@ -363,15 +467,16 @@ def setup(args: argparse.Namespace):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU check: pretrain/tiny config, fp32, on CPU")
-    parser.add_argument("--batches", default=None, help="per-GPU batches to try, comma-separated (default 32,64)")
+    parser.add_argument("--batches", default=None, help="per-GPU batches to try, comma-separated (default 64,128,256)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per phase (default 5, tiny 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps of the throughput phase (default 20)")
-    parser.add_argument("--loader-steps", type=int, default=None, help="timed steps of the loader phase (default 100)")
+    parser.add_argument("--loader-steps", type=int, default=None, help="timed steps of the loader phases (default 100)")
     parser.add_argument("--volumes", type=int, default=32, help="synthetic encoded volumes in the loader's dataset")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default min(16, cpus) - 1)")
-    parser.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS, help="peak for MFU")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: by card)")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds; phases that would overrun are skipped")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile phase")
+    parser.add_argument("--catalog", default=None, help="catalog URI for the Ray Data phase (skipped without one)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (tiny mode)")
     parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -390,15 +495,17 @@ def main() -> None:
     say = Report()
     cfg, device = setup(args)
     size = cfg.model.img_size
-    batches = [int(b) for b in (args.batches or ("16" if args.tiny else "32,64")).split(",")]
+    batches = [int(b) for b in (args.batches or ("16" if args.tiny else "64,128,256")).split(",")]
     loader_steps = args.loader_steps if args.loader_steps is not None else (args.steps if args.tiny else 100)
     cpus = os.cpu_count() or 1
     workers = args.workers if args.workers is not None else max(0, min(16, cpus) - 1)
-    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu_name, peak, peak_from = card_peak(device, args.peak_tflops)
     precision = cfg.pretrain.precision if device.type == "cuda" else "fp32"
     label = "tiny 32³ ViT" if args.tiny else "ViT-B 96³"
-    say(f"== SimCLR step benchmark: {label}, {precision}, augment on the worker ({device.type}), {gpu_name} ==")
-    say(f"   torch {torch.__version__}, python {sys.version.split()[0]}, {cpus} CPUs, budget {args.budget:.0f} s")
+    say(f"== SimCLR step benchmark: {label}, {precision}, augment on the worker ({device.type}), card: {gpu_name} ==")
+    peak_text = f"{peak:.0f} TFLOP/s ({peak_from})" if peak else "n/a"
+    say(f"   torch {torch.__version__}, python {sys.version.split()[0]}, {cpus} CPUs, budget {args.budget:.0f} s,"
+        f" MFU peak {peak_text}")  # fmt: skip
 
     # Volumes are encoded at start-up, as the catalog stores them (zstd float16); only their bytes reach the loader.
     t0 = time.perf_counter()
@@ -411,18 +518,19 @@ def main() -> None:
 
     model, engine = build_engine(cfg, device)
     params = sum(p.numel() for p in model.parameters())
-    say(f"   model: {params / 1e6:.1f} M parameters (encoder + projection head), optimiser {cfg.optim.name}")
+    fused = bool(engine.optimizer.defaults.get("fused"))
+    say(f"   model: {params / 1e6:.1f} M parameters (encoder + projection head), optimiser {cfg.optim.name}"
+        f"{' (fused)' if fused else ''}; input: pinned host float16 crops copied every step")  # fmt: skip
 
-    # 1. throughput on device-resident crops
+    # 1. eager throughput: host crops → side-stream copy + augmentation → step, no per-step sync
     results: dict[int, dict[str, float]] = {}
     for batch in batches:
         if time.perf_counter() > deadline - 60:
-            say(f"[throughput] B={batch}: skipped (time budget)")
+            say(f"[eager] B={batch}: skipped (time budget)")
             continue
         try:
-            views = resident_batch(batch, size, device, cfg.seed)
+            views = host_batch(batch, size, device, cfg.seed)
             timing = time_steps(engine, views, device, args.warmup, args.steps)
-            aug_s = time_augment(engine, views, device, reps=1 if device.type == "cpu" else 5)
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         except torch.OutOfMemoryError:
             engine.optimizer.zero_grad(set_to_none=True)
@@ -430,33 +538,34 @@ def main() -> None:
             views = None
             gc.collect()
             torch.cuda.empty_cache()
-            say(f"[throughput] B={batch}: out of memory")
+            say(f"[eager] B={batch}: out of memory")
             continue
-        results[batch] = {**timing, "aug_s": aug_s or 0.0, "mem_gib": mem}
-        say(
-            f"[throughput] B={batch}: {batch / timing['median_s']:8.1f} pairs/s  step {1e3 * timing['median_s']:.1f} ms"
-            f" (mean {1e3 * timing['mean_s']:.1f})  augment {1e3 * (aug_s or 0):.1f} ms/step  peak mem {mem:.1f} GiB"
-        )
+        results[batch] = {**timing, "mem_gib": mem}
+        say(f"[eager] B={batch}: {batch / timing['step_s']:8.1f} pairs/s  step {1e3 * timing['step_s']:.1f} ms"
+            f"  peak mem {mem:.1f} GiB")  # fmt: skip
         del views
     if not results:
         say("no batch size fitted; nothing measured")
         sys.exit(1)
-    best = max(results, key=lambda b: b / results[b]["median_s"])
-    step_s = results[best]["median_s"]
+    best = max(results, key=lambda b: b / results[b]["step_s"])
+    step_s = results[best]["step_s"]
 
     # 2. FLOPs of the model's forward+backward (both views) and MFU
-    views = resident_batch(best, size, device, cfg.seed)
-    if engine.augment is not None:
-        views = engine.augment.pair(views[0].float(), views[1].float(), generator=engine.generator)
+    views = host_batch(best, size, device, cfg.seed)
     flops = count_model_flops(model, engine, views, device)
-    del views
-    mfu = flops / step_s / 1e12 / args.peak_tflops if device.type == "cuda" else None
-    say(
-        f"[flops] B={best}: {_flops(flops)} per step (model fwd+bwd, both views; augmentation not counted),"
-        f" {_flops(flops / step_s)}/s achieved, peak assumed {args.peak_tflops:.0f} TFLOP/s dense bf16"
-    )
 
-    # 3. data wait with the CPU loader
+    def mfu(seconds: float) -> float | None:
+        return flops / seconds / 1e12 / peak if peak and device.type == "cuda" else None
+
+    say(f"[flops] B={best}: {_flops(flops)} per step (model fwd+bwd, both views; augmentation not counted),"
+        f" eager {_flops(flops / step_s)}/s")  # fmt: skip
+
+    # 3. where an eager step's time goes
+    eager_breakdown = profile_breakdown(engine, views, device, steps=min(3, args.steps))
+    say(f"[profile eager] B={best}: {breakdown_line(eager_breakdown)}")
+    del views
+
+    # 4. data wait with the CPU loader, then with the Ray Data stream
     loader = None
     if time.perf_counter() < deadline - 45:
         loader = loader_phase(cfg, engine, device, best, blobs, workers, args.warmup, loader_steps, say)
@@ -467,15 +576,28 @@ def main() -> None:
         )
     else:
         say("[loader] skipped (time budget)")
+    ray_result = None
+    if time.perf_counter() < deadline - 60:
+        ray_result = ray_phase(args, cfg, engine, device, best, say)
+        if ray_result:
+            say(f"[ray] B={best}: {ray_result['samples_per_s']:.1f} pairs/s, step {1e3 * ray_result['step_s']:.1f} ms,"
+                f" data-wait fraction {100 * ray_result['wait_fraction']:.1f}%"
+                f" (second half {100 * ray_result['wait_fraction_late']:.1f}%)")  # fmt: skip
+    else:
+        say("[ray] skipped (time budget)")
 
-    # 4. torch.compile on/off, in a child process with its own deadline
+    # 5. torch.compile, in a child process with its own deadline
     compiled = None
     left = deadline - time.perf_counter()
     if args.no_compile or (args.tiny and not args.compile_on_cpu):
-        compile_note = "not run (--no-compile)" if args.no_compile else "not run (tiny/CPU mode: compile is GPU-only)"
+        compile_note = (
+            "not run (--no-compile)" if args.no_compile else "not run (tiny/CPU mode: --compile-on-cpu runs it)"
+        )
     elif left < 90:
         compile_note = f"skipped ({left:.0f} s left of the budget)"
     else:
+        import json
+
         del engine, model
         gc.collect()
         if device.type == "cuda":
@@ -491,39 +613,47 @@ def main() -> None:
             tail = [ln for ln in stdout.strip().splitlines() if ln.strip()][-3:]
             compile_note = f"failed (rc {rc}): {' | '.join(tail)}"
         else:
-            compiled = {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
+            compiled = json.loads(line.split(" ", 1)[1])
             compile_note = ""
+            say(f"[compiled] B={best}: {best / compiled['step_s']:8.1f} pairs/s  step {1e3 * compiled['step_s']:.1f} ms"
+                f"  first step (compile) {compiled['first_step_s']:.0f} s")  # fmt: skip
+            say(f"[profile compiled] B={best}: {breakdown_line(compiled['breakdown'])}")
     if compiled:
         eager_rate, comp_rate = best / step_s, best / compiled["step_s"]
-        compile_note = (
-            f"on {comp_rate:.1f} pairs/s vs off {eager_rate:.1f} pairs/s ({comp_rate / eager_rate:.2f}x),"
-            f" first compiled step {compiled['first_step_s']:.0f} s"
-        )
+        compile_note = f"{comp_rate / eager_rate:.2f}x eager, first compiled step {compiled['first_step_s']:.0f} s"
     say(f"[compile] {compile_note}")
 
     def row(name: str, value: str) -> None:
         say(f"{name:<52}: {value}")
 
+    def pct(x: float | None) -> str:
+        return f"{100 * x:.1f}%" if x is not None else "n/a (CPU)"
+
     say()
     say(f"==== SUMMARY: {label}, {precision}, batched augmentation on {device.type}, {gpu_name} ====")
-    row(f"samples/s (view pairs/s, best B={best}, input on device)", f"{best / step_s:.1f}")
-    row(f"step time (B={best}, median of {args.steps})", f"{1e3 * step_s:.1f} ms")
+    row("card / MFU peak", f"{gpu_name} / {peak_text}")
     for b, r in sorted(results.items()):
-        row(f"samples/s at B={b}", f"{b / r['median_s']:.1f}  (augment {1e3 * r['aug_s']:.1f} ms/step)")
-    row("model FLOPs per step (fwd+bwd, both views)", _flops(flops))
-    row("achieved model FLOP/s", _flops(flops / step_s) + "/s")
-    mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a on CPU"
-    row(f"MFU (vs {args.peak_tflops:.0f} TFLOP/s dense bf16 peak)", mfu_text)
-    if loader:
-        row(f"samples/s with CPU loader ({loader['workers']} workers)", f"{loader['samples_per_s']:.1f}")
         row(
-            f"data-wait fraction (CPU loader, {loader_steps} steps)",
-            f"{100 * loader['wait_fraction']:.1f}%  (last {loader_steps - loader_steps // 2}: "
-            f"{100 * loader['wait_fraction_late']:.1f}%)",
+            f"eager pairs/s at B={b}",
+            f"{b / r['step_s']:.1f}  (step {1e3 * r['step_s']:.1f} ms, MFU {pct(mfu(r['step_s']))})",
         )
+    row("model FLOPs per step (fwd+bwd, both views)", f"{_flops(flops)} at B={best} ({_flops(flops / best)} per pair)")
+    row(f"eager: pairs/s, MFU (B={best})", f"{best / step_s:.1f}, {pct(mfu(step_s))}")
+    row("eager step breakdown", breakdown_line(eager_breakdown))
+    if compiled:
+        row(f"compiled: pairs/s, MFU (B={best})", f"{best / compiled['step_s']:.1f}, {pct(mfu(compiled['step_s']))}")
+        row("compiled step breakdown", breakdown_line(compiled["breakdown"]))
+    row("torch.compile", compile_note or "see above")
+    if loader:
+        row(f"CPU DataLoader ({workers} workers): pairs/s", f"{loader['samples_per_s']:.1f}")
+        row(f"CPU DataLoader data-wait fraction ({loader_steps} steps)",
+            f"{100 * loader['wait_fraction']:.1f}%  (second half {100 * loader['wait_fraction_late']:.1f}%)")  # fmt: skip
+    if ray_result:
+        row("Ray Data stream: pairs/s", f"{ray_result['samples_per_s']:.1f}")
+        row("Ray Data stream: data-wait fraction",
+            f"{100 * ray_result['wait_fraction']:.1f}%  (second half {100 * ray_result['wait_fraction_late']:.1f}%)")  # fmt: skip
     else:
-        row("data-wait fraction", "not measured (time budget)")
-    row("torch.compile", compile_note)
+        row("Ray Data stream", "not measured (see [ray] above)")
     row("wall time", f"{time.perf_counter() - started:.0f} s")
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from brainiac.models.augment import BatchedViewAugment
 from brainiac.models.backbones import Encoder, build_backbone
@@ -221,6 +222,10 @@ class SimCLRStep:
 
     def _views(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """Both views on the device, augmented, as one (2B, ...) batch in the dtype the model consumes."""
+        with record_function("simclr.augment"):
+            return self._augmented(first, second)
+
+    def _augmented(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         first = first.to(self.device, non_blocking=True).float()
         second = second.to(self.device, non_blocking=True).float()
         if self.augment is not None:
@@ -277,22 +282,25 @@ class SimCLRStep:
         no_sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
         with no_sync:
-            with amp:
-                z = self.run_model(x)
-            z1, z2 = z.float().chunk(2)
-            loss = self.loss_fn(z1, z2)
-            (loss / self.grad_accum_steps).backward()
+            with record_function("simclr.forward"):
+                with amp:
+                    z = self.run_model(x)
+                z1, z2 = z.float().chunk(2)  # NT-Xent in fp32, outside autocast
+                loss = self.loss_fn(z1, z2)
+            with record_function("simclr.backward"):
+                (loss / self.grad_accum_steps).backward()
         # Kept on the device: a float() here would make the host wait for the device every micro-step.
         self._acc.append((loss.detach(), positive_pair_top1(z1.detach(), z2.detach()), pairs))
         self._micro += 1
         if not last:
             return None
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with record_function("simclr.optimizer"):
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
         losses, tops, sizes = zip(*self._acc, strict=True)
         self._micro, self._acc = 0, []
         n = sum(sizes)
