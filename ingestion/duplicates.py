@@ -53,12 +53,11 @@ from brainiac.ingestion.signatures import (
     signature_from_bytes,
     signature_of_uri,
 )
+from brainiac.platform.catalog import DUPLICATE_QUEUE_SCHEMA, SCAN_SIGNATURES_SCHEMA
 from brainiac.platform.faults import maybe_crash
 
 if TYPE_CHECKING:
     from brainiac.platform.catalog import Catalog
-
-# This module must not import brainiac.platform.catalog at import time: the catalog imports SCAN_SIGNATURES_SCHEMA.
 
 __all__ = [
     "DUPLICATE_QUEUE_SCHEMA",
@@ -82,32 +81,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCAN_SIGNATURES_SCHEMA = pa.schema(
-    [
-        ("scan_id", pa.string()),
-        ("dataset", pa.string()),
-        ("subject_id", pa.string()),
-        ("sequence", pa.string()),
-        ("grid_key", pa.string()),  # sequence|RAS voxel size (0.1 mm): the scans a copy can be among
-        ("signature_version", pa.string()),  # signatures.SIGNATURE_VERSION: another scheme is recomputed, never mixed
-        ("signature", pa.binary()),  # float16 thumbnail (signatures.CELLS³), null for an image with no foreground
-        ("bucket_keys", pa.list_(pa.int64())),  # SimHash band keys (band index in the high bits)
-        ("computed_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
-"""``<catalog>/scan_signatures``: one row per catalogued (scan_id, dataset) and signature scheme."""
 
 QUEUE_TABLE = "duplicate_queue"
-DUPLICATE_QUEUE_SCHEMA = pa.schema(
-    [
-        ("scan_id", pa.string()),
-        ("dataset", pa.string()),
-        ("queued_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
-"""``<catalog>/duplicate_queue``: the (scan_id, dataset) nodes whose duplicate search is owed: written before the
-``scans`` commit that adds them, removed after the ``duplicates`` commit of their search (see the module docstring).
-Empty between runs unless a run crashed."""
 
 STALE_QUEUE_AFTER = dt.timedelta(hours=1)
 """A queued node that is still not a current scan this long after it was queued never will be (its run crashed before

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from brainiac.ingestion.duplicates import DUPLICATE_QUEUE_SCHEMA, SCAN_SIGNATURES_SCHEMA
 from brainiac.platform.errors import UserError
 from brainiac.platform.storage import StorageLocation
 
@@ -185,6 +184,32 @@ PREPROCESS_CONFIGS_SCHEMA = pa.schema(
         ("created_at", _TS),  # first time a preprocess job ran with this version
     ]
 )
+
+SCAN_SIGNATURES_SCHEMA = pa.schema(
+    [
+        ("scan_id", pa.string()),
+        ("dataset", pa.string()),
+        ("subject_id", pa.string()),
+        ("sequence", pa.string()),
+        ("grid_key", pa.string()),  # sequence|RAS voxel size (0.1 mm): the scans a copy can be among
+        ("signature_version", pa.string()),  # signatures.SIGNATURE_VERSION: another scheme is recomputed, never mixed
+        ("signature", pa.binary()),  # float16 thumbnail (signatures.CELLS³), null for an image with no foreground
+        ("bucket_keys", pa.list_(pa.int64())),  # SimHash band keys (band index in the high bits)
+        ("computed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+"""``<catalog>/scan_signatures``: one row per catalogued (scan_id, dataset) and signature scheme."""
+
+DUPLICATE_QUEUE_SCHEMA = pa.schema(
+    [
+        ("scan_id", pa.string()),
+        ("dataset", pa.string()),
+        ("queued_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+"""``<catalog>/duplicate_queue``: the (scan_id, dataset) nodes whose duplicate search is owed: written before the
+``scans`` commit that adds them, removed after the ``duplicates`` commit of their search
+(:mod:`brainiac.ingestion.duplicates`). Empty between runs unless a run crashed."""
 
 SCHEMAS: dict[str, pa.Schema] = {
     "scans": SCANS_SCHEMA,

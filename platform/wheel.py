@@ -83,10 +83,8 @@ def _skip(path: Path) -> bool:
 
 
 def _source_tree() -> _Source | None:
-    """The project's source tree, found from where ``brainiac.platform.cli`` is imported from (never from the CWD)."""
-    import brainiac.platform.cli as cli_pkg
-
-    root = Path(cli_pkg.__file__).resolve().parents[2]
+    """The project's source tree, found from where this module is imported from (never from the CWD)."""
+    root = Path(__file__).resolve().parents[1]  # <root>/platform/wheel.py
     pyproject = root / "pyproject.toml"
     if not pyproject.is_file():
         return None
