@@ -1,5 +1,6 @@
-"""The quickstart report on real sources, cheaply: a small ``scans`` Delta table, a sqlite MLflow with a pretraining-like
-run (loss and top-1 histories, a saliency PNG) and a registered ``brainiac-*`` model with aliases; no pipeline."""
+"""The quickstart report: rendered from hand-built data with no service at all, and gathered on real sources, cheaply (a
+small ``scans`` Delta table, a sqlite MLflow with a pretraining-like run — loss and top-1 histories, a saliency PNG — and
+a registered ``brainiac-*`` model with aliases; no pipeline)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,28 @@ import pyarrow as pa
 import pytest
 import torch
 
-from brainiac.jobs.quickstart.report import SECTIONS, ReportInputs, summary_lines, write_report
+from brainiac.jobs.quickstart import report_data
+from brainiac.jobs.quickstart.report import SECTIONS, ReportInputs, gather, render, summary_lines, write_report
+from brainiac.jobs.quickstart.report_data import (
+    CatalogSection,
+    Decision,
+    Figure,
+    Gate,
+    Notice,
+    OverviewSection,
+    Prediction,
+    PredictionSection,
+    PretrainingSection,
+    RegisteredModel,
+    RegistrySection,
+    ReportData,
+    ReproduceSection,
+    RobustnessModel,
+    RobustnessSection,
+    SaliencyModel,
+    SaliencySection,
+    Table,
+)
 from brainiac.platform.catalog import SCANS_SCHEMA, Catalog
 
 pytestmark = pytest.mark.timeout(180)
@@ -172,3 +194,104 @@ def test_missing_inputs_say_not_run(tmp_path):
     ):
         assert "not run" in sections[sid], sid
     assert "data:image/png" not in path.read_text()
+
+
+PNG = "iVBORw0KGgo="  # any base64 text: render embeds it as given
+
+
+def _hand_built() -> ReportData:
+    """Every section filled by hand, with ``EVIL`` planted in text of every kind the page shows."""
+    return ReportData(
+        title=f"quickstart {EVIL}",
+        created_at="2026-01-02 03:04 UTC",
+        overview=OverviewSection(
+            facts=[("working directory", f"/runs/{EVIL}")],
+            stage_times=Table(["stage", "wall time", "share"], [["pretrain", "1 min 35 s", "86 %"]], numeric=(1, 2)),
+            glance=["pretraining: 5 steps, final loss 1.5"],
+        ),
+        catalog=CatalogSection(
+            scans=6, subjects=4, datasets=2, table_version=3,
+            counts=Table(["dataset", "subjects", "scans"], [[EVIL, "4", "6"]], numeric=(1, 2)),
+            overview=Notice(f"overview plot unavailable: ValueError: {EVIL}", "error"),
+        ),
+        pretraining=PretrainingSection(facts=[("steps", "5")], curves=Figure(PNG, f"alt {EVIL}", f"run {EVIL}")),
+        finetuning=Notice("not run — no fine-tuning sweep was given", "not-run"),
+        robustness=RobustnessSection([
+            RobustnessModel(task="brain_age", version="2", test_cases="4", metrics=None,
+                            curves=Figure(PNG, "robustness of brain_age"),
+                            worst_drops=Table(["artifact", "strongest setting", "mae", "change from clean"],
+                                              [["gibbs", "0.5", "5.5", "+0.5"]], numeric=(1, 2, 3))),
+        ]),
+        saliency=SaliencySection([
+            SaliencyModel(task="idh", version="1", region="tumour", mass_ratio="2.4",
+                          overlays=[Figure(PNG, "saliency idh", "saliency/0.png"),
+                                    Notice("artifact saliency/1.png unavailable: OSError: gone", "error")]),
+        ]),
+        registry=RegistrySection(
+            live=[RegisteredModel("brainiac-brain_age", "champion → v2", Table(["version"], [["v2"]]), older=3)],
+            decisions=[Decision(heading="brainiac-brain_age v2 against champion v1: promoted to champion",
+                                gates=[Gate("improvement", True, f"better {EVIL}"), Gate("calibration", False, "off")],
+                                metrics=None, primary_metric="mae", improvement="1.2 [0.3, 2]", mlflow_run_id="r1")],
+        ),
+        prediction=PredictionSection([Prediction(f"sub-01: brain age 63.2 years {EVIL}", [("units", "years")])]),
+        reproduce=ReproduceSection(commands=[("pretrain", f"brainiac pretrain --catalog '{EVIL}'")],
+                                   mlflow_ui=None, catalog_queries=None),
+    )  # fmt: skip
+
+
+def test_render_needs_no_service_and_escapes_every_text():
+    page = render(_hand_built())
+    sections = _sections(page)
+
+    assert list(sections) == [sid for sid, _ in SECTIONS]
+    assert page.startswith("<!DOCTYPE html>") and page.count('<a href="#') == len(SECTIONS)
+    # Every planted string is shown, escaped: title and h1, a fact, a cell, a notice, figure alt and caption, a gate,
+    # the headline and a command.
+    assert "<script" not in page
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 10
+    assert "6 current scans of 4 pseudonymised subjects in 2 datasets (table version 3)" in sections["catalog"]
+    assert '<td class="num">86 %</td>' in sections["overview"] and '<td class="num">+0.5</td>' in sections["robustness"]
+    assert re.findall(r'class="error">(.*?)</p>', page) == [
+        "overview plot unavailable: ValueError: &lt;script&gt;alert(1)&lt;/script&gt;",
+        "artifact saliency/1.png unavailable: OSError: gone",
+    ]
+    assert sections["finetuning"].strip() == '<p class="not-run">not run — no fine-tuning sweep was given</p>'
+    assert page.count(f'src="data:image/png;base64,{PNG}"') == 3
+    assert "tumour mass ratio 2.4" in sections["saliency"] and '<div class="gallery">' in sections["saliency"]
+    assert '<span class="pass">pass</span>' in sections["registry"] and '<span class="fail">FAIL</span>' in page
+    assert "… and 3 older versions." in sections["registry"] and "decision logged in MLflow run r1" in page
+    assert "paired improvement on mae: 1.2 [0.3, 2] (positive = candidate better)" in sections["registry"]
+    assert "<pre>brainiac pretrain --catalog &#39;&lt;script&gt;" in sections["reproduce"]
+
+
+def test_a_failing_source_costs_only_its_own_section(monkeypatch):
+    def broken(inputs, scratch):
+        raise RuntimeError("catalog server gone\nsecond line not shown")
+
+    monkeypatch.setitem(report_data.GATHERERS, "catalog", broken)
+    data = gather(ReportInputs(predictions=[{"input": "a.nii.gz", "value": 63.24, "units": "years"}]))
+
+    assert data.catalog == Notice("Catalog unavailable: RuntimeError: catalog server gone", "error")
+    assert data.prediction.predictions[0].headline == "a.nii.gz: 63.2 years"
+    assert isinstance(data.pretraining, Notice) and data.pretraining.kind == "not-run"
+    assert "Catalog unavailable: RuntimeError: catalog server gone" in _sections(render(data))["catalog"]
+
+
+def test_summary_names_every_task_with_or_without_a_champion():
+    inputs = ReportInputs(
+        stage_seconds={"synth": 2.0, "finetune": 4000.0},
+        total_seconds=4002.0,
+        finetune=[_sweep("brain_age", "scratch", "scratch", 9.0), _sweep("mci", "scratch", "scratch", 1.0)],
+        promotions=[{"model_name": "brainiac-brain_age", "task": "brain_age", "candidate_version": "1",
+                     "champion_version": None, "promoted": False, "passed": False, "primary_metric": "mae",
+                     "checks": [{"name": "beats trivial baseline", "passed": False, "detail": "mae 9 > 8"}]}],
+    )  # fmt: skip
+    assert summary_lines(inputs, report_path="r.html") == [
+        "BrainIAC quickstart — 1 h 06 min in all",
+        "  synth            2.0 s",
+        "  finetune    1 h 06 min",
+        "champions:",
+        "  brain_age: no champion (candidate v1 rejected: beats trivial baseline: mae 9 > 8)",
+        "  mci: fine-tuned, not promoted",
+        "report: r.html",
+    ]
