@@ -157,9 +157,9 @@ def encoders(args, catalog: Path, tracking_uri: str) -> tuple[Path, Path, dict]:
     """(pretrained, random-init) encoder folders, made where missing; and what pretraining reported."""
     import torch
 
+    from brainiac.jobs.config import load_config
     from brainiac.models.backbones import build_backbone
     from brainiac.models.export import load_encoder, save_encoder
-    from brainiac.platform.config import load_config
 
     cfg = load_config(args.pretrain_config, [
         f"catalog.uri={catalog}", f"pretrain.max_steps={args.pretrain_steps}",
@@ -546,9 +546,9 @@ def main() -> None:
     pre, rnd, pretrain_info = encoders(args, catalog, tracking_uri)
     pretrain_seconds = round(time.perf_counter() - t, 1)
 
+    from brainiac.jobs.config import load_config
     from brainiac.models.export import load_encoder
     from brainiac.models.tasks.spec import load_specs
-    from brainiac.platform.config import load_config
 
     cfg = load_config(preset["preprocess_config"], [f"catalog.uri={catalog}", f"tracking.uri={tracking_uri}",
                                                     "catalog.allowed_access=[open,registered,restricted]"])  # fmt: skip

@@ -81,9 +81,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from brainiac.ingestion.volumes import decode_array, encode_array  # noqa: E402
+from brainiac.jobs.config import load_config  # noqa: E402
 from brainiac.models.patches import view_pairs  # noqa: E402
 from brainiac.models.simclr import SimCLRModel, SimCLRStep  # noqa: E402
-from brainiac.platform.config import load_config  # noqa: E402
 
 H200_BF16_DENSE_TFLOPS = 989.0
 """NVIDIA's dense (no sparsity) bf16 tensor-core peak of H100/H200 SXM, in TFLOP/s."""

@@ -88,7 +88,7 @@ _CHILD = """
 import json, os, sys, tempfile, time
 os.environ.setdefault("BRAINIAC_PSEUDONYM_KEY", "bench-key-0123456789abcdef")
 import ray
-from brainiac.platform.config import load_config
+from brainiac.jobs.config import load_config
 from brainiac.platform.cluster import init_ray
 import brainiac.ingestion.ingest as ingest_module
 

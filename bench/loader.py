@@ -173,10 +173,10 @@ def main() -> None:
     from monai.data import Dataset
     from torch.utils.data import DataLoader
 
+    from brainiac.jobs.config import load_config
     from brainiac.jobs.pretrain.stream import ARRAY_COLUMNS, pair_dataset, rounds_per_decode, select_volumes
     from brainiac.platform.catalog import Catalog, sql_literal
     from brainiac.platform.cluster import init_ray
-    from brainiac.platform.config import load_config
 
     base = [f"catalog.uri={args.catalog}", *args.overrides]
     cfg = load_config(args.config, [*base, "augment.device=data"])

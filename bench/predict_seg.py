@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     import nibabel as nib
     import numpy as np
 
+    from brainiac.jobs.config import load_config
     from brainiac.jobs.finetune.run import finetune
     from brainiac.jobs.predict import predict_scans
-    from brainiac.platform.config import load_config
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)

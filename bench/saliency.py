@@ -111,9 +111,9 @@ def untrained(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def run_task(args, catalog: Path, tracking_uri: str, task: str) -> dict[str, Any]:
     import mlflow
 
+    from brainiac.jobs.config import load_config
     from brainiac.jobs.finetune.evaluate import evaluate
     from brainiac.jobs.finetune.run import finetune
-    from brainiac.platform.config import load_config
 
     cfg = load_config(args.config, [
         f"catalog.uri={catalog}", f"tracking.uri={tracking_uri}", f"tracking.experiment={args.experiment}",

@@ -210,7 +210,7 @@ def check_duplicates(catalog: Any, truth: dict[str, Any], root: str, uri_root: s
 
 
 def _config(catalog: str, options: dict[str, str] | None = None) -> Any:
-    from brainiac.platform.config import load_config
+    from brainiac.jobs.config import load_config
 
     cfg = load_config("tiny", [f"catalog.uri={catalog}", "cluster.num_cpus=2"])
     if options:

@@ -214,9 +214,9 @@ def main() -> None:
     if args.build:
         build(work, catalog, args.subjects, args.seed)
 
+    from brainiac.jobs.config import load_config
     from brainiac.models.export import load_encoder
     from brainiac.models.simclr import SimCLRModel
-    from brainiac.platform.config import load_config
 
     overrides = [
         f"catalog.uri={catalog}",

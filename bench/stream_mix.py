@@ -35,11 +35,11 @@ def main() -> None:
 
     import ray
 
+    from brainiac.jobs.config import load_config
     from brainiac.jobs.pretrain.pairs import volume_tag
     from brainiac.jobs.pretrain.stream import batch_mix, pair_dataset, select_volumes
     from brainiac.platform.catalog import Catalog
     from brainiac.platform.cluster import init_ray
-    from brainiac.platform.config import load_config
 
     cfg = load_config(
         args.config, [f"catalog.uri={args.catalog}", f"pretrain.batch_size={args.batch}", *args.overrides]

@@ -34,8 +34,9 @@ for _key, _value in {
 
 import torch  # noqa: E402
 
+from brainiac.jobs.config import Config, load_config  # noqa: E402
 from brainiac.models.simclr import SimCLRModel, SimCLRStep  # noqa: E402
-from brainiac.platform.config import Config, config_to_dict, from_dict, load_config  # noqa: E402
+from brainiac.platform.config import config_to_dict, from_dict  # noqa: E402
 
 WORKERS = 2
 

@@ -109,9 +109,7 @@ def load_card(source: str | Path) -> DatasetCard:
         raise ConfigError(f"dataset card {origin}: {exc}") from exc
     except TypeError as exc:  # a required field is missing
         missing = re.findall(r"'(\w+)'", str(exc))
-        raise ConfigError(
-            f"dataset card {origin}: missing required field(s) {', '.join(missing) or str(exc)}"
-        ) from exc
+        raise ConfigError(f"dataset card {origin}: missing required field(s) {', '.join(missing) or str(exc)}") from exc
 
 
 def card_for(dataset: str) -> DatasetCard | None:

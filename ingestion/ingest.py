@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -49,11 +49,13 @@ from brainiac.platform.catalog import (
     merge_with_retry,
     sql_in,
 )
-from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 from brainiac.platform.faults import maybe_crash
 from brainiac.platform.pseudonym import Pseudonymizer, bind_catalog_key
 from brainiac.platform.storage import StorageLocation
+
+if TYPE_CHECKING:
+    from brainiac.jobs.config import Config  # the job's root config (annotation only: jobs sit above ingestion)
 
 __all__ = ["IngestSummary", "adapters", "ingest", "write_quarantine", "write_scans"]
 

@@ -47,10 +47,10 @@ from brainiac.platform.catalog import (
     sql_in,
     sql_literal,
 )
-from brainiac.platform.config import Config
 
 if TYPE_CHECKING:
     from brainiac.ingestion.preprocess.config import PreprocessConfig
+    from brainiac.jobs.config import Config  # the job's root config (annotation only: jobs sit above ingestion)
     from brainiac.platform.storage import StorageLocation
 
 __all__ = ["PreprocessSummary", "preprocess", "preprocess_config_of", "record_preprocess_config"]

@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 
 from brainiac.ingestion.volumes import decode_array, resolve_volume_set
+from brainiac.jobs.config import Config
 from brainiac.jobs.pretrain.pairs import row_group_bounds
 from brainiac.platform.catalog import EMBEDDINGS_SCHEMA, Catalog, merge_with_retry, sql_in, sql_literal
-from brainiac.platform.config import Config
 
 __all__ = ["EmbedSummary", "embed", "model_label", "volume_rows"]
 

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from brainiac.jobs.config import Config
 from brainiac.models.tasks.spec import TaskSpec, task_spec
-from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
 if TYPE_CHECKING:

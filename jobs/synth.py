@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from brainiac.ingestion.synthetic import CohortSummary, generate_cohort
-from brainiac.platform.config import Config, load_config
+from brainiac.jobs.config import Config, load_config
 from brainiac.platform.errors import UserError
 
 __all__ = ["format_summary", "main", "run"]

@@ -1,6 +1,7 @@
 """Typed run configuration: nested dataclasses loaded from YAML, environment defaults and dotted CLI overrides.
 
-One :class:`Config` object travels from the command line to the job (torchtitan's ``JobConfig`` style). Precedence, lowest
+One :class:`~brainiac.jobs.config.Config` object travels from the command line to the job (torchtitan's ``JobConfig``
+style); this module holds the foundation's own sections and the loader, and knows no section of a layer above it. Precedence, lowest
 first: dataclass defaults < environment (``BRAINIAC_CATALOG``, ``BRAINIAC_STORAGE_OPTIONS``, ``MLFLOW_TRACKING_URI``,
 ``RAY_ADDRESS``) < YAML file (a shipped config by name, e.g. ``tiny``, or a path) < ``--set section.key=value`` overrides
 < explicit CLI flags such as ``--catalog``.
@@ -27,20 +28,12 @@ from typing import Any, Literal
 
 import yaml
 
-from brainiac.ingestion.preprocess.config import PreprocessConfig
-from brainiac.ingestion.splits_config import SplitConfig
-from brainiac.jobs.quickstart.config import QuickstartConfig
-from brainiac.models.config import AugmentConfig, BackboneConfig, ProjectionConfig, SSLConfig
-from brainiac.models.finetune_config import FinetuneConfig
-from brainiac.models.promote_config import PromoteConfig
-from brainiac.models.train_config import OptimConfig, PatchConfig, PretrainConfig
 from brainiac.platform.errors import ConfigError
 from brainiac.platform.fields import bounds
 
 __all__ = [
     "CatalogConfig",
     "ClusterConfig",
-    "Config",
     "IngestConfig",
     "SynthConfig",
     "TrackingConfig",
@@ -48,8 +41,9 @@ __all__ = [
     "available_configs",
     "config_to_dict",
     "from_dict",
-    "load_config",
+    "load_typed",
     "redact_uri_credentials",
+    "with_values",
 ]
 
 DEFAULT_DATA_DIR = "brainiac-data"
@@ -179,31 +173,6 @@ class SynthConfig:
 
     cohorts: list[str] = field(default_factory=lambda: ["bids", "brats", "adni", "dicom", "stroke"])
     """Which cohorts to write, each in its own real layout."""
-
-
-@dataclass
-class Config:
-    """The whole configuration of a ``brainiac`` job. Later capabilities add their own sections here."""
-
-    catalog: CatalogConfig = field(default_factory=CatalogConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    splits: SplitConfig = field(default_factory=SplitConfig)
-    model: BackboneConfig = field(default_factory=BackboneConfig)
-    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
-    ssl: SSLConfig = field(default_factory=SSLConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    patches: PatchConfig = field(default_factory=PatchConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    promote: PromoteConfig = field(default_factory=PromoteConfig)
-    quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
-    seed: int = field(default=0, metadata=bounds(ge=0))
-    """Seed for every random draw a job makes, so that a run can be repeated exactly."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -352,6 +321,7 @@ def with_values(cfg: T, values: Mapping[str, Any]) -> T:
     named ``on`` stays a path. ``None`` values (flags not given) are skipped.
 
     Example:
+        >>> from brainiac.jobs.config import load_config
         >>> cfg = with_values(load_config("tiny"), {"catalog.uri": "0123", "pretrain.max_steps": 5})
         >>> cfg.catalog.uri, cfg.pretrain.max_steps
         ('0123', 5)
@@ -511,13 +481,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
-def load_config(source: str | Path | None = None, overrides: Sequence[str] = (), cls: type[T] = Config) -> T:  # type: ignore[assignment]
-    """Load a config: shipped name or YAML path (``None`` = defaults), then ``overrides``, then validate everything.
-
-    Example:
-        >>> cfg = load_config("tiny", ["cluster.num_cpus=4"])
-        >>> cfg.cluster.num_cpus
-        4
+def load_typed(cls: type[T], source: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Load a config of dataclass ``cls``: shipped name or YAML path (``None`` = defaults), then ``overrides``, then
+    validate everything. The root of a job's config is :class:`brainiac.jobs.config.Config`, whose
+    :func:`~brainiac.jobs.config.load_config` calls this; the foundation itself knows no section above it.
 
     Raises:
         ConfigError: the file is missing or malformed, or a key is unknown, mistyped or out of range.

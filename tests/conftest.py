@@ -20,8 +20,9 @@ os.environ.pop("BRAINIAC_CATALOG", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("BRAINIAC_STORAGE_OPTIONS", None)
 
+from brainiac.jobs.config import Config, load_config
 from brainiac.platform import stack
-from brainiac.platform.config import ClusterConfig, Config, load_config
+from brainiac.platform.config import ClusterConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_RAY = ClusterConfig(num_cpus=4, object_store_memory_mb=256, include_dashboard=False)

@@ -17,14 +17,6 @@ PACKAGES = ("platform", "ingestion", "models", "jobs")
 LAYER = {"platform": 0, "ingestion": 1, "models": 1, "jobs": 2, "cli": 3}
 
 KNOWN_BREAKS = {
-    # The root Config is assembled in the foundation from every layer's sections (docs/architecture.md#layer-breaks).
-    ("brainiac.platform.config", "brainiac.ingestion.preprocess.config"),
-    ("brainiac.platform.config", "brainiac.ingestion.splits_config"),
-    ("brainiac.platform.config", "brainiac.jobs.quickstart.config"),
-    ("brainiac.platform.config", "brainiac.models.config"),
-    ("brainiac.platform.config", "brainiac.models.finetune_config"),
-    ("brainiac.platform.config", "brainiac.models.promote_config"),
-    ("brainiac.platform.config", "brainiac.models.train_config"),
     # `catalog stats` reads NIfTI intensities with ingestion's reader.
     ("brainiac.platform.catalog_stats", "brainiac.ingestion.headers"),
     # Task regions are drawn from the synthetic generator's geometry instead of published MNI coordinates.

@@ -21,9 +21,9 @@ import numpy as np
 from brainiac.ingestion.preprocess.config import PreprocessConfig
 from brainiac.ingestion.splits import draw_fraction, draw_shots, read_splits
 from brainiac.ingestion.volumes import decode_array, resolve_volume_set
+from brainiac.jobs.config import Config
 from brainiac.models.tasks.spec import TaskSpec
 from brainiac.platform.catalog import Catalog, sql_literal
-from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
 __all__ = ["CaseSelection", "TaskData", "load_task_data", "regime_cases", "regime_subjects"]

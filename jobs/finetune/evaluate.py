@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from brainiac.jobs.config import Config
 from brainiac.jobs.finetune.data import TaskData, load_task_data
 from brainiac.models.export import load_model_artifacts, model_version
 from brainiac.models.tasks.inference import TargetScale, predict, score
 from brainiac.models.tasks.spec import TaskSpec, task_spec
 from brainiac.platform.catalog import Catalog, sql_literal
-from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
 __all__ = [

@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from brainiac.jobs.config import Config
 from brainiac.jobs.finetune.data import TaskData, load_task_data, regime_subjects
 from brainiac.models.tasks.spec import TaskSpec, task_spec
 from brainiac.platform.catalog import Catalog
-from brainiac.platform.config import DEFAULT_DATA_DIR, Config
+from brainiac.platform.config import DEFAULT_DATA_DIR
 from brainiac.platform.errors import UserError
 
 __all__ = ["FinetuneSummary", "finetune"]
@@ -99,7 +100,8 @@ def _init_encoder(cfg: Config) -> tuple[Any, dict | None, str, dict[str, Any] | 
 
 def _configs_where(predicate) -> list[str]:
     """Names of the shipped configs for which ``predicate(config)`` holds (for an error message that names a fix)."""
-    from brainiac.platform.config import available_configs, load_config
+    from brainiac.jobs.config import load_config
+    from brainiac.platform.config import available_configs
 
     names = []
     for name in available_configs():

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import yaml
 
+from brainiac.jobs.config import Config
 from brainiac.models.export import ENCODER_DIR, save_encoder
 from brainiac.models.simclr import SimCLRModel, SimCLRStep
-from brainiac.platform.config import Config, from_dict
+from brainiac.platform.config import from_dict
 from brainiac.platform.storage import StorageLocation
 
 __all__ = ["InjectedFault", "train_loop"]

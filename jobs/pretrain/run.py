@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from brainiac.jobs.config import Config
 from brainiac.jobs.pretrain.stream import PretrainSelection, eval_pairs, pair_dataset, select_volumes
 from brainiac.platform.catalog import Catalog
-from brainiac.platform.config import DEFAULT_DATA_DIR, Config, config_to_dict, redact_uri_credentials
+from brainiac.platform.config import DEFAULT_DATA_DIR, config_to_dict, redact_uri_credentials
 from brainiac.platform.errors import UserError
 from brainiac.platform.storage import StorageLocation
 

@@ -23,10 +23,10 @@ import numpy as np
 
 from brainiac.ingestion.splits import read_splits
 from brainiac.ingestion.volumes import decode_array, resolve_volume_set
+from brainiac.jobs.config import Config
 from brainiac.jobs.pretrain.pairs import ARRAY_COLUMNS, augmented_block_pairs, view_pair_bytes
 from brainiac.models.train_config import PatchConfig
 from brainiac.platform.catalog import Catalog, sql_in, sql_literal
-from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
 __all__ = [

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from brainiac.jobs.config import Config
 from brainiac.jobs.promote.gates import (
     GateCheck,
     absolute_gates,
@@ -34,7 +35,6 @@ from brainiac.jobs.promote.gates import (
     paired_improvement,
     robustness_gate,
 )
-from brainiac.platform.config import Config
 from brainiac.platform.errors import UserError
 
 __all__ = ["HISTORY_TAG", "PromotionDecision", "RollbackResult", "promote", "rollback"]
@@ -104,9 +104,7 @@ def _registry(cfg: Config, model_name: str):
     try:
         client.get_registered_model(model_name)
     except mlflow.exceptions.MlflowException as exc:
-        raise UserError(
-            f"no registered model '{model_name}' in {uri} (register one with `brainiac finetune`)"
-        ) from exc
+        raise UserError(f"no registered model '{model_name}' in {uri} (register one with `brainiac finetune`)") from exc
     return client
 
 

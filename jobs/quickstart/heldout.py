@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from brainiac.ingestion.splits import read_splits
+from brainiac.jobs.config import Config
 from brainiac.platform.catalog import Catalog
-from brainiac.platform.config import Config
 
 __all__ = ["heldout_inputs"]
 

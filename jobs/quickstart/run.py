@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from brainiac.platform.config import Config, config_to_dict
+from brainiac.jobs.config import Config
+from brainiac.platform.config import config_to_dict
 from brainiac.platform.errors import UserError
 
 __all__ = ["STAGES", "QuickstartResult", "quickstart"]

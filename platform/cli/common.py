@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from brainiac.platform.config import Config, load_config, with_values
+from brainiac.jobs.config import Config, load_config
+from brainiac.platform.config import with_values
 from brainiac.platform.errors import UserError
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ import pytest
 
 from brainiac.ingestion.identified import identify
 from brainiac.ingestion.ingest import ingest, write_scans
+from brainiac.jobs.config import load_config
 from brainiac.platform.catalog import Catalog
-from brainiac.platform.config import load_config
 
 pytestmark = pytest.mark.timeout(600)
 

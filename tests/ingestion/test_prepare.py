@@ -74,8 +74,8 @@ def test_voxel_defects_are_quarantined_once_and_the_rest_is_processed(pipeline, 
     import nibabel as nib
 
     from brainiac.ingestion.ingest import ingest
+    from brainiac.jobs.config import load_config
     from brainiac.platform.catalog import Catalog
-    from brainiac.platform.config import load_config
 
     src = pipeline.cohort.out_dir / pipeline.cohort.cohorts["adni"]
     root = tmp_path / "synth-adni"

@@ -17,8 +17,9 @@ def main(spec: str, result: str) -> None:
     configure_ray_environment()
     from ray.cluster_utils import Cluster
 
+    from brainiac.jobs.config import Config
     from brainiac.jobs.pretrain.run import pretrain
-    from brainiac.platform.config import Config, from_dict
+    from brainiac.platform.config import from_dict
 
     cluster = Cluster(
         initialize_head=True,

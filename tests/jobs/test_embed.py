@@ -99,8 +99,8 @@ def test_embed_appends_as_it_goes_keeps_committed_batches_after_a_crash_and_resu
 
     import brainiac.jobs.pretrain.pairs as pairs_module
     import brainiac.models.export as export
+    from brainiac.jobs.config import load_config
     from brainiac.platform.catalog import Catalog
-    from brainiac.platform.config import load_config
 
     passing = _volumes(append_volumes, tmp_path)  # 21 volumes, 17 pass QC
     cfg = load_config(

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+from brainiac.jobs.config import load_config
 from brainiac.jobs.finetune.data import TaskData, load_task_data
 from brainiac.jobs.finetune.run import (
     _search_space,
@@ -21,7 +22,6 @@ from brainiac.models.config import BackboneConfig
 from brainiac.models.export import read_pretraining_record, resolve_encoder_dir
 from brainiac.models.tasks.spec import task_spec
 from brainiac.platform.catalog import Catalog
-from brainiac.platform.config import load_config
 from brainiac.platform.errors import UserError
 
 

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 import torch
 
+from brainiac.jobs.config import load_config
 from brainiac.jobs.predict import model_preprocess_config, preprocess_file
 from brainiac.platform.cli.main import main
-from brainiac.platform.config import load_config
 
 
 @pytest.fixture(scope="module")

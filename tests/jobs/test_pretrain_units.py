@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from brainiac.ingestion.volumes import encode_array
+from brainiac.jobs.config import load_config
 from brainiac.jobs.pretrain.pairs import (
     ARRAY_COLUMNS,
     augmented_block_pairs,
@@ -19,7 +20,7 @@ from brainiac.jobs.pretrain.pairs import (
     volume_tag,
 )
 from brainiac.jobs.pretrain.stream import rounds_per_decode, spread_subset, work_units
-from brainiac.platform.config import config_to_dict, load_config
+from brainiac.platform.config import config_to_dict
 
 
 def _volumes_file(path, scan_ids: list[str], row_group_size: int, shape=(24, 24, 24)) -> None:

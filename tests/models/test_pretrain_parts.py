@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from brainiac.jobs.config import load_config
 from brainiac.models.config import AugmentConfig, BackboneConfig, ProjectionConfig, SSLConfig
 from brainiac.models.export import load_encoder, save_encoder
 from brainiac.models.patches import (
@@ -18,7 +19,6 @@ from brainiac.models.patches import (
 )
 from brainiac.models.simclr import LARS, SimCLRModel, SimCLRStep, build_optimizer, warmup_cosine
 from brainiac.models.train_config import OptimConfig, PatchConfig, PretrainConfig
-from brainiac.platform.config import load_config
 from brainiac.platform.errors import ConfigError, UserError
 
 

@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from brainiac.jobs.config import Config, load_config
 from brainiac.platform.config import (
-    Config,
     available_configs,
     config_to_dict,
     from_dict,
-    load_config,
     with_values,
 )
 from brainiac.platform.errors import ConfigError
@@ -113,8 +112,8 @@ def test_from_dict_floats_ranges_and_nested_lists():
 
 def test_credentials_are_redacted_in_printed_configs_and_mlflow_params(capsys):
     """URIs with a password and any option naming a key, token, secret or password never print in clear."""
+    from brainiac.jobs.config import load_config
     from brainiac.platform.cli.main import main
-    from brainiac.platform.config import load_config
     from brainiac.platform.tracking import flatten_params
 
     overrides = [
@@ -151,9 +150,9 @@ def test_with_values_checks_keys_types_and_ranges_and_leaves_the_original_alone(
     assert base.finetune.seeds != [3, 4] and base.preprocess.fixed_size == 32  # a copy, not a mutation
     with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
         with_values(base, {"pretrain.max_step": 1})
-    with pytest.raises(ConfigError, match="'pretrain.max_steps' expects an integer"):
+    with pytest.raises(ConfigError, match=r"'pretrain\.max_steps' expects an integer"):
         with_values(base, {"pretrain.max_steps": "5"})
-    with pytest.raises(ConfigError, match="'pretrain.max_steps' must be >= 1"):
+    with pytest.raises(ConfigError, match=r"'pretrain\.max_steps' must be >= 1"):
         with_values(base, {"pretrain.max_steps": 0})
-    with pytest.raises(ConfigError, match="'catalog.uri' is a value, not a section"):
+    with pytest.raises(ConfigError, match=r"'catalog\.uri' is a value, not a section"):
         with_values(base, {"catalog.uri.x": 1})

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from brainiac.platform.config import TrackingConfig, load_config
+from brainiac.jobs.config import load_config
+from brainiac.platform.config import TrackingConfig
 from brainiac.platform.errors import UserError
 from brainiac.platform.tracking import ensure_experiment, flatten_params, resolve_tracking_uri
 

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 from deltalake import write_deltalake
 
+from brainiac.jobs.config import load_config
 from brainiac.platform.catalog import PARTITIONS, SCHEMAS, TABLE_CONFIGURATION, Catalog
 from brainiac.platform.cli.main import main
-from brainiac.platform.config import load_config
 from brainiac.platform.errors import UserError
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)

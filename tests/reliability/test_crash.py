@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from brainiac.ingestion.duplicates import QUEUE_TABLE
+from brainiac.jobs.config import Config, load_config
 from brainiac.platform.catalog import Catalog
-from brainiac.platform.config import Config, load_config
 
 faults = sys.modules["reliability_faults_helpers"]  # loaded by this folder's conftest.py
 

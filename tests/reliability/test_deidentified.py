@@ -126,8 +126,8 @@ def test_a_changed_card_level_is_applied_to_stored_rows_on_reingest(pipeline, tm
 
     from brainiac.ingestion.cards import card_for
     from brainiac.ingestion.ingest import ingest
+    from brainiac.jobs.config import load_config
     from brainiac.platform.catalog import Catalog
-    from brainiac.platform.config import load_config
 
     root = tmp_path / "synth-brats"
     shutil.copytree(pipeline.cohort.out_dir / pipeline.cohort.cohorts["brats"], root)
@@ -160,8 +160,8 @@ def test_rows_of_an_older_ingest_are_rekeyed_and_their_images_staged(pipeline, t
     import pyarrow as pa
 
     from brainiac.ingestion.ingest import ingest
+    from brainiac.jobs.config import load_config
     from brainiac.platform.catalog import Catalog
-    from brainiac.platform.config import load_config
 
     root = tmp_path / "synth-brats"
     shutil.copytree(pipeline.cohort.out_dir / pipeline.cohort.cohorts["brats"], root)

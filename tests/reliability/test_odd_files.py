@@ -264,8 +264,8 @@ def test_ingest_of_an_odd_bids_tree_ingests_the_good_and_quarantines_each_odd_on
     """End to end, on Ray (listing in Ray tasks): the run finishes, the 3 good scans are current in the catalog, and
     each odd entry is one quarantine row with its reason; nothing out of the root is opened by this process."""
     from brainiac.ingestion.ingest import ingest
+    from brainiac.jobs.config import load_config
     from brainiac.platform.catalog import Catalog
-    from brainiac.platform.config import load_config
 
     root, outside, good, odd = _odd_bids(tmp_path / "src")
     watch, seen = opened

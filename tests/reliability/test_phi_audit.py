@@ -111,8 +111,8 @@ def audited(tmp_path_factory, ray_session, pseudonym_key):
     from brainiac.ingestion.ingest import ingest
     from brainiac.ingestion.prepare import preprocess
     from brainiac.ingestion.synthetic import generate_cohort
+    from brainiac.jobs.config import load_config
     from brainiac.jobs.pretrain.run import pretrain
-    from brainiac.platform.config import load_config
 
     base = tmp_path_factory.mktemp("phi")
     cohort = generate_cohort(base / "gen", subjects=6, seed=23, preset="tiny", cohorts=["bids", "dicom"])

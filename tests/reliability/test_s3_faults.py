@@ -26,8 +26,8 @@ from urllib.parse import urlparse
 import pytest
 
 from brainiac.ingestion.duplicates import QUEUE_TABLE
+from brainiac.jobs.config import load_config
 from brainiac.platform.catalog import Catalog
-from brainiac.platform.config import load_config
 
 faults = sys.modules["reliability_faults_helpers"]  # loaded by this folder's conftest.py
 
