@@ -4,7 +4,8 @@ A deliberately simple, non-deep baseline is fitted per task on a generated cohor
 per task cohort by default):
 
 * **features** (:func:`scan_features`): each scan is resampled into template (MNI152) space on a 3 mm grid with the
-  *true* rigid transform from ``_truth/scans.csv`` (a stand-in for the preprocessing stage's registration), divided by
+  *true* affine transform from ``_truth/scans.csv`` (rigid pose and head size/shape, :func:`true_affine`: a stand-in
+  for the preprocessing stage's affine registration; the subject's non-linear anatomy stays), divided by
   its median inside the template brain mask and crudely bias-corrected (divided by a sigma = 25 mm smoothed copy);
   features are the mean intensity in 23 coarse atlas boxes (MNI coordinates, left and right) and 27 intensity
   quantiles. Multi-sequence tasks concatenate their sequences. No header field, file name or other truth column
@@ -97,10 +98,25 @@ def _template_grid() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 _GRID: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
+def true_affine(row) -> np.ndarray:
+    """Template mm -> scanner mm of one truth row: the subject's head size and shape (``head_size_xyz``, per axis about
+    the head centre) followed by its rigid pose (``rigid_transform``). It stands in for the preprocessing stage's
+    affine registration; what it leaves out is the subject's non-linear anatomy (deformation, atrophy, mass effect)."""
+    from brainiac.ingestion.synthetic.anatomy import HEAD_CENTER_MM
+
+    rigid = np.array(json.loads(row.rigid_transform)).reshape(4, 4)
+    size = getattr(row, "head_size_xyz", None)
+    size = np.array(json.loads(size), float) if isinstance(size, str) and size else np.full(3, float(row.head_scale))
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(size)
+    scale[:3, 3] = HEAD_CENTER_MM - size * HEAD_CENTER_MM
+    return rigid @ scale
+
+
 def scan_features(path: Path, rigid: np.ndarray) -> np.ndarray:
     """Simple image features of one scan: mean intensity in 23 atlas regions and 27 intensity quantiles.
 
-    The scan is sampled on a 3 mm template-space grid through the true rigid transform (standing in for
+    The scan is sampled on a 3 mm template-space grid through the true affine transform (standing in for
     registration), divided by its median inside the template brain mask, and bias-corrected by dividing by a heavily
     smoothed copy (sigma 25 mm; a crude stand-in for N4). Regions are MNI boxes (:data:`ATLAS_BOXES_MM`, left and right,
     plus the brainstem); quantiles are taken over the template brain mask.
@@ -132,7 +148,7 @@ def scan_features(path: Path, rigid: np.ndarray) -> np.ndarray:
 def tumour_features(seg_path: Path, image_paths: list[Path], rigid: np.ndarray) -> np.ndarray:
     """Radiomics-style features from the segmentation a BraTS release ships with each case (``<Case>_seg.nii.gz``, data
     every IDH model uses, not truth): log volumes of labels 1/2/4, enhancing and edema fractions, the tumour centroid in
-    template mm (via the rigid transform) and the median of each sequence inside the core and the enhancing rim,
+    template mm (via the true affine transform) and the median of each sequence inside the core and the enhancing rim,
     relative to the median of the brain."""
     seg_img = nib.load(seg_path)
     seg = np.asarray(seg_img.dataobj)
@@ -416,14 +432,14 @@ def run_study(
         feats: dict[str, list[np.ndarray]] = {}
         heads: dict[str, list[np.ndarray]] = {}
         for _, r in rows.iterrows():
-            rigid = np.array(json.loads(r.rigid_transform)).reshape(4, 4)
+            rigid = true_affine(r)
             feats.setdefault(r.subject_uid, []).append(scan_features(folder / r.path, rigid))
             heads.setdefault(r.subject_uid, []).append(header_features(folder / r.path, r.path))
         subjects = list(dict.fromkeys(rows.subject_uid))
         if task == "idh":  # BraTS ships a segmentation per case: add the radiomics any IDH model would use
             segs = truth[(truth.cohort == cohort) & (truth.kind == "label")].set_index("subject_uid")
             for uid, g in rows.groupby("subject_uid", sort=False):
-                rigid = np.array(json.loads(g.rigid_transform.iloc[0])).reshape(4, 4)
+                rigid = true_affine(g.iloc[0])
                 paths = [folder / p for p in g.sort_values("sequence").path]
                 feats[uid].append(tumour_features(folder / segs.loc[uid, "path"], paths, rigid))
         x = np.stack([np.concatenate(feats[s]) for s in subjects])
