@@ -30,12 +30,15 @@ The truth lives outside them, in ``OUT/_truth/``:
     of the original image, else empty), ``duplicate_group`` (subject uid shared by the copies), ``rigid_transform``
     (JSON, row-major 4x4: template/MNI152 mm -> this scan's scanner mm, RAS), ``rotation_deg`` and ``translation_mm`` (its
     parameters: rotations about x, y, z applied in that order about the head centre (0, -17, 12) mm),
-    ``deform_max_mm`` and ``head_scale`` (the non-rigid part of the subject's shape), ``affine`` (JSON 4x4 voxel ->
+    ``deform_max_mm`` and ``head_scale`` (the non-rigid part of the subject's shape, see below), ``affine`` (JSON 4x4 voxel ->
     scanner mm, RAS), ``mask_path`` (the true brain mask on this scan's grid, under ``_truth/``), ``label_path``
     (the true lesion labels on this scan's grid, under ``_truth/``, when the subject has a lesion), ``tissue_path``
     (the dominant tissue of each voxel: 0 background, 1 CSF, 2 GM, 3 WM, 4 skull, 5 scalp, 6 WMH, 7 tumour/infarct,
     8 extra-cerebral CSF; the brain mask is exactly classes 1, 2, 3, 6, 7;
-    zero outside the brain when the scan is skull-stripped).
+    zero outside the brain when the scan is skull-stripped), ``head_size_xyz`` (JSON per-axis linear head size at this
+    session; ``head_scale`` is its geometric mean, children's included), ``coarse_deform_mm`` (lobe-scale deformation),
+    ``brain_shrink_mm`` (retreat of the brain surface from the skull with age and MCI), ``ventricle_growth_mm``,
+    ``mass_effect_mm`` (a tumour's push) and ``anatomy_variation`` (the knob they were drawn with).
 ``masks/<cohort>/<stem>_brainmask.nii.gz``, ``labels/<cohort>/<stem>_labels.nii.gz``, ``tissue/<cohort>/<stem>_dseg.nii.gz``
     uint8 volumes with the scan's affine, all resampled with nearest neighbour only. For DICOM they carry the series' geometry in RAS: compare in millimetres.
 ``synth.json``

@@ -5,6 +5,8 @@ is applied, so effects follow the subject's anatomy. The numbers below are the g
 explains them and their noise.
 
 Ageing (``brain_age`` = chronological age + N(0, 5 y), the "brain-age gap"):
+    * the brain surface retreats from the skull by :func:`brain_shrink_mm` (applied by the subject's deformation;
+      :func:`base_tissue` keeps the skull in place);
     * ventricles grow by ``VENT_GROWTH_MM * ((a - 20) / 70) ** 1.5`` mm of CSF around their surface (0 before 20 y);
     * cortical GM thins: a fraction ``0.35 * (a - 5) / 85`` of the GM in the outer 10 mm of the brain becomes CSF
       (weighted linearly from the surface inwards);
@@ -13,7 +15,8 @@ Ageing (``brain_age`` = chronological age + N(0, 5 y), the "brain-age gap"):
     * myelination: WM contrast ``1 - 0.6 * exp(-a / 4)`` of its adult value (children have less WM/GM contrast).
 MCI: extra medial-temporal atrophy (hippocampus, amygdala, entorhinal/parahippocampal cortex; their GM turns to CSF,
 which also widens the temporal horns): CN ~ |N(0, 0.04)|, MCI ~ N(0.28, 0.08) clipped to [0, 0.5] of that GM (the
-distributions overlap, and age adds its own loss).
+distributions overlap, and age adds its own loss); with anatomical variation the ventricles grow by ``MCI_VENT_MM``
+and the brain surface retreats by ``MCI_SHRINK_MM`` more per unit of that loss.
 Glioma: see :class:`GliomaParams`. Stroke: see :class:`StrokeParams`.
 """
 
