@@ -249,11 +249,11 @@ def _smooth_field(
 
 @functools.lru_cache(maxsize=3)
 def _periphery(anat: BaseAnatomy) -> np.ndarray:
-    """Weight of the coarse deformation: 0 within 30 mm of the brain centre, rising smoothly to 1 at 70 mm. Cortical
+    """Weight of the coarse deformation: 0 within 35 mm of the brain centre, rising smoothly to 1 at 75 mm. Cortical
     shape varies between people far more than the deep grey matter and medial temporal lobe do once heads are
     aligned, and a baseline that reads regional means must still find those regions."""
     r = np.sqrt(((anat.coords - BRAIN_CENTER_MM.astype(np.float32).reshape(3, 1, 1, 1)) ** 2).sum(axis=0))
-    x = np.clip((r - 30.0) / 40.0, 0.0, 1.0)
+    x = np.clip((r - 35.0) / 40.0, 0.0, 1.0)
     w = (x * x * (3.0 - 2.0 * x)).astype(np.float32)
     w.setflags(write=False)
     return w

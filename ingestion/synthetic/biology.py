@@ -14,7 +14,7 @@ Ageing (``brain_age`` = chronological age + N(0, 5 y), the "brain-age gap"):
     * white-matter hyperintensities: Poisson(0.2 * (a - 50)) periventricular blobs (sigma 2.5-5 mm) after 50 y;
     * myelination: WM contrast ``1 - 0.6 * exp(-a / 4)`` of its adult value (children have less WM/GM contrast).
 MCI: extra medial-temporal atrophy (hippocampus, amygdala, entorhinal/parahippocampal cortex; their GM turns to CSF,
-which also widens the temporal horns): CN ~ |N(0, 0.04)|, MCI ~ N(0.28, 0.08) clipped to [0, 0.5] of that GM (the
+which also widens the temporal horns): CN ~ |N(0, 0.04)|, MCI ~ N(0.32, 0.08) clipped to [0, 0.55] of that GM (the
 distributions overlap, and age adds its own loss); with anatomical variation the ventricles grow by ``MCI_VENT_MM``
 and the brain surface retreats by ``MCI_SHRINK_MM`` more per unit of that loss.
 Glioma: see :class:`GliomaParams`. Stroke: see :class:`StrokeParams`.
@@ -49,12 +49,12 @@ __all__ = [
 ]
 
 VENT_GROWTH_MM = 7.0
-MCI_VENT_MM = 6.0
-"""Extra ventricle growth per unit of medial-temporal loss (MCI ~0.28 -> ~1.7 mm, about 15 years of ageing)."""
+MCI_VENT_MM = 10.0
+"""Extra ventricle growth per unit of medial-temporal loss (MCI ~0.32 -> ~3 mm, about 20 years of ageing)."""
 BRAIN_SHRINK_MM = 3.0
 """Retreat of the brain surface from the skull at brain age 90 (``3 * ((a - 25) / 65) ** 1.5`` mm, 0 before 25 y)."""
 MCI_SHRINK_MM = 1.5
-"""Extra brain-surface retreat per unit of medial-temporal loss (MCI ~0.28 -> ~0.4 mm)."""
+"""Extra brain-surface retreat per unit of medial-temporal loss (MCI ~0.32 -> ~0.5 mm)."""
 MAX_SHRINK_MM = 4.0
 """Cap on the retreat (whatever the ``variation``): beyond ~5 mm the atrophy map would fold at concave brain surfaces."""
 BRATS_LABELS = {"NCR": 1, "ED": 2, "ET": 4}

@@ -28,7 +28,7 @@ class Preset:
     """zlib level of .nii.gz files (fixed, and the gzip header's mtime is 0, so the bytes are reproducible)."""
     anatomy_variation: float = 1.0
     """Strength of the inter-subject anatomical variation beyond the template's (docs/synthetic-cohort.md): head shape
-    (per-axis sd 4 %), children's smaller heads and thinner skulls, a coarse lobe-scale deformation (3-7 mm), brain
+    (per-axis sd 4 %), children's smaller heads and thinner skulls, a coarse lobe-scale deformation (2-5 mm), brain
     atrophy that opens a CSF gap under the skull (up to 3 mm at 90 y), MCI ventricle enlargement and tumour mass
     effect. 0 gives the earlier cohort's anatomy (the 3-6 mm fine deformation and the head scale only); 1 is the default
     of every preset, because real anatomy varies and brain-extraction methods must be told apart."""

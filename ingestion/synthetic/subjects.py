@@ -143,7 +143,7 @@ def plan_cohort(
         shp = rng_for(seed, cohort, i, "head-shape")  # its own stream: the draws above stay as they were
         log_shape = np.clip(shp.normal(0.0, 0.04, 3), -0.1, 0.1) * variation
         head_shape = tuple(round(float(v), 5) for v in np.exp(log_shape - log_shape.mean()))
-        coarse_mm = round(float(shp.uniform(3.0, 7.0)) * variation, 3)
+        coarse_mm = round(float(shp.uniform(2.0, 5.0)) * variation, 3)
         start = _date(nui)
         sessions = [SessionPlan("01", 0.0, start)]
         diagnosis, hippo, glioma, stroke = "CN", float(abs(lab.normal(0.0, 0.04))), None, None
@@ -157,7 +157,7 @@ def plan_cohort(
             age = float(lab.uniform(55.0, 90.0))
             if lab.random() < 0.5:
                 diagnosis = "MCI"
-                hippo = float(np.clip(lab.normal(0.28, 0.08), 0.0, 0.5))
+                hippo = float(np.clip(lab.normal(0.32, 0.08), 0.0, 0.55))
             sessions[0].label = "bl"
             if nui.random() < 0.3:
                 years = float(np.round(nui.normal(1.0, 0.05), 3))
