@@ -93,8 +93,10 @@ def test_hippocampus_masks_on_the_tiny_pipeline_follow_each_subjects_true_pose_a
         assert mask.shape == shape and mask.any()
         assert (mm[0][mask] < -10).any() and (mm[0][mask] > 10).any()  # both hemispheres
         assert 10.0 < mask.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000 < 25.0
-        # The head size recovered from the brain-mask volume is the generator's.
-        assert head_scale(r["brain_volume_ml"]) == pytest.approx(r["head_scale"], abs=0.02)
+        # The head size recovered from the brain-mask volume is the generator's, to the accuracy of an affine fit: the
+        # synthetic anatomy now varies (anisotropic head shapes, lobe-scale warps, atrophy under a fixed skull), which
+        # an affine registration absorbs only in part (measured: up to 0.021 off at 20 subjects).
+        assert head_scale(r["brain_volume_ml"]) == pytest.approx(r["head_scale"], abs=0.04)
         # Truth: output mm -> scanner mm (catalog transform) -> subject mm (truth pose) -> template mm (truth scale).
         to_scanner = np.asarray(r["transform"]).reshape(4, 4)
         pose = np.asarray(json.loads(r["rigid_transform"])).reshape(4, 4)
