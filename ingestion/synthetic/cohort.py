@@ -123,8 +123,8 @@ def _check_out(out_dir: Path) -> None:
     try:
         previous = json.loads(marker.read_text())
         owned = [*previous.get("cohorts", {}).values(), "_truth"]
-    except (json.JSONDecodeError, AttributeError):
-        raise UserError(f"{marker} is unreadable; remove {out_dir} or choose another OUT") from None
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise UserError(f"{marker} is unreadable; remove {out_dir} or choose another OUT") from exc
     for name in owned:  # remove only what the previous run wrote
         target = out_dir / str(name)
         if "/" in str(name) or str(name) in ("", ".", ".."):
@@ -606,7 +606,7 @@ def generate_cohort(
     try:
         p = get_preset(preset)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(str(exc)) from exc
     if anatomy_variation is not None:
         if not 0.0 <= float(anatomy_variation) <= 2.0:
             raise UserError(f"anatomy_variation must be between 0 and 2, got {anatomy_variation}")

@@ -54,5 +54,5 @@ def get_preset(name: str) -> Preset:
     """The preset called ``name``; ValueError naming the choices otherwise."""
     try:
         return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown synth preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+    except KeyError as exc:
+        raise ValueError(f"unknown synth preset {name!r}; choose one of: {', '.join(PRESETS)}") from exc

@@ -377,7 +377,7 @@ def pretrain(cfg: Config, *, progress: bool = True) -> PretrainSummary:
         result = _fit_with_progress(trainer, monitor, pcfg.max_steps, progress)
     except ray.train.TrainingFailedError as exc:
         client.set_terminated(run_id, status="FAILED")
-        raise UserError(f"pretraining run {run_name} failed: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"pretraining run {run_name} failed: {str(exc).splitlines()[0]}") from exc
     state = ray.get(monitor.state.remote())
     if result.checkpoint is None:
         raise UserError(f"pretraining run {run_name} ended without a checkpoint")
