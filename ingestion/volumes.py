@@ -115,20 +115,23 @@ def resolve_volume_set(catalog: Catalog, version: str | None = None, *, table_ve
 
 def newest_preprocess_version(catalog: Catalog, *, table_version: int | None = None) -> str:
     """The preprocess version written last among QC-passing ``volumes`` (at ``table_version``, else the newest
-    snapshot): what jobs read unless told a version. Reads two narrow columns, never the arrays.
+    snapshot): what jobs read unless told a version. The driver receives one row per version, never the arrays.
 
     Raises:
         UserError: the catalog holds no preprocessed volume.
     """
     from brainiac.platform.errors import UserError
 
-    rows = None
-    if table_version is not None or catalog.version("volumes") is not None:
-        rows = catalog.select("volumes", "qc_pass", ["preprocess_version", "preprocessed_at"], version=table_version)
-    if rows is None or rows.num_rows == 0:
+    # Aggregated where the rows are (one row per preprocess version reaches the driver), in the pinned snapshot.
+    newest = catalog.sql_table(
+        "volumes",
+        "SELECT preprocess_version, max(preprocessed_at) AS preprocessed_at_max FROM volumes WHERE qc_pass "
+        "GROUP BY preprocess_version",
+        version=table_version,
+    )
+    if newest.num_rows == 0:
         raise UserError(
             f"the catalog {catalog.uri} has no preprocessed volumes; run `brainiac preprocess --catalog {catalog.uri}` first"
         )
-    newest = rows.group_by("preprocess_version").aggregate([("preprocessed_at", "max")])
     order = newest.sort_by([("preprocessed_at_max", "descending"), ("preprocess_version", "ascending")])
     return str(order["preprocess_version"][0].as_py())

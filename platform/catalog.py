@@ -779,6 +779,22 @@ class Catalog:
         )
         return _plain_types(_to_pyarrow(self._session({name: dt}).execute(sql)), schema)
 
+    def sql_table(self, name: str, query: str, version: int | None = None) -> pa.Table:
+        """``query`` over the one table ``name`` (at ``version``), through this catalog's access filter: an aggregate
+        computed where the rows are, with only ``name`` opened (:meth:`sql` opens every table, all at one version).
+        An empty table when ``name`` does not exist.
+
+        Raises:
+            UserError: the SQL does not plan or run.
+        """
+        dt = self.table(name, version)
+        if dt is None:
+            return pa.table({})
+        try:
+            return _plain_types(_to_pyarrow(self._session({name: dt}).execute(query)), None)
+        except Exception as exc:  # DataFusion raises at planning or at execution time
+            raise UserError(f"SQL error: {_first_line(exc)}") from exc
+
     def select_keys(
         self,
         name: str,
