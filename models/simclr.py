@@ -166,7 +166,7 @@ class SimCLRStep:
     """One optimiser step of SimCLR: worker-side augmentation, forward of both views, NT-Xent, accumulation, update.
 
     On CUDA the step avoids waiting for the device: the augmentation never synchronises, the losses stay on the device
-    unless ``sync=True`` asks for them, AdamW is fused, ``cudnn.benchmark`` is on and the model runs under
+    unless ``sync=True`` asks for them, AdamW is fused and the model runs under
     ``torch.compile``. :meth:`prepare` copies and augments a batch on a side CUDA stream, so the next batch's
     augmentation overlaps the current step's compute when the caller prepares it before stepping.
 
@@ -214,8 +214,6 @@ class SimCLRStep:
         self.run_model = (
             torch.compile(model, dynamic=False, backend=compile_backend, mode=compile_mode) if self.compiled else model
         )
-        if cuda:
-            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once per shape
         self._side = torch.cuda.Stream(device) if cuda else None
         self._micro = 0
         self._acc: list[tuple[torch.Tensor, torch.Tensor, int]] = []

@@ -168,6 +168,17 @@ class _Generator:
         self.progress = progress
 
     # -- simulation ------------------------------------------------------------------------------------------------
+    def deformation(self, plan: SubjectPlan):
+        """The subject's shape, shared by all its sessions, drawn from its own random stream."""
+        return random_deformation(
+            rng_for(self.seed, plan.cohort, plan.index, "deformation"),
+            self.anat,
+            plan.deform_max_mm,
+            plan.head_scale,
+            plan.head_shape,
+            coarse_mm=plan.coarse_deform_mm,
+        )
+
     def simulate(self, plan: SubjectPlan, session: SessionPlan, deformation) -> _Session:
         anat = self.anat
         variation = self.preset.anatomy_variation
@@ -366,14 +377,7 @@ class _Generator:
         p = self.preset
         kept: dict[str, list[ScanOut]] = {}
         for plan in plans:
-            deformation = random_deformation(
-                rng_for(self.seed, plan.cohort, plan.index, "deformation"),
-                self.anat,
-                plan.deform_max_mm,
-                plan.head_scale,
-                plan.head_shape,
-                coarse_mm=plan.coarse_deform_mm,
-            )
+            deformation = self.deformation(plan)
             for session in plan.sessions:
                 sess = self.simulate(plan, session, deformation)
                 nui = rng_for(self.seed, plan.cohort, plan.index, session.label, "acquisition")
@@ -430,6 +434,9 @@ class _Generator:
         chosen = duplicate_indices(self.seed, len(source))
         made = []
         brats_rows = {(r["subject_uid"], r["sequence"]): r["path"] for r in self.rows if r["cohort"] == "brats"}
+        first_row: dict[str, dict] = {}  # each subject's first truth row, for its duplicate's tumour and anatomy facts
+        for r in self.rows:
+            first_row.setdefault(r["subject_uid"], r)
         for j, k in enumerate(chosen):
             src = source[k]
             idx = len(target_plans) + j
@@ -463,7 +470,7 @@ class _Generator:
             plan.cohort_id = target.subject_id(plan)
             axcodes = str(ident_rng.choice([a for a in AXCODES if a != "LPS"]))
             crop = ident_rng.integers(0, 4, size=(3, 2))
-            src_row = next((r for r in self.rows if r["subject_uid"] == src.uid), {})
+            src_row = first_row.get(src.uid, {})
             info = {
                 k: src_row.get(k)
                 for k in ("tumour_volume_ml", "enhancing_volume_ml", "brain_shrink_mm", "ventricle_growth_mm")

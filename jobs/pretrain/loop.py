@@ -146,6 +146,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model.to(device)
     wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
     cuda = device.type == "cuda"
+    if cuda:  # fixed shapes: cuDNN picks the fastest conv algorithm once per shape (a process-wide switch, set here)
+        torch.backends.cudnn.benchmark = True
     engine = SimCLRStep(
         wrapped, cfg.ssl, cfg.optim, cfg.augment, pcfg.max_steps, device, pcfg.precision, pcfg.grad_accum_steps,
         global_batch=pcfg.global_batch(world),  # the world that runs, which scales a per-256 learning rate

@@ -19,7 +19,7 @@ from brainiac.ingestion.synthetic.anatomy import (
 )
 from brainiac.ingestion.synthetic.cohort import BRAIN_CLASSES, _Generator, _tissue_classes, generate_cohort
 from brainiac.ingestion.synthetic.presets import get_preset
-from brainiac.ingestion.synthetic.subjects import plan_cohort, rng_for
+from brainiac.ingestion.synthetic.subjects import plan_cohort
 from brainiac.platform.errors import UserError
 
 SEED = 11
@@ -36,19 +36,8 @@ def _generator(tmp_path, variation: float = 1.0) -> _Generator:
     return _Generator(tmp_path, SEED, preset, None)
 
 
-def _deformation(gen: _Generator, plan):
-    return random_deformation(
-        rng_for(gen.seed, plan.cohort, plan.index, "deformation"),
-        gen.anat,
-        plan.deform_max_mm,
-        plan.head_scale,
-        plan.head_shape,
-        coarse_mm=plan.coarse_deform_mm,
-    )
-
-
 def _simulate(gen: _Generator, plan):
-    return gen.simulate(plan, plan.sessions[0], _deformation(gen, plan))
+    return gen.simulate(plan, plan.sessions[0], gen.deformation(plan))
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +152,7 @@ def test_tumour_pushes_the_brain(anat, tmp_path):
     gen = _generator(tmp_path)
     plan = next(p for p in plan_cohort(SEED, "brats", 6, anat, 0, 1.0) if p.glioma.push_mm > 3.0)
     g = plan.glioma
-    d = _deformation(gen, plan)
+    d = gen.deformation(plan)
     from brainiac.ingestion.synthetic.biology import add_glioma, base_tissue
 
     t = base_tissue(anat, np.random.default_rng(0))
