@@ -264,9 +264,7 @@ def main() -> None:
     records = []
     for method in methods:
         preload(config(args.preset, method))
-        preload(PreprocessConfig(brain_mask=method))
-        if method != "atlas":  # load the network once, outside the timings
-            run_case(cases[0], config(args.preset, method) if cases[0]["cohort"] != "mni152" else PreprocessConfig())
+        preload(PreprocessConfig(brain_mask=method))  # templates and the method's network, outside the timings
         for i, case in enumerate(cases):
             cfg = PreprocessConfig(brain_mask=method) if case["cohort"] == "mni152" else config(args.preset, method)
             r = run_case(case, cfg)

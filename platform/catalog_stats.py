@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from brainiac.platform.catalog import Catalog
+from brainiac.platform.config import redact_uri_credentials
 
 __all__ = ["catalog_stats", "dataset_fingerprint", "plot_overview", "scans_frame"]
 
@@ -106,7 +107,10 @@ def plot_overview(catalog: Catalog, path: Path, version: int | None = None, fram
 
     df = scans_frame(catalog, version) if frame is None else frame
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
-    fig.suptitle(f"Catalog {catalog.uri} — {len(df)} scans, {df['subject_id'].nunique()} subjects", fontsize=12)
+    fig.suptitle(
+        f"Catalog {redact_uri_credentials(catalog.uri)} — {len(df)} scans, {df['subject_id'].nunique()} subjects",
+        fontsize=12,
+    )
     counts = df.groupby(["dataset", "sequence"]).size().unstack(fill_value=0)
     counts.plot.barh(stacked=True, ax=axes[0, 0], colormap="tab10")
     axes[0, 0].set_title("scans per dataset and sequence")

@@ -88,6 +88,17 @@ def learned_mask(image: sitk.Image, cfg: PreprocessConfig, *, threads: int = 1) 
 # deepbet
 
 
+def preload(cfg: PreprocessConfig) -> None:
+    """Load ``cfg``'s network (and weights) into this process's cache, e.g. when a Ray worker starts, so that the first
+    scan's ``brain_mask`` timing does not carry the load; nothing for the atlas mask."""
+    device = str(resolve_device(cfg.brain_mask_device))
+    if cfg.brain_mask == "deepbet":
+        _deepbet_model(device)
+    elif cfg.brain_mask == "hd-bet":
+        _hdbet_params(cfg.hdbet_folds)
+        _hdbet_net(device)
+
+
 @functools.cache
 def _deepbet_model(device: str) -> Any:
     """deepbet's two TorchScript networks on ``device`` (its own loader prefers MPS/CUDA whatever we ask)."""

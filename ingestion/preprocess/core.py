@@ -96,8 +96,8 @@ def check_voxels(data: np.ndarray) -> None:
 
 
 def preload(cfg: PreprocessConfig) -> None:
-    """Load and cache the template images ``cfg`` needs (~1 s once per process), e.g. when a Ray worker starts, so the
-    first scan's timings are not inflated."""
+    """Load and cache the template images ``cfg`` needs (~1 s once per process) and its learned brain-mask network,
+    e.g. when a Ray worker starts, so the first scan's timings are not inflated."""
     from brainiac.ingestion.preprocess.template import (
         fixed_grid,
         registration_template,
@@ -109,6 +109,10 @@ def preload(cfg: PreprocessConfig) -> None:
     template_mask_image()
     whole_grid(cfg.whole_spacing_mm, cfg.margin_mm)
     fixed_grid(cfg.fixed_size, cfg.fixed_spacing_mm, cfg.margin_mm)
+    if cfg.brain_mask != "atlas":
+        from brainiac.ingestion.preprocess.brain_mask import preload as preload_network
+
+        preload_network(cfg)
 
 
 @contextlib.contextmanager

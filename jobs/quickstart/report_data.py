@@ -25,6 +25,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
+from brainiac.platform.config import redact_uri_credentials
+
 __all__ = [
     "SECTIONS",
     "CatalogSection",
@@ -332,7 +334,7 @@ def _not_run(why: str) -> Notice:
 
 def _error(what: str, exc: BaseException) -> Notice:
     line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return Notice(f"{what} unavailable: {type(exc).__name__}: {line}", "error")
+    return Notice(redact_uri_credentials(f"{what} unavailable: {type(exc).__name__}: {line}"), "error")
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Iterable[int] = ()) -> Table:
@@ -493,8 +495,8 @@ def _overview(inputs: ReportInputs, _scratch: Path) -> OverviewSection:
         [
             ["created", inputs.created_at],
             ["working directory", inputs.workdir or "–"],
-            ["catalog", inputs.catalog_uri or "–"],
-            ["MLflow tracking", inputs.tracking_uri or "–"],
+            ["catalog", redact_uri_credentials(inputs.catalog_uri or "") or "–"],
+            ["MLflow tracking", redact_uri_credentials(inputs.tracking_uri or "") or "–"],
             ["total time", duration(inputs.total_seconds)],
         ]
     )
@@ -516,7 +518,9 @@ def _catalog(inputs: ReportInputs, scratch: Path) -> CatalogSection | Notice:
         return _not_run("no catalog was given")
     catalog = Catalog.open(inputs.catalog_uri, inputs.catalog_options or None)
     if catalog.table("scans") is None:
-        return _not_run(f"the catalog {inputs.catalog_uri} has no scans table (ingest did not run)")
+        return _not_run(
+            f"the catalog {redact_uri_credentials(inputs.catalog_uri)} has no scans table (ingest did not run)"
+        )
     current = "FROM scans WHERE status = 'current'"
     totals = catalog.sql(
         f"SELECT count(*) AS scans, count(DISTINCT subject_id) AS subjects, count(DISTINCT dataset) AS datasets {current}"
@@ -951,13 +955,16 @@ def _reproduce(inputs: ReportInputs, _scratch: Path) -> ReproduceSection:
             "SELECT dataset, sequence, count(*) AS scans FROM scans WHERE status = 'current' "
             "GROUP BY dataset, sequence ORDER BY dataset, sequence"
         )
+        shown_catalog = redact_uri_credentials(inputs.catalog_uri)  # a password never reaches the page
         catalog_queries = (
-            f"brainiac catalog query {shlex.quote(sql)} --catalog {shlex.quote(inputs.catalog_uri)}\n"
-            f"brainiac catalog stats --catalog {shlex.quote(inputs.catalog_uri)}"
+            f"brainiac catalog query {shlex.quote(sql)} --catalog {shlex.quote(shown_catalog)}\n"
+            f"brainiac catalog stats --catalog {shlex.quote(shown_catalog)}"
         )
     return ReproduceSection(
         commands=list(inputs.commands) or _not_run("no stage commands were recorded"),
-        mlflow_ui=f"mlflow ui --backend-store-uri {shlex.quote(inputs.tracking_uri)}" if inputs.tracking_uri else None,
+        mlflow_ui=f"mlflow ui --backend-store-uri {shlex.quote(redact_uri_credentials(inputs.tracking_uri))}"
+        if inputs.tracking_uri
+        else None,
         catalog_queries=catalog_queries,
     )
 
@@ -990,6 +997,7 @@ def gather(inputs: ReportInputs) -> ReportData:
             try:
                 sections[sid] = GATHERERS[sid](inputs, scratch)
             except Exception as exc:  # one broken source must not cost the whole report
-                log.warning("report section %s failed: %s", sid, exc, exc_info=True)
+                # The message only, credentials redacted: a traceback would carry URIs as the sources gave them.
+                log.warning("report section %s failed: %s", sid, redact_uri_credentials(f"{type(exc).__name__}: {exc}"))
                 sections[sid] = _error(title, exc)
     return ReportData(title=inputs.title, created_at=inputs.created_at, **sections)

@@ -295,3 +295,13 @@ def test_summary_names_every_task_with_or_without_a_champion():
         "  mci: fine-tuned, not promoted",
         "report: r.html",
     ]
+
+
+def test_credentials_in_the_catalog_or_tracking_uri_never_reach_the_page(tmp_path):
+    from brainiac.jobs.quickstart.report_data import ReportInputs, _error, _overview, _reproduce
+
+    inputs = ReportInputs(catalog_uri="s3://user:catpw@bucket/catalog", tracking_uri="http://user:trackpw@host:5000")
+    shown = repr(_overview(inputs, tmp_path)) + repr(_reproduce(inputs, tmp_path))
+    shown += repr(_error("Catalog", RuntimeError("cannot open s3://user:catpw@bucket/catalog")))
+    assert "catpw" not in shown and "trackpw" not in shown
+    assert "s3://user:***@bucket/catalog" in shown and "http://user:***@host:5000" in shown
