@@ -19,9 +19,6 @@ LAYER = {"platform": 0, "ingestion": 1, "models": 1, "jobs": 2, "cli": 3}
 KNOWN_BREAKS = {
     # `catalog stats` reads NIfTI intensities with ingestion's reader.
     ("brainiac.platform.catalog_stats", "brainiac.ingestion.headers"),
-    # Task regions are drawn from the synthetic generator's geometry instead of published MNI coordinates.
-    ("brainiac.models.tasks.regions", "brainiac.ingestion.preprocess.template"),
-    ("brainiac.models.tasks.regions", "brainiac.ingestion.synthetic.anatomy"),
 }
 """(importer, imported) pairs that break the rule today, each to be fixed (issue #22)."""
 

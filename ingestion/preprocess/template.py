@@ -1,12 +1,12 @@
-"""The MNI152 2009 template that nilearn ships offline, its brain mask, and the template-space output grids.
+"""Template-space output grids and registration images, built on the MNI152 2009 template of the foundation.
+
+The template itself (nilearn's offline 1 mm MNI152 2009 T1, its brain mask, centroid and box) is
+:mod:`brainiac.platform.mni152`, shared with the model-side task regions; this module re-exports those names.
 
 Template space is MNI152 millimetres in RAS. Every SimpleITK image built by this package carries RAS physical coordinates
 (origin and direction straight from the NIfTI affine), not ITK's usual LPS: registration does not care which world frame
 is used as long as the template and the scan share it, and then every 4x4 matrix this package returns maps template RAS mm
 to scanner RAS mm, the convention of NIfTI affines and of the synthetic truth's ``rigid_transform``.
-
-The brain mask is nilearn's definition (``load_mni152_brain_mask``: T1 / max > 0.2). The files are read straight from
-nilearn's package data, which avoids importing ``nilearn.datasets`` (and scikit-learn, ~2.5 s per worker).
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from brainiac.platform.mni152 import MASK_THRESHOLD, brain_box_mm, brain_centroid_mm, mni152
+from brainiac.platform.mni152 import brain_mask_1mm as _mask_1mm
+
 __all__ = [
+    "MASK_THRESHOLD",
     "Grid",
     "brain_box_mm",
     "brain_centroid_mm",
@@ -28,9 +32,6 @@ __all__ = [
     "whole_grid",
 ]
 
-_T1_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-MASK_THRESHOLD = 0.2
-"""nilearn's brain-mask threshold on the max-normalised T1 template."""
 REGISTRATION_MARGIN_MM = 24.0
 """Context kept around the brain box in the registration template (the metric only samples inside the brain mask)."""
 
@@ -45,63 +46,6 @@ class Grid:
     @property
     def spacing(self) -> tuple[float, float, float]:
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
-
-
-@functools.lru_cache(maxsize=1)
-def mni152() -> tuple[np.ndarray, np.ndarray]:
-    """The 1 mm MNI152 2009 T1 template (197x233x189, float32, max 1) and its affine. Read-only, cached per process."""
-    import importlib.util
-    from pathlib import Path
-
-    import nibabel as nib
-
-    spec = importlib.util.find_spec("nilearn")
-    folder = Path(next(iter(spec.submodule_search_locations or []))) / "datasets" / "data" if spec else None
-    if folder is not None and (folder / _T1_FILE).is_file():
-        img = nib.load(folder / _T1_FILE)
-    else:  # pragma: no cover - a nilearn that moved its data files
-        from nilearn import datasets
-
-        img = datasets.load_mni152_template(resolution=1)
-    t1 = np.asarray(img.dataobj, dtype=np.float32)
-    t1 /= np.float32(t1.max())
-    t1.setflags(write=False)
-    affine = np.asarray(img.affine, dtype=np.float64)
-    affine.setflags(write=False)
-    return t1, affine
-
-
-@functools.lru_cache(maxsize=1)
-def _mask_1mm() -> np.ndarray:
-    mask = mni152()[0] > MASK_THRESHOLD
-    mask.setflags(write=False)
-    return mask
-
-
-def brain_centroid_mm() -> np.ndarray:
-    """Centre of mass of the template brain mask in MNI mm (the pivot of the rigid part of an affine fit)."""
-    return _centroid().copy()
-
-
-@functools.lru_cache(maxsize=1)
-def _centroid() -> np.ndarray:
-    affine = mni152()[1]
-    return affine[:3, :3] @ np.argwhere(_mask_1mm()).mean(axis=0) + affine[:3, 3]
-
-
-def brain_box_mm(margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """Lowest and highest MNI mm (voxel centres) of the template brain mask, widened by ``margin_mm`` on every side."""
-    lo, hi = _box()
-    return lo - margin_mm, hi + margin_mm
-
-
-@functools.lru_cache(maxsize=1)
-def _box() -> tuple[np.ndarray, np.ndarray]:
-    affine = mni152()[1]
-    idx = np.argwhere(_mask_1mm())
-    corners = np.stack([idx.min(axis=0), idx.max(axis=0)]).astype(np.float64)
-    mm = corners @ affine[:3, :3].T + affine[:3, 3]
-    return mm.min(axis=0), mm.max(axis=0)
 
 
 def whole_grid(spacing_mm: float, margin_mm: float) -> Grid:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from brainiac.platform.mni_regions import HIPPOCAMPUS_PITCH_DEG, MEDIAL_TEMPORAL, ellipsoid_weight
+
 __all__ = [
     "HEAD_CENTER_MM",
     "BaseAnatomy",
@@ -36,19 +38,6 @@ HEAD_CENTER_MM = np.array([0.0, -17.0, 12.0])
 """Centre of the head (brain plus skull shell) in MNI mm; acquisitions centre their field of view on it."""
 BRAIN_CENTER_MM = np.array([0.0, -17.0, 5.0])
 """Centre of the brain in MNI mm (BraTS-style atlas grids centre on it)."""
-
-# Medial temporal lobe as ellipsoids in MNI mm: centre, semi-axes (x, y, z); the long axis rises posteriorly by
-# HIPPOCAMPUS_PITCH_DEG. Hippocampi, amygdalae, and entorhinal/parahippocampal cortex below them.
-HIPPOCAMPI = (((-26.0, -24.0, -12.0), (7.0, 18.0, 7.0)), ((27.0, -23.0, -12.0), (7.0, 18.0, 7.0)))
-MEDIAL_TEMPORAL = (
-    *HIPPOCAMPI,
-    ((-23.0, -5.0, -18.0), (8.0, 8.0, 7.0)),
-    ((24.0, -4.0, -18.0), (8.0, 8.0, 7.0)),
-    ((-25.0, -20.0, -26.0), (8.0, 16.0, 6.0)),
-    ((26.0, -19.0, -26.0), (8.0, 16.0, 6.0)),
-)
-HIPPOCAMPUS_PITCH_DEG = 25.0
-
 
 _NILEARN_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -105,7 +94,8 @@ class BaseAnatomy:
         dist_in / dist_out: mm from the brain-mask surface, inwards / outwards.
         dist_vent: mm from the lateral/third ventricles (0 inside them).
         hippocampus: 1 inside the medial temporal lobe ellipsoids (hippocampi, amygdalae, entorhinal and
-            parahippocampal cortex), soft at the edge; where MCI and ageing take grey matter.
+            parahippocampal cortex: :data:`brainiac.platform.mni_regions.MEDIAL_TEMPORAL`, the region the model side
+            scores saliency in too), soft at the edge; where MCI and ageing take grey matter.
         coords: MNI mm of every working voxel, shape (3, *grid).
     """
 
@@ -124,17 +114,6 @@ class BaseAnatomy:
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.gm.shape  # type: ignore[return-value]
-
-
-def _ellipsoid(coords: np.ndarray, center, semi, pitch_deg: float, soft_mm: float) -> np.ndarray:
-    c = np.asarray(center, dtype=np.float32).reshape(3, 1, 1, 1)
-    d = coords - c
-    t = math.radians(pitch_deg)
-    y = d[1] * math.cos(t) + d[2] * math.sin(t)
-    z = -d[1] * math.sin(t) + d[2] * math.cos(t)
-    r = np.sqrt((d[0] / semi[0]) ** 2 + (y / semi[1]) ** 2 + (z / semi[2]) ** 2)
-    scale = soft_mm / min(semi)
-    return np.clip((1.0 - r) / scale + 0.5, 0.0, 1.0).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=3)
@@ -170,7 +149,7 @@ def base_anatomy(spacing: float) -> BaseAnatomy:
     vent = ndi.binary_opening(vent, iterations=1) if f == 1 else vent
     dist_vent = ndi.distance_transform_edt(~vent, sampling=f).astype(np.float32)
     hippo = np.maximum.reduce(
-        [_ellipsoid(coords, c, s, HIPPOCAMPUS_PITCH_DEG, soft_mm=max(1.0, f / 2)) for c, s in MEDIAL_TEMPORAL]
+        [ellipsoid_weight(coords, c, s, HIPPOCAMPUS_PITCH_DEG, soft_mm=max(1.0, f / 2)) for c, s in MEDIAL_TEMPORAL]
     )
     arrays = {
         "gm": gm,

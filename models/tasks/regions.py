@@ -1,12 +1,13 @@
 """Where a task's signal lies on the model-input grid, for the saliency mass check of ``brainiac evaluate`` (issue 7).
 
 A task spec names its region (``saliency_region``): ``tumour`` comes from each case's own whole-tumour label map;
-``hippocampus`` is the medial temporal lobe where the synthetic generator takes grey matter in MCI
-(:mod:`brainiac.ingestion.synthetic.biology`). :func:`hippocampus_mask` evaluates the generator's own ellipsoids
-(``MEDIAL_TEMPORAL``: hippocampi, amygdalae, entorhinal/parahippocampal cortex, pitched by ``HIPPOCAMPUS_PITCH_DEG``)
-at the world coordinates of the model-input voxels, so no anatomy number is copied here.
+``hippocampus`` is the medial temporal lobe (hippocampi, amygdalae, entorhinal/parahippocampal cortex) as defined in
+MNI152 mm by the foundation (:data:`brainiac.platform.mni_regions.MEDIAL_TEMPORAL`: ellipsoids placed at published AAL
+atlas coordinates, docs/architecture.md#regions). :func:`hippocampus_mask` evaluates that definition at the template
+coordinates of the model-input voxels. The synthetic generator draws its MCI atrophy in the same ellipsoids, so on a
+synthetic cohort the region is exactly where the signal was put.
 
-How the input grid relates to the generator's template space:
+How the input grid relates to template space:
 
 - preprocessing writes ``fixed`` (the model input) on an axis-aligned grid in MNI152 RAS mm; ``volumes.fixed_affine``
   maps its voxel indices to those mm;
@@ -14,11 +15,15 @@ How the input grid relates to the generator's template space:
   MNI152, pinned at the template brain centroid: orientation and position are the template's, but the brain keeps the
   subject's size, so an output point ``x`` sits at template point ``c + (x - c) / s`` (``c`` the template brain
   centroid, ``s`` the subject's linear head size relative to MNI152);
-- the brain mask is the template mask carried by the full affine, so ``volumes.brain_volume_ml`` is the template brain
-  volume times ``s³``: :func:`head_scale` recovers ``s`` from it (and gives ``s ≈ 1`` for ``transform: affine``, whose
-  outputs are already template-sized). On the tiny cohort it matched the generator's ``head_scale`` within 0.7 %.
+- with the atlas brain mask (``preprocess.brain_mask: atlas``, the default) the mask is the template mask carried by the
+  full affine, so ``volumes.brain_volume_ml`` is the template brain volume times ``s³``: :func:`head_scale` recovers
+  ``s`` from it (and gives ``s ≈ 1`` for ``transform: affine``, whose outputs are already template-sized). On the tiny
+  cohort it matched the generator's ``head_scale`` within 0.7 %. With a learned mask (``deepbet``, ``hd-bet``)
+  ``brain_volume_ml`` is the learned mask's volume, a different definition of the brain from the template mask's, so
+  ``s`` carries that ratio too (the atlas-mask volume, ``qc.atlas_volume_ml``, is not a ``volumes`` column).
 
-What remains is the generator's smooth per-subject deformation (3-6 mm at most), which no catalog column records.
+What remains is each subject's own anatomy (on a synthetic cohort, the generator's smooth 3-6 mm deformation), which no
+catalog column records.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+
+from brainiac.platform.mni152 import brain_centroid_mm
+from brainiac.platform.mni152 import brain_volume_ml as _template_mask_ml
+from brainiac.platform.mni_regions import MEDIAL_TEMPORAL, inside_region
 
 __all__ = ["SALIENCY_REGIONS", "grid_mm", "head_scale", "hippocampus_mask", "template_brain_ml"]
 
@@ -44,9 +53,7 @@ def grid_mm(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
 @functools.cache
 def template_brain_ml() -> float:
     """Volume in mL of the MNI152 brain mask that preprocessing carries onto every scan (1 mm voxels)."""
-    from brainiac.ingestion.preprocess.template import MASK_THRESHOLD, mni152
-
-    return float(np.count_nonzero(mni152()[0] > MASK_THRESHOLD)) / 1000.0
+    return _template_mask_ml()
 
 
 def head_scale(brain_volume_ml: float | None) -> float:
@@ -58,7 +65,7 @@ def head_scale(brain_volume_ml: float | None) -> float:
 
 
 def hippocampus_mask(affine: np.ndarray, shape: tuple[int, int, int], *, scale: float = 1.0) -> np.ndarray:
-    """Boolean ``shape`` mask of the voxels whose centre lies inside the generator's medial-temporal region.
+    """Boolean ``shape`` mask of the voxels whose centre lies inside the medial temporal lobe (:data:`MEDIAL_TEMPORAL`).
 
     Args:
         affine: 4x4 voxel index → MNI152 RAS mm of the grid (``volumes.fixed_affine``).
@@ -69,13 +76,8 @@ def hippocampus_mask(affine: np.ndarray, shape: tuple[int, int, int], *, scale: 
     Raises:
         ValueError: ``scale`` is not a positive number.
     """
-    from brainiac.ingestion.preprocess.template import brain_centroid_mm
-    from brainiac.ingestion.synthetic.anatomy import HIPPOCAMPUS_PITCH_DEG, MEDIAL_TEMPORAL, _ellipsoid
-
     if not np.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive number, got {scale}")
     centre = brain_centroid_mm().astype(np.float32).reshape(3, 1, 1, 1)
     template = centre + (grid_mm(affine, shape) - centre) / np.float32(scale)
-    # _ellipsoid is >= 0.5 exactly where the normalised radius is <= 1, whatever its soft edge width.
-    inside = [_ellipsoid(template, c, s, HIPPOCAMPUS_PITCH_DEG, soft_mm=1.0) >= 0.5 for c, s in MEDIAL_TEMPORAL]
-    return np.logical_or.reduce(inside)
+    return inside_region(template, MEDIAL_TEMPORAL)

@@ -1,5 +1,6 @@
-"""Saliency regions: the task specs name them, and the hippocampus region on a real preprocessed grid lies where the
-synthetic generator put the medial temporal lobe of that subject (its truth pose and head size)."""
+"""Saliency regions: the task specs name them, the hippocampus region is the foundation's MNI definition (the one the
+synthetic generator draws MCI atrophy in), and on a real preprocessed grid it lies where the generator put the medial
+temporal lobe of that subject (its truth pose and head size)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
-def test_hippocampus_mask_on_an_mni_grid_is_the_generators_medial_temporal_lobe():
-    from brainiac.ingestion.synthetic.anatomy import HIPPOCAMPI, MEDIAL_TEMPORAL
+def test_hippocampus_mask_on_an_mni_grid_is_the_medial_temporal_lobe():
+    from brainiac.platform.mni_regions import HIPPOCAMPI, MEDIAL_TEMPORAL
 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     affine[:3, 3] = [-90.0, -126.0, -72.0]
@@ -55,6 +56,17 @@ def test_hippocampus_mask_on_an_mni_grid_is_the_generators_medial_temporal_lobe(
     assert head_scale(None) == head_scale(float("nan")) == 1.0
     with pytest.raises(ValueError, match="scale"):
         hippocampus_mask(affine, shape, scale=0.0)
+
+
+def test_the_generators_mci_region_is_the_model_sides_region():
+    """One definition: the generator's soft medial-temporal map (where MCI takes grey matter) is >= 0.5 exactly on the
+    voxels :func:`hippocampus_mask` marks on the generator's own working grid (template-sized, so ``scale`` 1)."""
+    from brainiac.ingestion.synthetic.anatomy import base_anatomy
+
+    for spacing in (3.0, 2.0):
+        anat = base_anatomy(spacing)
+        mask = hippocampus_mask(anat.affine, anat.shape)
+        assert mask.any() and np.array_equal(mask, anat.hippocampus >= 0.5), spacing
 
 
 @pytest.mark.timeout(900)
