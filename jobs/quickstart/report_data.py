@@ -536,7 +536,7 @@ def _catalog(inputs: ReportInputs, scratch: Path) -> CatalogSection | Notice:
         [d["dataset"], d["subjects"], d["scans"], *(counts.get((d["dataset"], s), 0) for s in sequences)] for d in by_ds
     ]
     try:
-        from brainiac.platform.catalog_stats import plot_overview
+        from brainiac.ingestion.catalog_stats import plot_overview
 
         overview: Figure | Notice = _figure_file(
             plot_overview(catalog, scratch / "catalog_overview.png"),

@@ -170,7 +170,7 @@ def stats(
     """Counts per dataset, sequence, site and access level; age and sex distributions; and the nnU-Net-style per-dataset
     fingerprint (median spacing and shape, optional intensity percentiles). Only the datasets
     [b]catalog.allowed_access[/b] allows are counted; a line says what was left out."""
-    from brainiac.platform.catalog_stats import catalog_stats, plot_overview, scans_frame, stats_json
+    from brainiac.ingestion.catalog_stats import catalog_stats, plot_overview, scans_frame, stats_json
 
     cat = _open(config, set_, catalog)
     frame = scans_frame(cat, as_of)  # read once for the numbers and the plot
