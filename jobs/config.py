@@ -26,10 +26,15 @@ from brainiac.platform.config import (
     SynthConfig,
     TrackingConfig,
     load_typed,
+    shipped_yaml_names,
 )
 from brainiac.platform.fields import bounds
 
-__all__ = ["Config", "load_config"]
+__all__ = ["CONFIG_PACKAGE", "Config", "available_configs", "load_config"]
+
+CONFIG_PACKAGE = "brainiac.jobs.configs"
+"""The package whose YAML files (package data, ``jobs/configs/*.yaml`` and ``jobs/configs/pretrain/*.yaml``) are the
+shipped run configs that ``--config NAME`` and ``base: NAME`` name; the foundation's loader is told it here."""
 
 
 @dataclass
@@ -69,4 +74,9 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
     Raises:
         ConfigError: the file is missing or malformed, or a key is unknown, mistyped or out of range.
     """
-    return load_typed(Config, source, overrides)
+    return load_typed(Config, source, overrides, package=CONFIG_PACKAGE)
+
+
+def available_configs() -> list[str]:
+    """Names of the run configs shipped inside the package (``tiny``, ``pretrain/tiny``, ...)."""
+    return shipped_yaml_names(CONFIG_PACKAGE)

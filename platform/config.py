@@ -38,11 +38,12 @@ __all__ = [
     "SynthConfig",
     "TrackingConfig",
     "apply_overrides",
-    "available_configs",
     "config_to_dict",
     "from_dict",
     "load_typed",
+    "read_yaml_mapping",
     "redact_uri_credentials",
+    "shipped_yaml_names",
     "with_values",
 ]
 
@@ -375,7 +376,8 @@ def config_to_dict(obj: Any, *, redact: bool = True) -> Any:
 # --------------------------------------------------------------------------------------------------------------------
 # Files and overrides.
 
-CONFIG_PACKAGE = "brainiac.jobs.configs"
+# The foundation names no package above it, not even as data: whoever loads a config says which package ships the YAML
+# (brainiac.jobs.config passes the run configs' package, ingestion its dataset cards, models its task specs).
 
 
 def shipped_yaml_names(package: str) -> list[str]:
@@ -390,15 +392,9 @@ def shipped_yaml_names(package: str) -> list[str]:
     return sorted(names)
 
 
-def available_configs() -> list[str]:
-    """Names of the configs shipped inside the package (``jobs/configs/*.yaml``)."""
-    return shipped_yaml_names(CONFIG_PACKAGE)
-
-
-def read_yaml_mapping(
-    source: str | Path, package: str = CONFIG_PACKAGE, kind: str = "config"
-) -> tuple[dict[str, Any], str]:
-    """A YAML mapping from a path, or from a file shipped in ``package`` by name; returns ``(data, origin)``.
+def read_yaml_mapping(source: str | Path, package: str, kind: str = "config") -> tuple[dict[str, Any], str]:
+    """A YAML mapping from a path, or from a file shipped in ``package`` (a dotted package name) by name; returns
+    ``(data, origin)``.
 
     Raises:
         ConfigError: the file or name does not exist, is not YAML, or is not a mapping (the message says which ``kind``).
@@ -436,10 +432,11 @@ def _identity(source: str | Path) -> str:
     return str(path.resolve()) if path.suffix in (".yaml", ".yml") or path.exists() else str(source)
 
 
-def _load_with_bases(source: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read a config and, recursively, the configs named by its ``base:`` key (a shipped name or a relative path)."""
+def _load_with_bases(source: str | Path, package: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a config and, recursively, the configs named by its ``base:`` key (a name shipped in ``package`` or a
+    relative path)."""
     seen = (*seen, _identity(source))
-    data, origin = read_yaml_mapping(source)
+    data, origin = read_yaml_mapping(source, package)
     base = data.pop("base", None)
     if base is None:
         return data
@@ -448,7 +445,7 @@ def _load_with_bases(source: str | Path, seen: tuple[str, ...] = ()) -> dict[str
         base_source = Path(str(source)).parent / str(base)
     if _identity(base_source) in seen:
         raise ConfigError(f"config {origin} has a circular 'base' chain through {base}")
-    return _deep_merge(_load_with_bases(base_source, seen), data)
+    return _deep_merge(_load_with_bases(base_source, package, seen), data)
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -481,15 +478,16 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
-def load_typed(cls: type[T], source: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Load a config of dataclass ``cls``: shipped name or YAML path (``None`` = defaults), then ``overrides``, then
-    validate everything. The root of a job's config is :class:`brainiac.jobs.config.Config`, whose
-    :func:`~brainiac.jobs.config.load_config` calls this; the foundation itself knows no section above it.
+def load_typed(cls: type[T], source: str | Path | None = None, overrides: Sequence[str] = (), *, package: str) -> T:
+    """Load a config of dataclass ``cls``: a name shipped in ``package`` (a dotted package name whose YAML files are
+    package data) or a YAML path (``None`` = defaults), then ``overrides``, then validate everything. The root of a
+    job's config is :class:`brainiac.jobs.config.Config`, whose :func:`~brainiac.jobs.config.load_config` calls this
+    with the run configs' package; the foundation itself knows no section and no package above it.
 
     Raises:
         ConfigError: the file is missing or malformed, or a key is unknown, mistyped or out of range.
     """
-    data = _load_with_bases(source) if source is not None else {}
+    data = _load_with_bases(source, package) if source is not None else {}
     data = apply_overrides(data, overrides)
     # Plain "str" values given where the root expects a section read as a section error, not a crash.
     return from_dict(cls, data)

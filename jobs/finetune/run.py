@@ -100,8 +100,7 @@ def _init_encoder(cfg: Config) -> tuple[Any, dict | None, str, dict[str, Any] | 
 
 def _configs_where(predicate) -> list[str]:
     """Names of the shipped configs for which ``predicate(config)`` holds (for an error message that names a fix)."""
-    from brainiac.jobs.config import load_config
-    from brainiac.platform.config import available_configs
+    from brainiac.jobs.config import available_configs, load_config
 
     names = []
     for name in available_configs():

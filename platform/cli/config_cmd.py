@@ -5,8 +5,9 @@ from __future__ import annotations
 import typer
 import yaml
 
+from brainiac.jobs.config import available_configs
 from brainiac.platform.cli.common import CatalogOption, ConfigOption, SetOption, build_config
-from brainiac.platform.config import available_configs, config_to_dict
+from brainiac.platform.config import config_to_dict
 
 app = typer.Typer(
     help="Inspect configuration: what ships with the package and what a job would actually use.", no_args_is_help=True

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from brainiac.jobs.config import CONFIG_PACKAGE
 from brainiac.platform.cli.common import (
     CatalogOption,
     ConfigOption,
@@ -22,7 +23,7 @@ JOB_CONFIG_PREFIX = "pretrain/"
 def job_config_name(name: str | None) -> str | None:
     """``tiny`` → ``pretrain/tiny`` when the pretrain job ships a config of that name; paths and other names unchanged."""
     plain = bool(name) and "/" not in name and not name.endswith((".yaml", ".yml"))
-    if plain and f"{JOB_CONFIG_PREFIX}{name}" in shipped_yaml_names("brainiac.jobs.configs"):
+    if plain and f"{JOB_CONFIG_PREFIX}{name}" in shipped_yaml_names(CONFIG_PACKAGE):
         return f"{JOB_CONFIG_PREFIX}{name}"
     return name
 

@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from brainiac.jobs.config import Config, load_config
+from brainiac.jobs.config import CONFIG_PACKAGE, Config, available_configs, load_config
+from brainiac.platform import config as foundation_config
 from brainiac.platform.config import (
-    available_configs,
     config_to_dict,
     from_dict,
+    load_typed,
+    shipped_yaml_names,
     with_values,
 )
 from brainiac.platform.errors import ConfigError
@@ -88,6 +90,19 @@ def test_config_files_errors(tmp_path):
     loop.write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="circular"):
         load_config(loop)
+
+
+def test_the_foundation_loader_is_told_which_package_ships_the_yaml():
+    """The run configs' package is named by the jobs layer (``brainiac.jobs.config``), not by the foundation."""
+    assert not hasattr(foundation_config, "CONFIG_PACKAGE") and not hasattr(foundation_config, "available_configs")
+    assert CONFIG_PACKAGE == "brainiac.jobs.configs"
+    assert available_configs() == shipped_yaml_names(CONFIG_PACKAGE) and "pretrain/tiny" in available_configs()
+    assert load_typed(Config, "tiny", ["seed=3"], package=CONFIG_PACKAGE) == load_config("tiny", ["seed=3"])
+    with pytest.raises(TypeError, match="package"):
+        load_typed(Config, "tiny")  # type: ignore[call-arg]
+    # A name is looked up in the package given, here the dataset cards' (a run config is not there).
+    with pytest.raises(ConfigError, match=r"unknown config 'tiny'; shipped: .*brats"):
+        load_typed(Config, "tiny", package="brainiac.ingestion.datasets")
 
 
 @dataclass

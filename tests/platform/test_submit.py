@@ -93,7 +93,7 @@ def test_wheel_installs_the_way_ray_installs_py_modules(wheel, tmp_path):
     )  # fmt: skip
     assert pip.returncode == 0, pip.stderr[-2000:]
     probe = (
-        "import brainiac.platform.cli.main as m; from brainiac.platform.config import available_configs; "
+        "import brainiac.platform.cli.main as m; from brainiac.jobs.config import available_configs; "
         "print(m.__file__); print(','.join(available_configs()))"
     )
     out = subprocess.run(
