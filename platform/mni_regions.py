@@ -12,11 +12,11 @@ them, pitched by :data:`HIPPOCAMPUS_PITCH_DEG` (the hippocampal long axis rises 
 sized to the structures (hippocampal long semi-axis 18 mm; 1.9-3.7 mL each) and placed at published MNI coordinates:
 every centroid of the matching volume of interest of the AAL atlas (:data:`AAL_CENTROIDS_MM`; Tzourio-Mazoyer N. et al.,
 "Automated anatomical labeling of activations in SPM using a macroscopic anatomical parcellation of the MNI MRI
-single-subject brain", NeuroImage 15:273-289, 2002) lies inside its ellipsoid, 4-8 mm from its centre
-(``tests/platform/test_mni_regions.py``). That is within the difference between AAL's single-subject MNI brain and the
-MNI152 2009 template used here, and the ellipsoids are centred a little lower and further back than AAL's centroids so
-that they take in the entorhinal cortex and the hippocampal tail. They are the geometry of synthetic generator version 2
-unchanged: the cohort's MCI signal sits exactly in the region the model side scores.
+single-subject brain", NeuroImage 15:273-289, 2002) lies inside its ellipsoid, 3.9-7.7 mm from its centre
+(``tests/platform/test_mni_regions.py``). Every ellipsoid sits a little lower and further back than AAL's centroid, which
+lies at most 0.8 of the way from the ellipsoid's centre to its surface; AAL was drawn on a single-subject MNI brain
+(Colin27), not on the MNI152 2009 average used here, whose structures lie a few mm apart. The numbers are the geometry
+of synthetic generator version 2 unchanged, so the cohort's MCI signal sits exactly in the region the model side scores.
 """
 
 from __future__ import annotations

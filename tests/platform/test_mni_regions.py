@@ -35,8 +35,8 @@ def test_every_published_aal_centroid_lies_inside_its_structures_ellipsoid_withi
         assert _normalised_radius(published, centre, semi, HIPPOCAMPUS_PITCH_DEG) < 0.85, name
         assert np.linalg.norm(np.subtract(published, centre)) < 8.0, name
         assert np.sign(published[0]) == np.sign(centre[0]) == (1 if name.endswith("_r") else -1), name
-    assert MEDIAL_TEMPORAL == tuple(MEDIAL_TEMPORAL_PARTS.values())
-    assert HIPPOCAMPI == (MEDIAL_TEMPORAL_PARTS["hippocampus_l"], MEDIAL_TEMPORAL_PARTS["hippocampus_r"])
+    assert tuple(MEDIAL_TEMPORAL_PARTS.values()) == MEDIAL_TEMPORAL
+    assert (MEDIAL_TEMPORAL_PARTS["hippocampus_l"], MEDIAL_TEMPORAL_PARTS["hippocampus_r"]) == HIPPOCAMPI
 
 
 def test_ellipsoid_weight_is_half_on_the_surface_and_inside_region_is_the_union():
