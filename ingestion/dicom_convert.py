@@ -40,7 +40,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -205,6 +205,12 @@ class ConvertedSeries:
 # -- slice headers -------------------------------------------------------------------------------------------------------
 
 
+@overload
+def _floats(value: Any, n: Literal[2]) -> tuple[float, float] | None: ...
+@overload
+def _floats(value: Any, n: Literal[3]) -> tuple[float, float, float] | None: ...
+@overload
+def _floats(value: Any, n: Literal[6]) -> tuple[float, float, float, float, float, float] | None: ...
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -257,9 +263,9 @@ def slice_header_from_dataset(
         patient_id=_text(get("PatientID")),
         description=_text(get("SeriesDescription")) or _text(get("ProtocolName")),
         series_number=_int(get("SeriesNumber")),
-        position=_floats(get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-        orientation=_floats(get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
-        pixel_spacing=_floats(get("PixelSpacing"), 2),  # type: ignore[arg-type]
+        position=_floats(get("ImagePositionPatient"), 3),
+        orientation=_floats(get("ImageOrientationPatient"), 6),
+        pixel_spacing=_floats(get("PixelSpacing"), 2),
         rows=_int(get("Rows")),
         columns=_int(get("Columns")),
         frames=_int(get("NumberOfFrames"), 1) or 1,
@@ -394,18 +400,21 @@ def series_geometry(slices: Sequence[SliceHeader]) -> SeriesGeometry:
             f"(not a volume; first: {_name(lacking[0])})",
         )
     first = slices[0]
+    first_iop = np.asarray(first.orientation, dtype=np.float64)
+    first_spacing = np.asarray(first.pixel_spacing, dtype=np.float64)
     for s in slices[1:]:
         if (s.rows, s.columns) != (first.rows, first.columns):
             raise SeriesError("not_3d", f"slices differ in size: {first.rows}×{first.columns} vs {s.rows}×{s.columns}")
-        if np.max(np.abs(np.subtract(s.orientation, first.orientation))) > ORIENTATION_TOLERANCE:  # type: ignore[arg-type]
+        # (`lacking` is empty: every slice has an orientation and a pixel spacing)
+        if np.max(np.abs(np.asarray(s.orientation, np.float64) - first_iop)) > ORIENTATION_TOLERANCE:
             raise SeriesError("not_3d", "slices differ in orientation (a multi-plane localizer?)")
-        if np.max(np.abs(np.subtract(s.pixel_spacing, first.pixel_spacing))) > 1e-4:  # type: ignore[arg-type]
+        if np.max(np.abs(np.asarray(s.pixel_spacing, np.float64) - first_spacing)) > 1e-4:
             raise SeriesError("not_3d", f"slices differ in pixel spacing: {first.pixel_spacing} vs {s.pixel_spacing}")
     if n < 2:
         raise SeriesError("not_3d", "a single slice is a 2-D image")
     if not first.rows or not first.columns:
         raise SeriesError("dicom_unreadable", "no Rows/Columns")
-    iop = np.asarray(first.orientation, dtype=np.float64)
+    iop = first_iop
     row_cos, col_cos = _unit(iop[:3]), _unit(iop[3:])
     if abs(float(row_cos @ col_cos)) > 1e-2:
         raise SeriesError("not_3d", f"row and column cosines are not orthogonal: {iop.tolist()}")
@@ -447,7 +456,7 @@ def series_geometry(slices: Sequence[SliceHeader]) -> SeriesGeometry:
             f"irregular slice spacing: slice {k + 1} of {n} is {off[k]:.3f} mm off the evenly spaced stack "
             f"(median step {median:.3f} mm)",
         )
-    d_row, d_col = (float(v) for v in first.pixel_spacing)  # type: ignore[misc]
+    d_row, d_col = (float(v) for v in first_spacing)
     lps = np.eye(4)
     lps[:3, 0] = row_cos * d_col  # voxel i = column index: moves along a row
     lps[:3, 1] = col_cos * d_row  # voxel j = row index: moves down a column
@@ -571,19 +580,22 @@ def convert_series(
     remote = scan.files[0].startswith("s3://")
     if remote:  # object stores reward concurrent GETs; local reads stay sequential on a small machine
         with ThreadPoolExecutor(max_workers=REMOTE_READ_THREADS) as pool:
-            blobs = dict(zip(paths, pool.map(lambda p: _cat_one(fs, p), paths), strict=True))
+            fetched = dict(zip(paths, pool.map(lambda p: _cat_one(fs, p), paths), strict=True))
     else:
-        blobs = {p: _cat_one(fs, p) for p in paths}
+        fetched = {p: _cat_one(fs, p) for p in paths}
+    blobs: dict[str, bytes] = {}
     digests: list[str] = []
     slices: list[SliceHeader] = []
     datasets: list[Any] = []
     for path in paths:
-        data = blobs.get(path)
+        data = fetched.get(path)
         if isinstance(data, FileNotFoundError) or data is None:
             return problem("missing_file", f"{posixpath.basename(path)} is gone")
         if isinstance(data, BaseException):
             return problem("dicom_unreadable", f"{posixpath.basename(path)}: {describe_error(data)}")
+        blobs[path] = data
         digests.append(hashlib.sha256(data).hexdigest())
+    del fetched  # every read succeeded: `blobs` holds the only reference to each file's bytes
     scan_id = series_scan_id(digests)
     target = raw_area.join(out_name.replace("{scan_id}", scan_id).replace("{shard}", scan_id[:2]))
     if "{scan_id}" in out_name and target.exists():  # content-addressed: this series was converted before
@@ -591,8 +603,7 @@ def convert_series(
         if existing is not None:
             return existing
     for uri, path in zip(scan.files, paths, strict=True):
-        data = blobs[path]
-        blobs[path] = None  # parsed below; keep one copy of the series in memory, not two
+        data = blobs.pop(path, b"")  # parsed below; keep one copy of the series in memory, not two
         try:
             try:
                 ds = pydicom.dcmread(io.BytesIO(data))
@@ -652,15 +663,16 @@ def convert_series(
     import nibabel as nib
 
     affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
+    zooms = hdr.get_zooms()
     header = json.loads(json.dumps(safe_dicom_header(datasets[geom.order[0]]), default=str))
     return ConvertedSeries(
         nifti_uri=target.uri,
         scan_id=scan_id,
         bytes=len(raw),
         shape=(nx, ny, nz),
-        spacing_mm=tuple(float(z) for z in hdr.get_zooms()[:3]),  # type: ignore[arg-type]
+        spacing_mm=(float(zooms[0]), float(zooms[1]), float(zooms[2])),
         affine=tuple(float(v) for v in affine.ravel()),
-        axcodes="".join(nib.aff2axcodes(affine)),  # type: ignore[arg-type]
+        axcodes="".join(nib.aff2axcodes(affine)),
         dtype=str(out.dtype),
         header=header,
         n_slices=nz,

@@ -279,14 +279,15 @@ def shortlist_pairs(
     anchors = _anchor_rows(heads.scan_ids, involving)
     is_anchor = np.zeros(len(rows), dtype=bool)
     is_anchor[anchors] = True
-    with_sig = [i for i, s in enumerate(heads.scan_ids) if signatures.get(s) is not None]
+    present = {s: sig for s in heads.scan_ids if (sig := signatures.get(s)) is not None}
+    with_sig = [i for i, s in enumerate(heads.scan_ids) if s in present]
     indexes = {
-        g: _BucketIndex(members, [signatures[heads.scan_ids[i]].buckets for i in members.tolist()])  # type: ignore[union-attr]
+        g: _BucketIndex(members, [present[heads.scan_ids[i]].buckets for i in members.tolist()])
         for g, members in heads.by_grid(with_sig).items()
     }
     pairs: set[tuple[int, int]] = set()
     for a in anchors.tolist():
-        sig_a = signatures.get(heads.scan_ids[a])
+        sig_a = present.get(heads.scan_ids[a])
         if sig_a is None or heads.grids[a] not in indexes:
             continue
         found = indexes[heads.grids[a]].lookup(sig_a.buckets)
@@ -295,8 +296,8 @@ def shortlist_pairs(
         ok = heads.compatible(a, found, voxels)
         ok &= ~is_anchor[found] | (found > a)
         for b in found[ok].tolist():
-            sig_b = signatures[heads.scan_ids[b]]
-            if float(sig_a.vector @ sig_b.vector) >= min_similarity:  # type: ignore[union-attr]
+            sig_b = present[heads.scan_ids[b]]
+            if float(sig_a.vector @ sig_b.vector) >= min_similarity:
                 pairs.add((min(a, b), max(a, b)))
     stats.shortlisted += len(pairs)
     return sorted(pairs)
@@ -309,8 +310,8 @@ def _load_canonical(uri: str, options: dict[str, str] | None) -> tuple[np.ndarra
     from brainiac.ingestion.headers import load_nifti
 
     img = nib.as_closest_canonical(load_nifti(uri, options))
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return np.asarray(img.dataobj, dtype=np.float32), zooms  # type: ignore[return-value]
+    zooms = img.header.get_zooms()
+    return np.asarray(img.dataobj, dtype=np.float32), (float(zooms[0]), float(zooms[1]), float(zooms[2]))
 
 
 _UNREADABLE = (OSError, ValueError, EOFError)
@@ -417,7 +418,7 @@ def volume_features(a: np.ndarray) -> VolumeFeatures:
     f = max(1, int(np.ceil(max(a.shape) / 48)))
     # Smoothed before subsampling, so that two grids offset by a fraction of a coarse voxel still sample one signal.
     coarse = ndimage.gaussian_filter(a, sigma=f, mode="constant")[::f, ::f, ::f] if f > 1 else a
-    return VolumeFeatures(tuple(a.shape), tuple(profiles), coarse, f)  # type: ignore[arg-type]
+    return VolumeFeatures(tuple(a.shape), tuple(profiles), coarse, f)
 
 
 def _profile_shift(p: np.ndarray, q: np.ndarray, max_shift: int) -> int:
@@ -952,7 +953,7 @@ def record_duplicates(catalog: Catalog, rows: Sequence[dict[str, Any]], groups: 
     for r in rows:
         by_id.setdefault(r["scan_id"], r)
     now = dt.datetime.now(dt.UTC)
-    table_rows = []
+    table_rows: list[dict[str, Any]] = []
     for g in groups:
         members = g.members or tuple((s, by_id[s]["dataset"]) for s in g.scan_ids)
         for s, d in members:

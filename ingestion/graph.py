@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 __all__ = ["connected_components"]
 
-N = TypeVar("N", bound=Hashable)
+
+class _Node(Hashable, Protocol):
+    """A graph node: hashable (a dict key) and ordered (a component is named by its smallest member)."""
+
+    def __lt__(self, other: Any, /) -> bool: ...
+
+
+N = TypeVar("N", bound=_Node)
 
 
 def connected_components(nodes: Iterable[N], edges: Iterable[tuple[N, N]]) -> dict[N, N]:
@@ -24,6 +31,6 @@ def connected_components(nodes: Iterable[N], edges: Iterable[tuple[N, N]]) -> di
     for a, b in edges:
         ra, rb = find(a), find(b)
         if ra != rb:
-            lo, hi = sorted((ra, rb))  # type: ignore[type-var]
+            lo, hi = sorted((ra, rb))
             parent[hi] = lo
     return {n: find(n) for n in list(parent)}

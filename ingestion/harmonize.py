@@ -183,6 +183,15 @@ def canonical_field_strength(value: object) -> float | None:
     return round(tesla, 2)
 
 
+_DICOM_AGE_UNITS: dict[str, Literal["years", "months", "weeks", "days"]] = {
+    "Y": "years",
+    "M": "months",
+    "W": "weeks",
+    "D": "days",
+}
+"""The unit letter of a DICOM age string (``045Y``)."""
+
+
 def parse_age_years(value: object, unit: Literal["years", "months", "weeks", "days"] = "years") -> float | None:
     """Age in **years**, capped at :data:`AGE_CAP_YEARS` and coarsened so it cannot single a person out.
 
@@ -202,7 +211,7 @@ def parse_age_years(value: object, unit: Literal["years", "months", "weeks", "da
     dicom = re.fullmatch(r"(\d{1,3})\s*([YMWD])", text, re.I)
     if dicom:
         number, unit_char = float(dicom.group(1)), dicom.group(2).upper()
-        unit = {"Y": "years", "M": "months", "W": "weeks", "D": "days"}[unit_char]  # type: ignore[assignment]
+        unit = _DICOM_AGE_UNITS[unit_char]
     else:
         try:
             number = float(text)

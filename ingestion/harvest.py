@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -33,14 +33,14 @@ def _harvest_one(
         root_uri = scan.source_uri.split("#", 1)[0]
         if scan.relative_path:
             root_uri = root_uri[: len(root_uri) - len(scan.relative_path.split("#", 1)[0])].rstrip("/") or root_uri
-        result = convert_series(scan, raw_area, out_name, source=StorageLocation.resolve(root_uri, options or None))
-        if isinstance(result, Problem):
-            return {"problem": asdict(result)}
-        facts = asdict(result)
-        facts["image_uri"] = facts.pop("nifti_uri")
-        facts.setdefault("qform_code", 1)
-        facts.setdefault("sform_code", 1)
-        return {"facts": facts, "signature": _signature(facts["image_uri"], options)}
+        converted = convert_series(scan, raw_area, out_name, source=StorageLocation.resolve(root_uri, options or None))
+        if isinstance(converted, Problem):
+            return {"problem": asdict(converted)}
+        series = asdict(converted)
+        series["image_uri"] = series.pop("nifti_uri")
+        series.setdefault("qform_code", 1)
+        series.setdefault("sform_code", 1)
+        return {"facts": series, "signature": _signature(series["image_uri"], options)}
     location = StorageLocation.resolve(scan.source_uri, options or None)
     if not location.is_remote:  # the file may have become a link out of the root since it was listed
         root = scan.source_uri[: len(scan.source_uri) - len(scan.relative_path)].rstrip("/")
@@ -135,16 +135,16 @@ def _harvest_chunk(
     side (on an object store each check is one request), and an unchanged one is not read at all. An unexpected error
     quarantines its scan (with the error's type, never its text, which may quote header values) instead of failing the
     chunk and the run."""
-    held = [i for i, (_, _, known) in enumerate(items) if known is not None]
+    held = {i: known for i, (_, _, known) in enumerate(items) if known is not None}
     same: dict[int, bool] = {}
     if held:
         with ThreadPoolExecutor(max_workers=STAT_THREADS) as pool:
-            flags = pool.map(lambda i: _unchanged(items[i][0].source_uri, options, items[i][2]), held)
+            flags = pool.map(lambda i: _unchanged(items[i][0].source_uri, options, held[i]), held)
             same = dict(zip(held, flags, strict=True))
-    out = []
+    out: list[dict[str, Any]] = []
     for i, (scan, name, known) in enumerate(items):
         if same.get(i):
-            out.append({"unchanged": known.scan_id})
+            out.append({"unchanged": held[i].scan_id})
             continue
         try:
             out.append(_harvest_one(scan, options, raw_area_uri, name, known))
@@ -186,7 +186,7 @@ def harvest_stream(
     progress: bool,
     known: Sequence[Known | None] | None = None,
     in_flight_per_cpu: int = IN_FLIGHT_PER_CPU,
-) -> Iterator[tuple[int, dict[str, Any]]]:
+) -> Generator[tuple[int, dict[str, Any]], None, None]:
     """Harvest every scan on Ray, in chunks, yielding ``(index into scans, result)`` as each chunk completes.
 
     A result is ``{"facts": ..., "signature": ...}``, ``{"problem": ...}``, or ``{"unchanged": scan_id}`` for a

@@ -79,8 +79,9 @@ def _geometry(hdr: nib.Nifti1Header) -> tuple[tuple[int, int, int], tuple[float,
     affine = hdr.get_best_affine()
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise HarvestError("singular_affine", f"affine {np.round(affine, 4).tolist()}")
-    spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
-    return tuple(dims), spacing, affine, int(hdr["qform_code"]), int(hdr["sform_code"])  # type: ignore[return-value]
+    nx, ny, nz = dims
+    sx, sy, sz = (float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    return (nx, ny, nz), (sx, sy, sz), affine, int(hdr["qform_code"]), int(hdr["sform_code"])
 
 
 def harvest_nifti(file: StorageLocation) -> NiftiFacts:
@@ -129,7 +130,7 @@ def harvest_nifti(file: StorageLocation) -> NiftiFacts:
         scan_id=sha.hexdigest(),
         bytes=total,
         shape=shape,
-        spacing_mm=tuple(round(s, 6) for s in spacing),  # type: ignore[arg-type]
+        spacing_mm=(round(spacing[0], 6), round(spacing[1], 6), round(spacing[2], 6)),
         affine=tuple(float(v) for v in affine.reshape(-1)),
         axcodes="".join(nib.aff2axcodes(affine)),
         qform_code=qcode,

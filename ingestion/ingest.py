@@ -33,7 +33,7 @@ import pyarrow as pa
 from brainiac.ingestion.adapters.base import Problem, SourceScan
 from brainiac.ingestion.adapters.bids import BidsAdapter
 from brainiac.ingestion.adapters.brats import BratsAdapter
-from brainiac.ingestion.adapters.common import problem_for_oserror, read_table
+from brainiac.ingestion.adapters.common import problem_for_oserror, read_table, table_records
 from brainiac.ingestion.adapters.listing import cached_listings
 from brainiac.ingestion.adapters.manifest import ManifestAdapter
 from brainiac.ingestion.cards import DatasetCard, card_for, load_card, normalize_case_id
@@ -55,6 +55,8 @@ from brainiac.platform.pseudonym import Pseudonymizer, bind_catalog_key
 from brainiac.platform.storage import StorageLocation
 
 if TYPE_CHECKING:
+    from deltalake import DeltaTable
+
     from brainiac.jobs.config import Config  # the job's root config (annotation only: jobs sit above ingestion)
 
 __all__ = ["IngestSummary", "adapters", "ingest", "write_quarantine", "write_scans"]
@@ -304,6 +306,7 @@ DATASET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 def _resolve_card(root: StorageLocation, dataset: str | None, card_path: str | None) -> tuple[str, DatasetCard | None]:
     """The dataset's name and card. A folder name is used only when a shipped card has that name: any other folder
     name may carry identifiers (``Cohen_Mei_7787823/``), so a dataset without a card must be named with ``--dataset``."""
+    card: DatasetCard | None
     if card_path:
         card = load_card(card_path)
         name = dataset or card.name
@@ -384,7 +387,7 @@ def rekey_legacy_rows(catalog: Catalog, datasets: Sequence[str], key: bytes, ide
     )  # fmt: skip
 
     def attempt() -> None:
-        catalog.table("scans").merge(
+        _existing_table(catalog, "scans").merge(
             source,
             predicate="t.dataset = s.dataset AND t.source_uri = s.source_uri AND t.scan_id = s.scan_id",
             source_alias="s",
@@ -409,7 +412,7 @@ def rekey_legacy_rows(catalog: Catalog, datasets: Sequence[str], key: bytes, ide
                 [{**r, "new_source": source_key(key, r["source_uri"])} for r in bad.to_pylist()]
             )
             merge_with_retry(
-                lambda: catalog.table("quarantine")
+                lambda: _existing_table(catalog, "quarantine")
                 .merge(keyed, predicate="t.source_uri = s.source_uri AND t.dataset = s.dataset",
                        source_alias="s", target_alias="t")
                 .when_matched_update(updates={"source_uri": "s.new_source", "detail": "''"})
@@ -418,6 +421,14 @@ def rekey_legacy_rows(catalog: Catalog, datasets: Sequence[str], key: bytes, ide
             )  # fmt: skip
     log.info("re-keyed %d rows ingested before the identified zone", len(rows))
     return len(rows)
+
+
+def _existing_table(catalog: Catalog, name: str) -> DeltaTable:
+    """A table this run has seen in the catalog, opened at its latest version (for each try of a merge)."""
+    table = catalog.table(name)
+    if table is None:
+        raise RuntimeError(f"catalog table {name} vanished during the run")
+    return table
 
 
 def _choose_layout(root: StorageLocation, requested: str, card: DatasetCard | None, registry: dict[str, Any]) -> str:
@@ -451,7 +462,7 @@ def _label_tables(root: StorageLocation, card: DatasetCard | None, dataset: str)
             raise UserError(
                 f"label file {lf.path} of {dataset} has no column '{lf.id_column}' (card field label_files.id_column)"
             )
-        tables[lf.path] = {normalize_case_id(r[lf.id_column], card.case_id_pattern): r for r in df.to_dict("records")}
+        tables[lf.path] = {normalize_case_id(r[lf.id_column], card.case_id_pattern): r for r in table_records(df)}
     return tables, problems
 
 
@@ -551,7 +562,7 @@ def ingest(
     raw_area = catalog.location.join("raw")
     keys = [source_key(pseudonymizer.key, p[0].source_uri) for p in plans]
     # DICOM conversions are named by content (the series' scan id): a new series is a new file, never a rewrite.
-    names = [f"{p[0].dataset}/dicom/{{shard}}/{{scan_id}}.nii.gz" for p in plans]
+    out_names = [f"{p[0].dataset}/dicom/{{shard}}/{{scan_id}}.nii.gz" for p in plans]
     known = known_sources(catalog, [p[0] for p in plans], keys) if cfg.ingest.skip_unchanged else None
     phase = dict.fromkeys(("harvest", "write"), 0.0)
     new_ids: set[str] = set()
@@ -593,7 +604,7 @@ def ingest(
 
     tick = time.perf_counter()
     shipped = [for_harvest(p[0]) for p in plans]
-    stream = harvest_stream(shipped, names, options, raw_area.uri, progress=progress, known=known)
+    stream = harvest_stream(shipped, out_names, options, raw_area.uri, progress=progress, known=known)
     with contextlib.closing(stream):  # an error below cancels the pending harvest tasks now, not at exit
         for index, result in stream:
             maybe_crash("ingest.harvest")

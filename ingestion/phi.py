@@ -14,7 +14,7 @@ import datetime as dt
 import hashlib
 import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from brainiac.ingestion.harmonize import AGE_CAP_YEARS, coarse_age, parse_age_years
@@ -125,6 +125,7 @@ def safe_dicom_header(dataset: Any) -> dict[str, Any]:
     ``PatientAge`` becomes years (capped at 90) and, when the header has only a birth date, the age is derived from
     ``PatientBirthDate`` and the study/acquisition date; neither date is returned.
     """
+    get: Callable[[str], Any]
     if isinstance(dataset, Mapping):
         get = dataset.get
         keywords = list(dataset.keys())

@@ -21,7 +21,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -227,7 +227,14 @@ def _process_chunk(
     return {"part": part, "problems": problems, "qc_failed": qc_failed}
 
 
-def task_resources(cfg: PreprocessConfig, cluster: dict[str, float]) -> dict[str, float]:
+class TaskResources(TypedDict):
+    """Keyword arguments of ``ray.remote`` for one preprocess task."""
+
+    num_cpus: float
+    num_gpus: float
+
+
+def task_resources(cfg: PreprocessConfig, cluster: dict[str, float]) -> TaskResources:
     """Ray resources of one preprocess task: one CPU, plus ``cfg.brain_mask_gpus`` of a GPU when a learned mask may
     run on CUDA (``brain_mask_device`` not ``cpu``) and ``cluster`` (``ray.cluster_resources()``) has GPUs; Ray then
     shows the task its GPU and ``brain_mask_device: auto`` takes it.

@@ -124,13 +124,13 @@ def signature_of_volume(a: np.ndarray, zooms: Sequence[float]) -> Signature | No
     from scipy import ndimage
 
     a = np.nan_to_num(np.asarray(a, dtype=np.float32), copy=False)
-    zooms = np.asarray(zooms, dtype=np.float64)
+    voxel_mm = np.asarray(zooms, dtype=np.float64)
     top = float(np.percentile(a[::2, ::2, ::2], 99))
     if not top > 0:
         return None
     m = (a > 0.1 * top).astype(np.float32)
     # Blocks of about a third of a cell: the smoothing and sampling below never touch full-resolution voxels.
-    f = max(1, round(BLOCK_MM / float(zooms.min())))
+    f = max(1, round(BLOCK_MM / float(voxel_mm.min())))
     den = _block_sum(m, f)
     num = _block_sum(a * m, f)
     total = float(den.sum())

@@ -17,6 +17,7 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -89,7 +90,7 @@ def _cover_small_datasets(
         for split in ("test", "val"):
             if split in current.values():
                 continue
-            sizes = defaultdict(int)
+            sizes: defaultdict[str, int] = defaultdict(int)
             for v in current.values():
                 sizes[v] += 1
             candidates = [s for s in subjects if s in movable and sizes[current[s]] > 1]
@@ -120,7 +121,8 @@ def write_splits(
         for s, g in sorted(groups.items()):
             if s in stored:
                 group_split.setdefault(g, stored[s])
-        rows, conflicts = [], []
+        rows: list[dict[str, Any]] = []
+        conflicts: list[str] = []
         for s in sorted(set(subjects)):
             g = groups.get(s, s)
             want = group_split.setdefault(g, assign(g, cfg))

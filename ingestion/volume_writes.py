@@ -422,7 +422,7 @@ def run_tasks(
     *,
     window: int,
     on_result: Callable[[dict[str, Any]], None] | None = None,
-    on_done: Callable[[int], None] | None = None,
+    on_done: Callable[[int], object] | None = None,
     size: Callable[[Any], int] = len,
     on_failure: Callable[[Any, Exception], None] | None = None,
 ) -> int:

@@ -102,7 +102,7 @@ def build_view_chain(cfg: AugmentConfig, spatial_shape: Sequence[int]) -> Compos
     if cfg.gibbs_p > 0:
         steps.append(RandGibbsNoise(prob=cfg.gibbs_p, alpha=cfg.gibbs_alpha))
     if cfg.smooth_p > 0:
-        sigma = tuple(cfg.smooth_sigma)
+        sigma = (cfg.smooth_sigma[0], cfg.smooth_sigma[1])  # a (low, high) pair (AugmentConfig checks it)
         steps.append(RandGaussianSmooth(sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=cfg.smooth_p))
     if cfg.noise_p > 0:
         steps.append(RandGaussianNoise(prob=cfg.noise_p, mean=0.0, std=cfg.noise_std))
@@ -148,16 +148,14 @@ class ViewAugment:
         return chain
 
     def _apply(self, chain: Compose, patch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-        is_numpy = isinstance(patch, np.ndarray)
-        dtype = patch.dtype
         img = torch.as_tensor(patch).to(torch.float32).clone()
         out = chain(img)
         if isinstance(out, MetaTensor):
             out = out.as_tensor()
         out = torch.as_tensor(out)
-        if is_numpy:
-            return out.numpy().astype(dtype, copy=False)
-        return out.to(dtype=dtype, device=patch.device)
+        if isinstance(patch, np.ndarray):
+            return out.numpy().astype(patch.dtype, copy=False)
+        return out.to(dtype=patch.dtype, device=patch.device)
 
     @staticmethod
     def _check(patch: np.ndarray | torch.Tensor) -> tuple[int, ...]:

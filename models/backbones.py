@@ -14,25 +14,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks.transformerblock import TransformerBlock
 from monai.networks.nets import ViT
 from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck, get_inplanes
 from torch import nn
 
 from brainiac.models.config import BackboneConfig
 
-__all__ = ["Encoder", "EncoderOutput", "ResNetEncoder", "ViTEncoder", "build_backbone", "freeze", "is_frozen"]
+__all__ = [
+    "Encoder",
+    "EncoderOutput",
+    "ResNetEncoder",
+    "ViTEncoder",
+    "build_backbone",
+    "freeze",
+    "is_frozen",
+    "vit_blocks",
+]
 
-_RESNET_LAYERS: dict[int, tuple[type[nn.Module], list[int]]] = {
+_RESNET_LAYERS: dict[int, tuple[type[ResNetBlock] | type[ResNetBottleneck], list[int]]] = {
     10: (ResNetBlock, [1, 1, 1, 1]),
     18: (ResNetBlock, [2, 2, 2, 2]),
     34: (ResNetBlock, [3, 4, 6, 3]),
     50: (ResNetBottleneck, [3, 4, 6, 3]),
 }
 """Block type and blocks per stage of MONAI's resnet10/18/34/50 factories."""
+
+
+def vit_blocks(vit: ViT) -> Sequence[TransformerBlock]:
+    """The transformer blocks of a MONAI ``ViT``, typed as such (``ViT.blocks`` is a plain ``nn.ModuleList``)."""
+    return cast("Sequence[TransformerBlock]", vit.blocks)
 
 
 @dataclass
@@ -113,7 +130,7 @@ class ViTEncoder(Encoder):
             # Keep MONAI's learned cls_token; drop its Linear(hidden, num_classes) head, which SSL never trains (an
             # unused parameter would also trip DDP). Without the head MONAI's forward returns every token, normed.
             del self.vit.classification_head
-        for block in self.vit.blocks:
+        for block in vit_blocks(self.vit):
             block.attn.use_flash_attention = cfg.flash_attention  # MONAI's ViT does not pass the switch through
             # MONAI builds a cross-attention LayerNorm in every block even without cross-attention. It never gets a
             # gradient (DDP would fail on it), yet UNETR's ViT has it too, so keep it in the state dict, frozen.
@@ -134,7 +151,7 @@ class ViTEncoder(Encoder):
         in bf16 instead of being promoted to fp32 by one addition.
         """
         pe = self.vit.patch_embedding
-        conv = pe.patch_embeddings
+        conv = cast(nn.Conv3d, pe.patch_embeddings)  # proj_type="conv"
         p, (n_d, n_h, n_w) = self.patch_size, self.grid
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -262,7 +279,7 @@ def freeze(module: nn.Module) -> nn.Module:
     """
     for p in module.parameters():
         p.requires_grad_(False)
-    module.train = _StayInEval(module)  # type: ignore[method-assign]
+    module.train = _StayInEval(module)  # type: ignore[method-assign]  # on purpose: an instance attribute shadows train
     module.train(False)
     return module
 

@@ -254,7 +254,7 @@ class ModelSpec:
         shape = [int(v) for v in input_shape]
         if len(shape) != 4:
             raise ValueError(f"input_shape is one case's [sequences, D, H, W], got {shape}")
-        architecture = "unetr" if task.kind == "segmentation" else "task_model"
+        architecture: Literal["task_model", "unetr"] = "unetr" if task.kind == "segmentation" else "task_model"
         return cls(architecture=architecture, task=task, backbone=backbone, input_shape=shape, strategy=strategy)
 
     def to_json(self) -> str:

@@ -42,7 +42,8 @@ class SimCLRModel(nn.Module):
 
 def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two parameter groups: matrices and kernels decay; biases, norm weights, tokens and embeddings do not."""
-    decay, plain = [], []
+    decay: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -78,7 +79,7 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             for p in group["params"]:
@@ -121,7 +122,8 @@ def build_optimizer(
     if fused is None:
         params = [p for g in groups for p in g["params"]]
         fused = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), **({"fused": True} if fused else {}))
+    beta1, beta2 = cfg.betas
+    return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), **({"fused": True} if fused else {}))
 
 
 def warmup_cosine(cfg: OptimConfig, total_steps: int):
@@ -277,7 +279,8 @@ class SimCLRStep:
             first = self.prepare(first, second)
         x, pairs = self._take(first), first.pairs
         last = self._micro + 1 == self.grad_accum_steps
-        no_sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        model_no_sync = getattr(self.model, "no_sync", None)  # DistributedDataParallel's
+        no_sync = nullcontext() if last or model_no_sync is None else model_no_sync()
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
         with no_sync:
             with record_function("simclr.forward"):

@@ -84,14 +84,14 @@ class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward all-reduces (sums) the incoming gradients and returns this rank's slice."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         world = dist.get_world_size()
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x)
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         rank, world = dist.get_rank(), dist.get_world_size()

@@ -8,7 +8,7 @@ AdamW with warmup + cosine, bf16 on GPU, a checkpoint every 500 steps. Tiny valu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from brainiac.platform.errors import ConfigError
 from brainiac.platform.fields import bounds
@@ -131,7 +131,8 @@ class OptimConfig:
             return self.lr
         if global_batch is None or global_batch < 1:
             raise ValueError(f"optim.base_lr_per_256 needs the global batch to scale by, got {global_batch}")
-        return self.base_lr_per_256 * global_batch / 256
+        per_256 = cast(float, self.base_lr_per_256)  # __post_init__: lr is None, so base_lr_per_256 is set
+        return per_256 * global_batch / 256
 
 
 @dataclass

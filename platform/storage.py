@@ -23,8 +23,8 @@ from urllib.parse import urlparse
 from brainiac.platform.errors import UserError
 
 if TYPE_CHECKING:
-    import fsspec
     import pyarrow.fs
+    from fsspec import AbstractFileSystem  # by name: the method StorageLocation.fsspec shadows the module in the class
 
 __all__ = [
     "DELTA_RETRY_OPTIONS",
@@ -189,12 +189,12 @@ class StorageLocation:
             return None
         return {**DELTA_RETRY_OPTIONS, **self.options}
 
-    def fsspec(self) -> fsspec.AbstractFileSystem:
+    def fsspec(self) -> AbstractFileSystem:
         """An fsspec filesystem (s3fs for S3). Use it with :attr:`path`-style paths."""
         return self._fsspec
 
     @cached_property
-    def _fsspec(self) -> fsspec.AbstractFileSystem:
+    def _fsspec(self) -> AbstractFileSystem:
         import fsspec
 
         if not self.is_remote:

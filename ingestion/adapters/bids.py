@@ -28,6 +28,7 @@ from brainiac.ingestion.adapters.common import (
     problem_for_oserror,
     read_table,
     strip_nifti_suffix,
+    table_records,
 )
 from brainiac.ingestion.adapters.listing import find_listing
 from brainiac.platform.storage import StorageLocation
@@ -162,7 +163,7 @@ class BidsAdapter:
             return {}
         cols = getattr(card, "columns", {}) or {}
         out = {}
-        for row in df.to_dict("records"):
+        for row in table_records(df):
             pid = str(row.get(cols.get("subject", "participant_id")) or "")
             pid = pid[4:] if pid.startswith("sub-") else pid
             if not pid:

@@ -7,6 +7,7 @@ import io
 import os
 import posixpath
 from collections.abc import Iterable
+from typing import Any, cast
 
 import pandas as pd
 
@@ -128,6 +129,11 @@ def read_table(root: StorageLocation, rel: str, sep: str = ",") -> pd.DataFrame:
     with loc.fsspec().open(loc.path, "rb") as fh:
         data = fh.read()
     return pd.read_csv(io.BytesIO(data), sep=sep, dtype=str, keep_default_na=False, na_values=["", "n/a", "NA", "NaN"])
+
+
+def table_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows of a :func:`read_table` frame as ``{column: value}`` dicts (its column names are strings)."""
+    return cast("list[dict[str, Any]]", df.to_dict("records"))
 
 
 def inside_root(rel: str) -> bool:

@@ -345,6 +345,7 @@ def _find(
         out, subfolders, problems = _scan_local(base, real_root)
         folders = [f for f in subfolders if _keep_folder(f, base, skip, skip_hidden)]
         contents = _read_files(fs, _wanted(out, read_suffixes, max_bytes), 1)
+        parts: Iterable[tuple[dict[str, int], dict[str, bytes], list[ListingProblem]]]
         if ray_ready() and folders:
             chunks = split(sorted(folders), chunk_count(len(folders), DIRS_PER_TASK, ray_cpus()))
             parts = run_chunks(

@@ -28,7 +28,7 @@ class ManifestAdapter:
     layout = "manifest"
 
     def _manifest_name(self, root: StorageLocation, card: Any | None) -> str | None:
-        if card is not None and getattr(card, "manifest", ""):
+        if card is not None and getattr(card, "manifest", None):
             return card.manifest
         fs = root.fsspec()
         for name in MANIFEST_NAMES:
@@ -91,7 +91,7 @@ class ManifestAdapter:
                 )
                 continue
 
-            def get(key: str, row: dict = row) -> object:
+            def get(key: str, row: dict = row) -> Any:  # a cell: a string, NaN where empty, None without the column
                 return row.get(cols[key]) if key in cols else None
 
             age = get("age")

@@ -9,6 +9,8 @@ blocks frozen).
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 
@@ -40,12 +42,12 @@ class TaskModel(nn.Module):
 
 def encoder_of(model: nn.Module) -> nn.Module:
     """The pretrained part of a task model: the encoder, or a UNETR's ViT."""
-    return model.encoder if isinstance(model, TaskModel) else model.vit
+    return model.encoder if isinstance(model, TaskModel) else cast(nn.Module, model.vit)
 
 
 def _freeze_first_blocks(encoder: nn.Module, depth: int) -> None:
     """``full`` with ``freeze_depth``: patch embedding and the first ``depth`` ViT blocks stay fixed."""
-    vit = getattr(encoder, "vit", encoder)
+    vit: Any = getattr(encoder, "vit", encoder)  # duck-typed: MONAI's ViT, or an encoder without blocks
     if depth <= 0 or not hasattr(vit, "blocks"):
         return
     freeze(vit.patch_embedding)
@@ -94,7 +96,7 @@ def encoder_layers(encoder: nn.Module) -> tuple[dict[int, int], int]:
     ``layer1..layer4`` at 1..4, the rest at 5. Anything else: one depth. Returns ``(depths, top)``, ``top`` being the
     highest depth, the one that :func:`parameter_groups` trains at the encoder's full rate.
     """
-    vit = getattr(encoder, "vit", encoder)
+    vit: Any = getattr(encoder, "vit", encoder)  # duck-typed: MONAI's ViT, a ResNet or anything else
     if hasattr(vit, "blocks") and hasattr(vit, "patch_embedding"):
         blocks = len(vit.blocks)
         depth_of = {}

@@ -30,13 +30,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from brainiac.models.backbones import ResNetEncoder
     from brainiac.models.tasks.spec import TaskSpec
 
 __all__ = ["mass_ratio", "overlay_png", "saliency_maps", "saliency_method"]
@@ -82,7 +83,7 @@ def _is_conv_model(model: nn.Module) -> bool:
 def _gradcam_layer(model: nn.Module, x: torch.Tensor, min_grid: int) -> str:
     """The deepest ResNet stage whose feature map is at least ``min_grid`` voxels a side for input ``x`` (name inside
     :class:`_Target`). The last stage alone is 1³ at 32³ and 3³ at 96³, too coarse to locate anything."""
-    net = model.encoder.net
+    net = cast("ResNetEncoder", model.encoder).net  # saliency_method picks Grad-CAM for ResNet task models only
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = [
         getattr(net, name).register_forward_hook(lambda _m, _i, out, name=name: shapes.__setitem__(name, out.shape))
@@ -308,8 +309,8 @@ def overlay_png(
     axes = fig.subplots(1, 3)
     heat = None
     for axis, (ax, label) in enumerate(zip(axes, ("sagittal", "coronal", "axial"), strict=True)):
-        take = [slice(None)] * 3
-        take[axis] = centre[axis]
+        take: list[slice | int] = [slice(None)] * 3
+        take[axis] = int(centre[axis])
         image, sal = volume[tuple(take)], saliency[tuple(take)]
         ax.imshow(image.T, cmap="gray", vmin=grey_lo, vmax=grey_hi, origin="lower")
         heat = ax.imshow(

@@ -33,7 +33,7 @@ import torch
 from monai.networks.nets import UNETR
 from torch import nn
 
-from brainiac.models.backbones import Encoder, ViTEncoder, freeze
+from brainiac.models.backbones import Encoder, ViTEncoder, freeze, vit_blocks
 from brainiac.models.config import BackboneConfig
 from brainiac.platform.errors import UserError
 
@@ -81,7 +81,7 @@ class DepthAwareUNETR(UNETR):
         if hasattr(self.vit, "classification_head"):
             # As in ViTEncoder: keep the CLS token, drop MONAI's classifier on it (nothing here trains it).
             del self.vit.classification_head
-        for block in self.vit.blocks:
+        for block in vit_blocks(self.vit):
             block.attn.use_flash_attention = backbone.flash_attention  # as ViTEncoder: MONAI does not pass it through
         self.vit.register_load_state_dict_pre_hook(_without_cls_token_if_saved_without)
         self.skip_layers = (layers // 4, layers // 2, (3 * layers) // 4)
