@@ -26,15 +26,19 @@ import csv
 import json
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage as ndi
+import torch
+from monai.metrics import compute_hausdorff_distance
+from scipy.spatial.transform import Rotation
 
 from brainiac.ingestion.preprocess import PreprocessConfig, preload, preprocess_scan, steps, to_native
 from brainiac.ingestion.preprocess.qc import dice
+from brainiac.models.tasks.metrics import bootstrap_ci
 
 COHORTS = ("bids", "brats", "adni", "stroke")
 
@@ -48,21 +52,26 @@ def config(preset: str, method: str) -> PreprocessConfig:
 
 
 def hd95(a: np.ndarray, b: np.ndarray, spacing: np.ndarray) -> float:
-    """95 % Hausdorff distance (mm) between the surfaces of two boolean masks on one grid."""
+    """95 % Hausdorff distance (mm) between two boolean masks on one grid (MONAI's metric; inf when one is empty)."""
     if not a.any() or not b.any():
         return float("inf")
-    sa, sb = a & ~ndi.binary_erosion(a), b & ~ndi.binary_erosion(b)
-    to_b = ndi.distance_transform_edt(~sb, sampling=spacing)
-    to_a = ndi.distance_transform_edt(~sa, sampling=spacing)
-    return float(max(np.percentile(to_b[sa], 95), np.percentile(to_a[sb], 95)))
+    with warnings.catch_warnings():  # MONAI 1.6 warns about its own deprecated argument
+        warnings.simplefilter("ignore", FutureWarning)
+        hd = compute_hausdorff_distance(
+            torch.from_numpy(a)[None, None],
+            torch.from_numpy(b)[None, None],
+            include_background=True,
+            percentile=95,
+            spacing=[float(v) for v in spacing],
+        )
+    return float(hd)
 
 
-def bootstrap_median(per_subject: list[float], n: int, rng: np.random.Generator) -> tuple[float, float, float]:
-    v = np.asarray(per_subject, dtype=float)
-    if v.size == 0:
+def median_ci(per_subject: list[float], n: int, seed: int) -> tuple[float, float, float]:
+    """Median over subjects with its percentile bootstrap interval (one value per subject, resampled as subjects)."""
+    if not per_subject:
         return (float("nan"),) * 3
-    boots = np.median(v[rng.integers(0, v.size, size=(n, v.size))], axis=1)
-    return float(np.median(v)), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+    return bootstrap_ci(np.median, np.asarray(per_subject, dtype=float), n_boot=n, seed=seed)
 
 
 def mni_cases(poses: int, seed: int) -> list[dict]:
@@ -79,13 +88,8 @@ def mni_cases(poses: int, seed: int) -> list[dict]:
     import SimpleITK as sitk
 
     for i in range(poses):
-        angles = np.radians(rng.uniform(-10, 10, 3))
         rot = np.eye(4)
-        for ax, a in enumerate(angles):
-            r = np.eye(4)
-            j, k = [x for x in range(3) if x != ax]
-            r[[j, j, k, k], [j, k, j, k]] = [np.cos(a), -np.sin(a), np.sin(a), np.cos(a)]
-            rot = rot @ r
+        rot[:3, :3] = Rotation.from_euler("xyz", rng.uniform(-10, 10, 3), degrees=True).as_matrix()
         rot[:3, 3] = rng.uniform(-10, 10, 3)
         centre = affine[:3, :3] @ (np.asarray(data.shape) / 2) + affine[:3, 3]
         about = np.eye(4)
@@ -154,7 +158,6 @@ def run_case(case: dict, cfg: PreprocessConfig) -> dict:
 
 
 def summarise(records: list[dict], boot: int, seed: int) -> list[dict]:
-    rng = np.random.default_rng(seed)
     groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["method"], r["cohort"], r["sequence"])].append(r)
@@ -167,7 +170,7 @@ def summarise(records: list[dict], boot: int, seed: int) -> list[dict]:
             for r in rs:
                 by_subject[r["subject"]].append(r[metric])
             row["subjects"] = len(by_subject)
-            row[metric] = bootstrap_median([float(np.mean(v)) for v in by_subject.values()], boot, rng)
+            row[metric] = median_ci([float(np.mean(v)) for v in by_subject.values()], boot, seed)
         row["cpu_s"] = float(np.median([r["cpu_s"] for r in rs]))
         row["mask_s"] = float(np.median([r["mask_s"] for r in rs]))
         row["qc_fail"] = sum(not r["qc_pass"] for r in rs)
@@ -237,8 +240,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="cohort folder to create or reuse (default: temporary)")
     ap.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "brainiac-bench-brain_mask")
     args = ap.parse_args()
-
-    import torch
 
     torch.set_num_threads(1)
     cuda = torch.cuda.is_available()
