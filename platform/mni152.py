@@ -13,6 +13,7 @@ nilearn's package data, which avoids importing ``nilearn.datasets`` (and scikit-
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,7 @@ def mni152() -> tuple[np.ndarray, np.ndarray]:
 
     spec = importlib.util.find_spec("nilearn")
     folder = Path(next(iter(spec.submodule_search_locations or []))) / "datasets" / "data" if spec else None
+    img: Any  # a Nifti1Image (nibabel types load() as the base class, which has no dataobj or affine)
     if folder is not None and (folder / _T1_FILE).is_file():
         img = nib.load(folder / _T1_FILE)
     else:  # pragma: no cover - a nilearn that moved its data files
