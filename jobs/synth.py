@@ -17,7 +17,8 @@ __all__ = ["format_summary", "main", "run"]
 
 
 def run(cfg: Config, out: Path, *, progress: bool = False) -> CohortSummary:
-    """Generate ``cfg.synth.subjects`` subjects over ``cfg.synth.cohorts`` at ``cfg.synth.preset`` with ``cfg.seed``."""
+    """Generate ``cfg.synth.subjects`` subjects over ``cfg.synth.cohorts`` at ``cfg.synth.preset`` with ``cfg.seed`` and
+    ``cfg.synth.anatomy_variation``."""
     return generate_cohort(
         Path(out),
         subjects=cfg.synth.subjects,
@@ -25,6 +26,7 @@ def run(cfg: Config, out: Path, *, progress: bool = False) -> CohortSummary:
         preset=cfg.synth.preset,
         cohorts=tuple(cfg.synth.cohorts),
         progress=progress,
+        anatomy_variation=cfg.synth.anatomy_variation,
     )
 
 

@@ -175,6 +175,11 @@ class SynthConfig:
     cohorts: list[str] = field(default_factory=lambda: ["bids", "brats", "adni", "dicom", "stroke"])
     """Which cohorts to write, each in its own real layout."""
 
+    anatomy_variation: float | None = field(default=None, metadata=bounds(ge=0.0, le=2.0))
+    """Strength of the inter-subject anatomy (head size and shape, children's heads, non-linear deformation, atrophy,
+    ventricles, tumour mass effect): ``None`` takes the preset's (1.0), 0 gives every subject the template's anatomy
+    under a pose and a scale (the generator before version 2), 2 doubles the deformations."""
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Building dataclasses from plain data, with errors that name the key.

@@ -46,16 +46,27 @@ def synth(
             help="[b]tiny[/b] 3 mm voxels (tests), [b]small[/b] 2 mm (quickstart), [b]full[/b] 1 mm (realistic sizes). Config: synth.preset.",
         ),
     ] = None,
+    anatomy_variation: Annotated[
+        float | None,
+        typer.Option(
+            "--anatomy-variation",
+            min=0.0,
+            max=2.0,
+            help="How much anatomy differs between subjects: 1 (the preset's) realistic head sizes and shapes, "
+            "deformations, atrophy and tumour mass effect; 0 the template under a pose and scale (config: "
+            "synth.anatomy_variation).",
+        ),
+    ] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
     """Write a synthetic multi-site brain MRI cohort whose truth is known.
 
     Built from the MNI152 2009 templates that ship with nilearn (no download). Each subject gets its own smooth
-    deformation (3-6 mm), head pose (up to 15 degrees, 10 mm), scanner (Siemens/GE/Philips, 1.5 or 3 T: intensity
+    head size and shape (children's heads smaller), smooth deformations (3-6 mm fine, 2-5 mm lobe-scale), head pose (up to 15 degrees, 10 mm), scanner (Siemens/GE/Philips, 1.5 or 3 T: intensity
     scale, bias field, Rician noise), voxel size, orientation and data type, and biology whose labels are learnable
     from the voxels only: ageing (ventricles, cortical thinning, white-matter hyperintensities), MCI (medial-temporal
-    atrophy), glioma (BraTS labels, IDH, survival) and stroke (appearance by days since onset).
+    atrophy), glioma (BraTS labels, IDH, survival, mass effect) and stroke (appearance by days since onset).
 
     [b]OUT/[/b] gets one dataset folder per cohort, each written as such data really arrives:
 
@@ -74,7 +85,16 @@ def synth(
     """
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    cfg = build_config(config, set_, flags={"synth.preset": preset, "synth.subjects": subjects, "seed": seed})
+    cfg = build_config(
+        config,
+        set_,
+        flags={
+            "synth.preset": preset,
+            "synth.subjects": subjects,
+            "seed": seed,
+            "synth.anatomy_variation": anatomy_variation,
+        },
+    )
 
     from rich.console import Console
     from rich.table import Table

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -25,7 +27,7 @@ def _app() -> typer.Typer:
 def test_help_teaches():
     result = CliRunner().invoke(_app(), ["synth", "--help"], env={"COLUMNS": "160", "TERM": "dumb"})
     assert result.exit_code == 0, result.output
-    for word in ("--subjects", "--seed", "--preset", "_truth", "synth-brats", "tiny"):
+    for word in ("--subjects", "--seed", "--preset", "--anatomy-variation", "_truth", "synth-brats", "tiny"):
         assert word in result.output, word
 
 
@@ -48,9 +50,11 @@ def test_cli_writes_cohort_and_summary(tmp_path):
     assert (out / "synth-adni" / "manifest.csv").is_file() and (out / "synth-stroke-bids").is_dir()
     assert (out / "_truth" / "scans.csv").is_file()
     assert "2 subjects" in result.output and "synth-adni" in result.output and str(out) in result.output
-    # running again into the same folder replaces the previous output
-    again = CliRunner().invoke(_app(), args, env={"COLUMNS": "160"})
+    assert json.loads((out / "_truth" / "synth.json").read_text())["anatomy_variation"] == 1.0  # the preset's
+    # running again into the same folder replaces the previous output, here with the template's anatomy
+    again = CliRunner().invoke(_app(), [*args, "--anatomy-variation", "0"], env={"COLUMNS": "160"})
     assert again.exit_code == 0, again.output
+    assert json.loads((out / "_truth" / "synth.json").read_text())["anatomy_variation"] == 0.0
 
 
 def test_cli_user_errors(tmp_path):
@@ -65,6 +69,8 @@ def test_cli_user_errors(tmp_path):
         app(["synth", str(tmp_path / "new"), "--preset", "huge"], standalone_mode=False)
     with pytest.raises(UserError, match=r"synth\.subjects"):
         app(["synth", str(tmp_path / "new"), "--set", "synth.subjects=0"], standalone_mode=False)
+    with pytest.raises(UserError, match=r"synth\.anatomy_variation"):
+        app(["synth", str(tmp_path / "new"), "--set", "synth.anatomy_variation=5"], standalone_mode=False)
 
 
 def test_job_entry_point(tmp_path, capsys):
