@@ -154,8 +154,12 @@ def embed(
     todo = set(meta["scan_id"]) - done
     summary = EmbedSummary(model=label, preprocess_version=version, selected=len(meta), left_out=left_out)
     summary.embeddings_version = catalog.version("embeddings")
-    table = catalog.table("volumes", volumes_version)
-    files = table.file_uris(file_pruning_predicate=partition) if todo else []
+    files: list[str] = []
+    if todo:
+        table = catalog.table("volumes", volumes_version)
+        if table is None:  # `todo` was read from it
+            raise RuntimeError(f"the volumes table at version {volumes_version} vanished")
+        files = table.file_uris(file_pruning_predicate=partition)
     location = catalog.table_location("volumes")
     filesystem = None
     if location.is_remote:
@@ -176,7 +180,7 @@ def embed(
     with tqdm(total=len(todo), desc="embed", unit="scan", disable=not progress) as bar:
         for batch in volume_rows(files, todo, filesystem, batch_size):
             batch = batch.to_pylist()
-            x = torch.stack([torch.from_numpy(decode_array(r["fixed"], r["fixed_shape"], r["dtype"]).astype(np.float32))
+            x = torch.stack([torch.from_numpy(decode_array(r["fixed"], r["fixed_shape"], r["dtype"]).astype(np.float32))  # type: ignore[union-attr]  # decode_array: a present blob gives an array; drop once ingestion/volumes.py overloads it
                              for r in batch])[:, None]  # fmt: skip
             if tuple(x.shape[2:]) != (backbone.img_size,) * 3:
                 x = F.interpolate(x, size=(backbone.img_size,) * 3, mode="trilinear", align_corners=False)

@@ -33,6 +33,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,9 +91,9 @@ class KeyMap:
         return not (self.missing or self.unexpected or self.duplicates)
 
 
-def brainiac_v2_backbone(**overrides: object) -> BackboneConfig:
+def brainiac_v2_backbone(**overrides: Any) -> BackboneConfig:
     """The backbone of BrainIAC V2's released checkpoint: ViT-B at 96³, 16³ patches, no CLS token (``pooling: mean``)."""
-    return replace(BackboneConfig(pooling="mean"), **overrides)  # type: ignore[arg-type]
+    return replace(BackboneConfig(pooling="mean"), **overrides)
 
 
 def _strip_wrappers(key: str) -> str:

@@ -35,6 +35,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from brainiac.platform.config import ClusterConfig
 
@@ -119,7 +120,7 @@ def configure_ray_environment(target: str | None = "local") -> dict[str, str]:
 
 def _refresh_ray_settings() -> None:
     """Make an already imported, not yet started Ray see the environment: Ray reads these once at import."""
-    constants = sys.modules.get("ray._private.ray_constants")
+    constants: Any = sys.modules.get("ray._private.ray_constants")  # a module: its attributes are untyped
     if constants is not None:
         flag = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
         if flag is not None:
@@ -204,7 +205,7 @@ def init_ray(cfg: ClusterConfig | None = None, *, address: str | None = None) ->
     if ray.is_initialized():
         res = ray.cluster_resources()
         return RayRuntime(target, False, res.get("CPU", 0.0), res.get("GPU", 0.0))
-    kwargs: dict[str, object] = {
+    kwargs: dict[str, Any] = {  # ray.init's keywords
         "address": target,
         "logging_level": getattr(logging, cfg.log_level),
         "log_to_driver": True,

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set up the environment and run the whole test suite (lint included). This is the README's test command and what
 # .ci/run executes. Fails if no test ran: pytest's exit code 5 (nothing collected) and an all-skipped run are failures.
-#   infra/local/test.sh                 # everything (CI): ruff, then every tier
-#   infra/local/test.sh --quick         # day-to-day: ruff, then the unit tier only (no Ray, no servers, no end-to-end
-#                                       # jobs; tiers are derived in tests/conftest.py), a few minutes
+#   infra/local/test.sh                 # everything (CI): ruff and mypy, then every tier
+#   infra/local/test.sh --quick         # day-to-day: ruff and mypy, then the unit tier only (no Ray, no servers,
+#                                       # no end-to-end jobs; tiers are derived in tests/conftest.py), a few minutes
 #   infra/local/test.sh tests/models    # extra arguments go to pytest
 set -euo pipefail
 TIER=()
@@ -17,6 +17,8 @@ export RAY_USAGE_STATS_ENABLED=0 MPLBACKEND=Agg  # Ray runs with token auth (bra
 echo "[test] ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+echo "[test] mypy"
+infra/local/mypy.sh
 mkdir -p test-results
 echo "[test] pytest"
 set +e

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class TaskData:
     """The settings recorded for ``preprocess_version`` (:class:`~brainiac.ingestion.volumes.VolumeSet`), which a
     registered model keeps so that ``brainiac predict`` rebuilds its inputs; ``None`` when the catalog has no record."""
 
-    def indices(self, split: str, subjects: set[str] | None = None) -> np.ndarray:
+    def indices(self, split: str, subjects: AbstractSet[str] | None = None) -> np.ndarray:
         """Case indices of ``split`` (optionally only those of ``subjects``; a :class:`CaseSelection` keeps only its
         cases, so a few-shot draw is exactly the cases drawn, not every case of their subjects)."""
         cases = subjects.cases if isinstance(subjects, CaseSelection) else None
@@ -135,7 +136,7 @@ def _target(
         return float(value), float(value)
     if spec.event_label:
         time = float(value)
-        if time > spec.threshold:
+        if time > cast(float, spec.threshold):  # TaskSpec: an event_label comes with a threshold
             target = 1.0
         elif event:
             target = 0.0
@@ -189,13 +190,15 @@ def load_task_data(
         rows = [r for r in rows if r.get("diagnosis") in spec.diagnosis]
     labelled = []
     for r in rows:
+        label_target: float | int | None
+        raw: float | tuple[float, float] | None
         if spec.kind == "segmentation":
-            target, raw = 0, 0.0
+            label_target, raw = 0, 0.0
         else:
             event = _event_of(r, spec) if spec.event_label else True
-            target, raw = _target(_label_of(r, spec), spec, event)
-        if target is not None:
-            labelled.append({**r, "target": target, "raw": raw})
+            label_target, raw = _target(_label_of(r, spec), spec, event)
+        if label_target is not None:
+            labelled.append({**r, "target": label_target, "raw": raw})
     if spec.mixed_datasets_only:
         classes: dict[str, set] = {}
         for r in labelled:
@@ -240,7 +243,8 @@ def load_task_data(
             v = volumes[first["scan_id"]]
             if v["labels_fixed"] is None or (spec.label_name and v["label_name"] != spec.label_name):
                 continue
-            target: Any = (decode_array(v["labels_fixed"], v["fixed_shape"], "uint8") > 0).astype(np.uint8)
+            labels = decode_array(v["labels_fixed"], v["fixed_shape"], "uint8")
+            target: Any = (labels > 0).astype(np.uint8)  # type: ignore[operator, union-attr]  # decode_array: a present blob gives an array; drop once ingestion/volumes.py overloads it
         else:
             target = first["target"]
         out["case_ids"].append("/".join(str(k) for k in key))
@@ -248,7 +252,7 @@ def load_task_data(
         out["subjects"].append(first["subject_id"])
         out["datasets"].append(first["dataset"])
         out["split"].append(split)
-        out["inputs"].append(np.stack(arrays))
+        out["inputs"].append(np.stack(arrays))  # type: ignore[arg-type]  # decode_array: a present blob gives an array; drop once ingestion/volumes.py overloads it
         out["targets"].append(target)
         out["raw"].append(first["raw"])
     if not out["inputs"]:

@@ -150,8 +150,8 @@ def f1_threshold(predictions: np.ndarray, targets: np.ndarray) -> float:
     y = np.asarray(targets, dtype=np.float64)
     known = np.isfinite(y)
     p = np.clip(np.asarray(predictions, dtype=np.float64)[known], 1e-7, 1 - 1e-7)
-    y = y[known] > 0.5
-    if y.all() or not y.any():
+    positive = y[known] > 0.5
+    if positive.all() or not positive.any():
         return 0.5
     logits = np.unique(np.log(p / (1 - p)))
     cuts = np.concatenate([[logits[0] - 1.0], (logits[:-1] + logits[1:]) / 2])
@@ -159,14 +159,14 @@ def f1_threshold(predictions: np.ndarray, targets: np.ndarray) -> float:
     for cut in cuts:
         t = 1 / (1 + math.exp(-cut))
         predicted = p > t
-        tp = float(np.sum(predicted & y))
-        f1 = 2 * tp / (predicted.sum() + y.sum())
+        tp = float(np.sum(predicted & positive))
+        f1 = 2 * tp / (predicted.sum() + positive.sum())
         if f1 > best + 1e-12 or (abs(f1 - best) <= 1e-12 and abs(t - 0.5) < abs(best_t - 0.5)):
             best, best_t = f1, t
     return float(best_t)
 
 
-def _set_operating_point(model: nn.Module, spec: TaskSpec, threshold: float) -> None:
+def _set_operating_point(model: TaskModel, spec: TaskSpec, threshold: float) -> None:
     """Shift a binary head's bias so that P(positive) > 0.5 exactly where it was > ``threshold``: the chosen operating
     point travels inside the weights (same state-dict keys), and ranking metrics (AUC, C-index) are unchanged."""
     shift = math.log(threshold / (1 - threshold))
@@ -242,6 +242,8 @@ def _fit_probe(
         fit = fit_probe("cox", features, y, raw=np.asarray(data["train_raw"], np.float64), groups=groups, seed=seed)
     else:
         weights = class_weights(spec, y)
+        if weights is None:
+            raise ValueError(f"task {spec.name}: a {spec.kind} probe needs a ce or bce loss, got {spec.loss!r}")
         fit = fit_probe("logistic", features, y, outputs=spec.num_outputs, sample_weights=weights[y.astype(np.int64)],
                         groups=groups, seed=seed)  # fmt: skip
     with torch.no_grad():
@@ -285,6 +287,8 @@ def train_trial(
     torch.manual_seed(seed)
     encoder = None
     if strategy != "scratch":
+        if encoder_state is None:
+            raise ValueError(f"strategy {strategy!r} starts from a pretrained encoder; no encoder_state was given")
         encoder = build_backbone(backbone)
         encoder.load_state_dict(encoder_state, strict=True)
     model = build_task_model(

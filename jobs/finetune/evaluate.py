@@ -291,7 +291,7 @@ def evaluate(
             from brainiac.models.tasks.robustness import robustness_plot, robustness_table
 
             summary.robustness = robustness_table(model, spec, x, y, raw, scale, artifacts=artifacts, seed=0)
-            client.log_dict(run_id, summary.robustness, "robustness/table.json")
+            client.log_dict(run_id, summary.robustness, "robustness/table.json")  # type: ignore[arg-type]  # mlflow annotates dict but logs any JSON value; this table is a list of rows
             robustness_plot(summary.robustness, spec, folder / "robustness.png")
             client.log_artifact(run_id, str(folder / "robustness.png"), "robustness")
         if saliency_cases and spec.kind != "segmentation":

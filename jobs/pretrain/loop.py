@@ -105,7 +105,7 @@ class _Tracker:
             self.client = mlflow.MlflowClient(tracking_uri)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
+        if self.client is None or self.run_id is None:  # (a client is made only with a run id)
             return
         from mlflow.entities import Metric
 

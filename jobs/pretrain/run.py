@@ -342,7 +342,7 @@ def pretrain(cfg: Config, *, progress: bool = True) -> PretrainSummary:
         if pcfg.data_cpus
         else None,
     )
-    monitor = ray.remote(num_cpus=0)(_Monitor).remote()
+    monitor: Any = ray.remote(num_cpus=0)(_Monitor).remote()  # an actor handle: ray types no `.remote` on its methods
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -365,7 +365,7 @@ def pretrain(cfg: Config, *, progress: bool = True) -> PretrainSummary:
             failure_config=ray.train.FailureConfig(max_failures=pcfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=pcfg.keep_checkpoints),
             callbacks=[_callback(monitor)],
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]  # Train V2's RunConfig: ray.train picks it at run time, mypy sees V1's
         ),
         datasets={"train": dataset},
         dataset_config=data_config,
@@ -378,7 +378,7 @@ def pretrain(cfg: Config, *, progress: bool = True) -> PretrainSummary:
     except ray.train.TrainingFailedError as exc:
         client.set_terminated(run_id, status="FAILED")
         raise UserError(f"pretraining run {run_name} failed: {str(exc).splitlines()[0]}") from exc
-    state = ray.get(monitor.state.remote())
+    state: dict[str, Any] = ray.get(monitor.state.remote())
     if result.checkpoint is None:
         raise UserError(f"pretraining run {run_name} ended without a checkpoint")
 

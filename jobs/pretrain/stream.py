@@ -155,6 +155,8 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
     import ray.data
 
     table = catalog.table("volumes", selection.volumes_version)
+    if table is None:  # the selection was read from it
+        raise RuntimeError(f"the volumes table at version {selection.volumes_version} vanished")
     files = table.file_uris(file_pruning_predicate=f"preprocess_version = {sql_literal(selection.preprocess_version)}")
     location = catalog.table_location("volumes")
     filesystem = None
@@ -193,7 +195,7 @@ def pair_dataset(catalog: Catalog, cfg: Config, selection: PretrainSelection, sc
     context.target_max_block_size = augmented_block_pairs(size) * view_pair_bytes(size) * 3 // 4
     context.op_resource_reservation_enabled = False
     return items.randomize_block_order().map_batches(
-        read_pairs,
+        read_pairs,  # type: ignore[arg-type]  # ray types fn for any batch format; the default one gives it numpy dicts
         fn_kwargs={
             "filesystem": filesystem,
             "size": cfg.model.img_size,
@@ -279,8 +281,8 @@ def work_units(
     pieces: list[tuple[str, list[int]]] = []
     for path, (ids, bounds) in zip(files, columns, strict=True):
         for lo, hi in itertools.pairwise(bounds.tolist()):
-            rows = [r for r in range(lo, hi) if ids[r] in keep]
-            pieces += [(path, rows[i : i + piece]) for i in range(0, len(rows), piece)]
+            kept = [r for r in range(lo, hi) if ids[r] in keep]
+            pieces += [(path, kept[i : i + piece]) for i in range(0, len(kept), piece)]
     units: list[dict[str, list[Any]]] = []
     for visit in range(max(1, visits)):
         paths: list[str] = []
@@ -348,9 +350,9 @@ def eval_pairs(
     patches = dataclasses.replace(cfg.patches, patches_per_volume=per_volume)
     for i, row in enumerate(sorted(rows, key=lambda r: r["scan_id"])):
         shape = [int(s) for s in row["whole_shape"]]
-        volume = decode_array(row["whole"], shape, row["dtype"] or "float16").astype(np.float32)
+        volume = decode_array(row["whole"], shape, row["dtype"] or "float16").astype(np.float32)  # type: ignore[union-attr]  # decode_array: a present blob gives an array; drop once ingestion/volumes.py overloads it
         mask = decode_array(row["mask"], shape, "uint8")
-        first, second, _ = view_pairs(volume, mask, cfg.model.img_size, patches, rng)
+        first, second, _ = view_pairs(volume, mask, cfg.model.img_size, patches, rng)  # type: ignore[arg-type]  # decode_array: a present blob gives an array; drop once ingestion/volumes.py overloads it
         for j, (a, b) in enumerate(zip(first, second, strict=True)):
             va, vb = augment.pair(a, b, seed=_seed_of(seed, i, j) % 2**31)
             firsts.append(va)

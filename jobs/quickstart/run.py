@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from brainiac.jobs.config import Config
 from brainiac.platform.config import config_to_dict
@@ -195,7 +195,7 @@ class _Context:
     def _finetune_cfg(self, task: str, init: str, alias: str) -> Config:
         q = self.cfg.quickstart
         cfg = self._pinned()
-        strategy = "scratch" if not init else "full"
+        strategy: Literal["scratch", "full"] = "scratch" if not init else "full"
         return replace(cfg, finetune=replace(
             cfg.finetune, task=task, strategy=strategy, init=init, trials=q.trials, max_epochs=q.max_epochs,
             bootstrap=q.bootstrap, alias=alias, max_concurrent_trials=1))  # fmt: skip

@@ -13,7 +13,7 @@ try:  # typer >= 0.20 vendors click under typer._click; older releases use click
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover
     from click import echo
-    from click import exceptions as click_exceptions
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]  # same module, from click itself
 
 from brainiac.platform.cli import (
     catalog_cmd,

@@ -65,7 +65,7 @@ def predict(
     cfg = build_config(config, set_)
     console = Console()
     flags = {s: f for s, f in (("T1w", t1w), ("T1ce", t1ce), ("T2w", t2w), ("FLAIR", flair)) if f is not None}
-    inputs = [*(scans or []), *([flags] if flags else [])]
+    inputs: list[str | dict[str, str]] = [*(scans or []), *([flags] if flags else [])]
 
     def info(line: str) -> None:
         console.print(line, markup=False, highlight=False, style="dim")

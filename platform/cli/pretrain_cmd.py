@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,7 +22,7 @@ JOB_CONFIG_PREFIX = "pretrain/"
 
 def job_config_name(name: str | None) -> str | None:
     """``tiny`` → ``pretrain/tiny`` when the pretrain job ships a config of that name; paths and other names unchanged."""
-    plain = bool(name) and "/" not in name and not name.endswith((".yaml", ".yml"))
+    plain = bool(name and "/" not in name and not name.endswith((".yaml", ".yml")))
     if plain and f"{JOB_CONFIG_PREFIX}{name}" in shipped_yaml_names(CONFIG_PACKAGE):
         return f"{JOB_CONFIG_PREFIX}{name}"
     return name
@@ -64,7 +64,7 @@ def pretrain(
 
     from brainiac.jobs.pretrain.run import pretrain as run
 
-    flags = {"pretrain.num_workers": workers, "pretrain.max_steps": max_steps, "pretrain.run_name": run_name,
+    flags: dict[str, Any] = {"pretrain.num_workers": workers, "pretrain.max_steps": max_steps, "pretrain.run_name": run_name,
              "cluster.address": address}  # fmt: skip
     if gpus_per_worker is not None:
         flags["pretrain.use_gpu"] = gpus_per_worker > 0

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from brainiac.platform.cli.common import ConfigOption, SetOption, build_config
 from brainiac.platform.errors import UserError
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
 
 PRESETS = ("tiny", "small", "full")
 
@@ -104,14 +107,15 @@ def synth(
     console = Console(stderr=False)
     summary = run(cfg, out, progress=True)
     table = Table(title=f"brainiac synth: {summary.out_dir}", title_justify="left")
-    for col, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("cohort", "left"),
         ("dataset folder", "left"),
         ("subjects", "right"),
         ("scans", "right"),
         ("files", "right"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    )
+    for col, justify in columns:
+        table.add_column(col, justify=justify)
     for name, folder in summary.cohorts.items():
         c = summary.per_cohort.get(name, {})
         table.add_row(name, folder, str(c.get("subjects", 0)), str(c.get("scans", 0)), str(c.get("files", 0)))
