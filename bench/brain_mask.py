@@ -5,6 +5,12 @@ bootstrap 95 % intervals over subjects), and seconds per scan per core (per GPU 
     .venv/bin/python bench/brain_mask.py                                  # tiny preset, 10 subjects, atlas + deepbet
     .venv/bin/python bench/brain_mask.py --preset small --subjects 20 --mni-poses 4 --results docs/bench/brain_mask
     .venv/bin/python bench/brain_mask.py --methods atlas,deepbet,hd-bet   # hd-bet: minutes per scan on CPU
+    .venv/bin/python bench/brain_mask.py --preset small --subjects 40 --out DIR --scores RESULTS/brain_mask.json
+
+A per-sequence rule (``--rule deepbet,T2w=atlas``, always scored, as ``preprocess.brain_mask_by_sequence``) is scored
+from the methods' own scans: each scan is preprocessed alone and deterministically, so picking each scan's record of
+the method the rule gives its sequence is what running the rule would give (timings aside). ``--scores`` re-summarises
+a previous run's JSON on the same cohort without preprocessing again.
 
 The cohort comes from ``brainiac synth``'s API (:func:`brainiac.ingestion.synthetic.generate_cohort`), so changes to the
 generator's anatomy show up here; truth masks are ``OUT/_truth/<mask_path>`` of ``_truth/scans.csv``, on each scan's
@@ -15,8 +21,8 @@ carried through the registration, so the atlas row there measures registration a
 
 Seconds are CPU seconds of the whole ``preprocess_scan`` call with one thread (``total``) and wall seconds of its
 ``brain_mask`` step (0 for atlas, whose mask costs a resampling), one scan at a time. Writes ``brain_mask.md``,
-``brain_mask.json`` and ``brain_mask_worst.png`` (each method's worst scan: a mid slice with the truth contour in green
-and the method's in red) to ``--results``.
+``brain_mask.json`` and ``brain_mask_worst.png`` (each method's two worst synthetic scans, of distinct subjects: a mid
+slice with the truth contour in green and the method's in red) to ``--results``.
 """
 
 from __future__ import annotations
@@ -157,6 +163,30 @@ def run_case(case: dict, cfg: PreprocessConfig) -> dict:
     }
 
 
+def parse_rule(text: str) -> tuple[str, dict[str, str]]:
+    """``deepbet,T2w=atlas`` → (``deepbet``, {``T2w``: ``atlas``}): a ``brain_mask`` with its
+    ``brain_mask_by_sequence`` exceptions."""
+    base, *pairs = text.split(",")
+    return base, dict(p.split("=", 1) for p in pairs)
+
+
+def apply_rule(records: list[dict], rule: str) -> list[dict]:
+    """The records a per-sequence rule gives: each scan's record of the method the rule picks for its sequence,
+    renamed ``rule`` (each scan is preprocessed alone and deterministically, so this is what running the rule gives,
+    timings aside). Empty when a method the rule needs was not run."""
+    base, exceptions = parse_rule(rule)
+    by_case = {(r["method"], r["case"]): r for r in records}
+    cases = sorted({r["case"] for r in records})
+    out = []
+    for case in cases:
+        seq = next(r["sequence"] for r in records if r["case"] == case)
+        picked = by_case.get((exceptions.get(seq, base), case))
+        if picked is None:
+            return []
+        out.append({**picked, "method": rule})
+    return out
+
+
 def summarise(records: list[dict], boot: int, seed: int) -> list[dict]:
     groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in records:
@@ -197,32 +227,47 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def worst_figure(records: list[dict], cases: list[dict], path: Path) -> None:
+def worst_figure(records: list[dict], cases: list[dict], preset: str, path: Path, per_method: int = 2) -> None:
+    """Each method's ``per_method`` worst synthetic scans (distinct subjects), a mid slice with the truth contour in
+    green and the method's in red; a mask a record does not carry (``--scores``) is recomputed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = sorted({r["method"] for r in records})
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 4.5), squeeze=False)
-    for ax, method in zip(axes[0], methods, strict=True):
-        worst = min((r for r in records if r["method"] == method), key=lambda r: r["dice"])
-        case = cases[worst["case"]]
-        truth = case["truth"]
-        ras, _ = steps.reorient_ras(np.asarray(case["data"], dtype=np.float32), case["affine"])
-        t_ras, _ = steps.reorient_ras(truth.astype(np.uint8), case.get("truth_affine", case["affine"]))
-        o_ras, _ = steps.reorient_ras(worst["ours"].astype(np.uint8), case.get("truth_affine", case["affine"]))
-        k = round(float(np.argwhere(t_ras).mean(axis=0)[2]))
-        ax.imshow(ras[:, :, k].T, cmap="gray", origin="lower")
-        ax.contour(t_ras[:, :, k].T, levels=[0.5], colors="lime", linewidths=1.2)
-        ax.contour(o_ras[:, :, k].T, levels=[0.5], colors="red", linewidths=1.2)
-        ax.set_title(
-            f"{method}: worst Dice {worst['dice']:.3f}\n{case['cohort']} {case['sequence']} {case['subject'][:10]}",
-            fontsize=9,
+    fig, axes = plt.subplots(per_method, len(methods), figsize=(4.2 * len(methods), 4.2 * per_method), squeeze=False)
+    for col, method in enumerate(methods):
+        ranked = sorted(
+            (r for r in records if r["method"] == method and r["cohort"] != "mni152"), key=lambda r: r["dice"]
         )
-        ax.axis("off")
+        worst: list[dict] = []
+        for r in ranked:
+            if len(worst) < per_method and r["subject"] not in {w["subject"] for w in worst}:
+                worst.append(r)
+        for row, (ax, rec) in enumerate(zip(axes[:, col], worst, strict=False)):
+            case = cases[rec["case"]]
+            ours = rec.get("ours")
+            if ours is None:
+                base, exceptions = parse_rule(method)
+                ours = run_case(case, config(preset, exceptions.get(case["sequence"], base)))["ours"]
+            truth_affine = case.get("truth_affine", case["affine"])
+            ras, _ = steps.reorient_ras(np.asarray(case["data"], dtype=np.float32), case["affine"])
+            t_ras, _ = steps.reorient_ras(case["truth"].astype(np.uint8), truth_affine)
+            o_ras, _ = steps.reorient_ras(ours.astype(np.uint8), truth_affine)
+            k = round(float(np.argwhere(t_ras).mean(axis=0)[2]))
+            ax.imshow(ras[:, :, k].T, cmap="gray", origin="lower")
+            ax.contour(t_ras[:, :, k].T, levels=[0.5], colors="lime", linewidths=1.2)
+            ax.contour(o_ras[:, :, k].T, levels=[0.5], colors="red", linewidths=1.2)
+            ax.set_title(
+                f"{method}: #{row + 1} worst, Dice {rec['dice']:.3f}\n"
+                f"{case['cohort']} {case['sequence']} {case['subject'][:10]}",
+                fontsize=9,
+            )
+        for ax in axes[:, col]:
+            ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -235,9 +280,22 @@ def main() -> None:
     ap.add_argument(
         "--methods", default=None, help="comma list of atlas, deepbet, hd-bet (default atlas,deepbet; +hd-bet on CUDA)"
     )
+    ap.add_argument(
+        "--rule",
+        action="append",
+        default=["deepbet,T2w=atlas"],
+        help="a per-sequence rule to score from the methods' scans: BASE[,SEQUENCE=METHOD...] (repeatable)",
+    )
     ap.add_argument("--mni-poses", type=int, default=2, help="random rigid poses of the 1 mm MNI152 template (0: none)")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples of subjects")
     ap.add_argument("--out", type=Path, default=None, help="cohort folder to create or reuse (default: temporary)")
+    ap.add_argument(
+        "--scores",
+        type=Path,
+        default=None,
+        help="summarise a previous run's brain_mask.json (same --preset/--subjects/--seed/--out cohort) instead of "
+        "preprocessing again; rules are applied anew",
+    )
     ap.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "brainiac-bench-brain_mask")
     args = ap.parse_args()
 
@@ -262,8 +320,13 @@ def main() -> None:
         cases += mni_cases(args.mni_poses, args.seed)
     print(f"{len(cases)} scans × {len(methods)} methods")
 
-    records = []
-    for method in methods:
+    records: list[dict] = []
+    if args.scores is not None:
+        previous = json.loads(args.scores.read_text())
+        records = [r for r in previous["scans"] if "," not in r["method"]]
+        methods = list(previous["meta"]["methods"])
+        print(f"{len(records)} scores read from {args.scores}")
+    for method in methods if args.scores is None else []:
         preload(config(args.preset, method))
         preload(PreprocessConfig(brain_mask=method))  # templates and the method's network, outside the timings
         for i, case in enumerate(cases):
@@ -288,6 +351,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "boot": args.boot,
     }
+    for rule in dict.fromkeys(args.rule):
+        records += apply_rule([r for r in records if "," not in r["method"]], rule)
+    meta["rules"] = list(dict.fromkeys(args.rule))
     rows = summarise(records, args.boot, args.seed)
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "brain_mask.md").write_text(markdown(rows, meta))
@@ -295,7 +361,7 @@ def main() -> None:
     (args.results / "brain_mask.json").write_text(
         json.dumps({"meta": meta, "summary": rows, "scans": per_scan}, indent=1)
     )
-    worst_figure(records, cases, args.results / "brain_mask_worst.png")
+    worst_figure(records, cases, args.preset, args.results / "brain_mask_worst.png")
     print(markdown(rows, meta))
     print(f"wrote {args.results}/brain_mask.md, .json, _worst.png")
     if tmp:

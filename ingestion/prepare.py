@@ -125,7 +125,7 @@ def _process_one(
             except (OSError, EOFError, ValueError):
                 log.warning("label map %s of scan %s could not be read; continuing without it", key, scan["scan_id"])
     try:
-        result = preprocess_scan(np.asarray(data), affine, cfg, labels or None)
+        result = preprocess_scan(np.asarray(data), affine, cfg.for_sequence(scan.get("sequence")), labels or None)
     except VoxelDefect as exc:
         return {
             "problem": {
@@ -243,7 +243,7 @@ def task_resources(cfg: PreprocessConfig, cluster: dict[str, float]) -> TaskReso
         ConfigError: ``brain_mask_device`` is ``cuda`` but the cluster has no GPU, or asks for none
             (``brain_mask_gpus: 0``), so every task would fail on its first scan.
     """
-    learned = cfg.brain_mask != "atlas"
+    learned = cfg.mask_methods() != {"atlas"}
     has_gpu = float(cluster.get("GPU", 0.0)) > 0
     if learned and cfg.brain_mask_device == "cuda" and not (has_gpu and cfg.brain_mask_gpus > 0):
         from brainiac.platform.errors import ConfigError

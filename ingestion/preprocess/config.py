@@ -135,6 +135,12 @@ class PreprocessConfig:
     configs recorded before this field existed read back as atlas, and the 3 mm ``tiny`` cohort stays fast; production
     configs opt in with ``preprocess.brain_mask: deepbet``."""
 
+    brain_mask_by_sequence: dict[str, BrainMaskMethod] = field(default_factory=dict)
+    """Per-sequence exceptions to ``brain_mask`` (catalog sequence names, e.g. ``{T2w: atlas}``): a scan of a listed
+    sequence gets that method instead. deepbet was trained on T1w; on the synthetic T2w, where CSF is bright, its
+    masks fall below the atlas mask's (docs/benchmarks.md#brain-extraction), so a deepbet config may keep the atlas
+    mask there. Part of :meth:`version` when not empty."""
+
     brain_mask_device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where a learned mask runs: ``auto`` takes CUDA when the process sees a GPU (a Ray task given ``num_gpus``), else
     the CPU with ``threads`` torch threads. Not part of :meth:`version` (the same weights give the same mask up to
@@ -182,6 +188,12 @@ class PreprocessConfig:
             raise ConfigError(
                 f"brain_mask must be one of {', '.join(map(repr, _BRAIN_MASKS))}; got {self.brain_mask!r}"
             )
+        for sequence, method in self.brain_mask_by_sequence.items():
+            if method not in _BRAIN_MASKS:
+                raise ConfigError(
+                    f"brain_mask_by_sequence.{sequence} must be one of {', '.join(map(repr, _BRAIN_MASKS))}; "
+                    f"got {method!r}"
+                )
         if self.brain_mask_device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"brain_mask_device must be 'auto', 'cpu' or 'cuda'; got {self.brain_mask_device!r}")
         for name in ("n4_iterations", "rigid_levels", "affine_levels"):
@@ -201,7 +213,8 @@ class PreprocessConfig:
 
         Fields added after the first release are left out of the hash while they hold the value that reproduces the
         old output (:data:`_UNHASHED_AT_DEFAULT`), so the volumes of a catalog keep their version: an atlas-mask config
-        hashes as it did before ``brain_mask`` existed, and the HD-BET options count only for ``hd-bet``.
+        hashes as it did before ``brain_mask`` existed (also when every per-sequence exception is ``atlas``), and the
+        HD-BET options count only where ``hd-bet`` may run.
         ``brain_mask_device`` and ``brain_mask_gpus`` never count."""
         payload = json.dumps({"revision": PIPELINE_REVISION, **self._hashed()}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
@@ -209,11 +222,24 @@ class PreprocessConfig:
     def _hashed(self) -> dict[str, Any]:
         out = self.to_dict()
         del out["brain_mask_device"], out["brain_mask_gpus"]
-        if self.brain_mask == "atlas":
+        methods = self.mask_methods()
+        if methods == {"atlas"} or not out["brain_mask_by_sequence"]:
+            del out["brain_mask_by_sequence"]
+        if methods == {"atlas"}:
             del out["brain_mask"], out["qc_min_mask_dice"]
-        if self.brain_mask != "hd-bet":
+        if "hd-bet" not in methods:
             del out["hdbet_folds"], out["hdbet_tta"]
         return out
+
+    def mask_methods(self) -> set[str]:
+        """Every brain-mask method this config may run (``brain_mask`` and its per-sequence exceptions)."""
+        return {self.brain_mask, *self.brain_mask_by_sequence.values()}
+
+    def for_sequence(self, sequence: str | None) -> PreprocessConfig:
+        """The config a scan of ``sequence`` is preprocessed with: ``brain_mask`` replaced by its
+        ``brain_mask_by_sequence`` exception when there is one (the rows keep this config's :meth:`version`)."""
+        method = self.brain_mask_by_sequence.get(sequence or "", self.brain_mask)
+        return self if method == self.brain_mask else dataclasses.replace(self, brain_mask=method)
 
     @classmethod
     def tiny(cls, **overrides: Any) -> PreprocessConfig:

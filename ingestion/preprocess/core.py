@@ -7,6 +7,7 @@ one thread by default (``threads=1``) because Ray parallelises across scans.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -109,10 +110,10 @@ def preload(cfg: PreprocessConfig) -> None:
     template_mask_image()
     whole_grid(cfg.whole_spacing_mm, cfg.margin_mm)
     fixed_grid(cfg.fixed_size, cfg.fixed_spacing_mm, cfg.margin_mm)
-    if cfg.brain_mask != "atlas":
-        from brainiac.ingestion.preprocess.brain_mask import preload as preload_network
+    from brainiac.ingestion.preprocess.brain_mask import preload as preload_network
 
-        preload_network(cfg)
+    for method in sorted(cfg.mask_methods() - {"atlas"}):
+        preload_network(dataclasses.replace(cfg, brain_mask=method))
 
 
 @contextlib.contextmanager

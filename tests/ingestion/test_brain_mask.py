@@ -197,3 +197,43 @@ def test_assess_threshold_is_configurable() -> None:
     ok, reason = assess(qc, PreprocessConfig(brain_mask="deepbet", qc_min_mask_dice=0.9))
     assert ok is False and reason.startswith("mask_disagreement: Dice 0.880")
     assert assess({**qc, "mask_dice_atlas": float("nan")}, PreprocessConfig())[0] is True  # reported elsewhere
+
+
+def test_per_sequence_exceptions_version_and_resolution() -> None:
+    """``brain_mask_by_sequence`` picks a scan's method by its sequence; all-atlas exceptions keep the atlas hash, and
+    the exceptions count in the version of a learned config (and HD-BET's options once hd-bet may run)."""
+    deepbet = PreprocessConfig(brain_mask="deepbet")
+    t2_atlas = PreprocessConfig(brain_mask="deepbet", brain_mask_by_sequence={"T2w": "atlas"})
+    assert PreprocessConfig(brain_mask_by_sequence={"T2w": "atlas"}).version() == PreprocessConfig().version()
+    assert len({deepbet.version(), t2_atlas.version(), PreprocessConfig().version()}) == 3
+    hd = PreprocessConfig(brain_mask_by_sequence={"T2w": "hd-bet"})
+    assert hd.version() != PreprocessConfig(brain_mask_by_sequence={"T2w": "hd-bet"}, hdbet_folds=5).version()
+    assert t2_atlas.for_sequence("T2w").brain_mask == "atlas"
+    assert t2_atlas.for_sequence("T1w") is t2_atlas and t2_atlas.for_sequence(None).brain_mask == "deepbet"
+    assert t2_atlas.mask_methods() == {"deepbet", "atlas"}
+    assert from_dict(PreprocessConfig, t2_atlas.to_dict()) == t2_atlas
+    with pytest.raises(ConfigError, match=r"brain_mask_by_sequence\.T2w.*'bet'"):
+        from_dict(PreprocessConfig, {"brain_mask_by_sequence": {"T2w": "bet"}})
+
+
+def test_preprocess_task_applies_the_sequence_exception(tmp_path, monkeypatch) -> None:
+    """The Ray task body hands ``preprocess_scan`` the scan's per-sequence config and keeps the job's version."""
+    import brainiac.ingestion.preprocess as pp
+    from brainiac.ingestion import prepare
+
+    path = tmp_path / "x.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), path)
+    used: list[str] = []
+
+    def fake(data, affine, cfg, labels=None):
+        used.append(cfg.brain_mask)
+        raise pp.VoxelDefect("constant", "stop here")
+
+    monkeypatch.setattr(pp, "preprocess_scan", fake)
+    monkeypatch.setattr(pp, "preload", lambda cfg: None)
+    cfg = PreprocessConfig(brain_mask="deepbet", brain_mask_by_sequence={"T2w": "atlas"})
+    for sequence in ("T2w", "T1w", "FLAIR"):
+        scan = {"scan_id": "s", "dataset": "d", "subject_id": "sub", "sequence": sequence, "source_uri": "u"}
+        out = prepare._process_one({**scan, "image_uri": str(path), "labels": None}, cfg.to_dict(), cfg.version(), {})
+        assert out["problem"]["reason"] == "constant"
+    assert used == ["atlas", "deepbet", "deepbet"]
