@@ -192,6 +192,8 @@ def summarise(records: list[dict], boot: int, seed: int) -> list[dict]:
     for r in records:
         groups[(r["method"], r["cohort"], r["sequence"])].append(r)
         groups[(r["method"], r["cohort"] if r["cohort"] == "mni152" else "synthetic", "all")].append(r)
+        if r["cohort"] != "mni152":
+            groups[(r["method"], "synthetic", r["sequence"])].append(r)
     rows = []
     for (method, cohort, seq), rs in sorted(groups.items()):
         row = {"method": method, "cohort": cohort, "sequence": seq, "scans": len(rs)}
