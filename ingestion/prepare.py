@@ -189,12 +189,11 @@ def preprocess_config_of(catalog: Catalog, version: str) -> PreprocessConfig | N
     """The :class:`PreprocessConfig` recorded for ``version`` in ``preprocess_configs``, or ``None`` when the catalog
     has no record of it (volumes written before the table existed)."""
     from brainiac.ingestion.preprocess.config import PreprocessConfig
-    from brainiac.platform.config import from_dict
 
     rows = catalog.select("preprocess_configs", f"preprocess_version = {sql_literal(version)}", ["config"]).to_pylist()
     if not rows:
         return None
-    return from_dict(PreprocessConfig, json.loads(rows[0]["config"]), prefix="preprocess")
+    return PreprocessConfig.from_record(json.loads(rows[0]["config"]))
 
 
 def _process_chunk(

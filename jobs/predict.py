@@ -217,7 +217,6 @@ def model_preprocess_config(version, tracking_uri: str) -> PreprocessConfig | No
     from mlflow.exceptions import MlflowException
 
     from brainiac.ingestion.preprocess import PreprocessConfig
-    from brainiac.platform.config import from_dict
 
     if not version.run_id:
         return None
@@ -228,7 +227,7 @@ def model_preprocess_config(version, tracking_uri: str) -> PreprocessConfig | No
         except (MlflowException, OSError):
             return None
         data = json.loads(Path(path).read_text())
-    return from_dict(PreprocessConfig, data, prefix="preprocess")
+    return PreprocessConfig.from_record(data)
 
 
 def _resolve(uri: str, tracking_uri: str):

@@ -17,11 +17,15 @@ from typing import Any, Literal
 from brainiac.platform.errors import ConfigError
 from brainiac.platform.fields import bounds
 
-__all__ = ["PIPELINE_REVISION", "BrainMaskMethod", "PreprocessConfig"]
+__all__ = ["PIPELINE_REVISION", "RECORD_DEFAULTS", "BrainMaskMethod", "PreprocessConfig"]
 
 PIPELINE_REVISION = 1
 """Bumped when the code changes what a given config produces; part of :meth:`PreprocessConfig.version`."""
 
+
+RECORD_DEFAULTS: dict[str, Any] = {"brain_mask": "atlas", "brain_mask_by_sequence": {}}
+"""The values of fields added after configs were first recorded, as every config recorded before them was made:
+:meth:`PreprocessConfig.from_record` fills them in where a record lacks them."""
 
 BrainMaskMethod = Literal["atlas", "deepbet", "hd-bet"]
 """How :class:`PreprocessConfig` makes the brain mask (see its ``brain_mask`` field)."""
@@ -119,27 +123,27 @@ class PreprocessConfig:
     """Set voxels outside the brain mask to 0 after the z-score (skull stripping by ``brain_mask``)."""
 
     # ---- brain mask ----------------------------------------------------------------------------------------------
-    brain_mask: BrainMaskMethod = "atlas"
+    brain_mask: BrainMaskMethod = "deepbet"
     """How the brain mask is made (issue 20). ``atlas``: the MNI152 brain mask carried through the affine fit (no
-    weights, ~0 s; Dice ~0.92 to the synthetic truth at 3 mm, lower where a brain's shape departs from the template).
-    ``deepbet`` (Fisch et al. 2024, MIT, 17 MB of weights in the PyPI wheel): a 3-D U-Net run on the N4-corrected scan in
-    its own space and resolution, reoriented to RAS (deepbet resizes to 128³ and a 256³ brain box itself); Dice ~0.96
-    at 3 mm, ~3-5 s per scan on one CPU core (a fixed 256³ network pass, so no cheaper on small scans). ``hd-bet``
+    weights, ~0 s). ``deepbet`` (Fisch et al. 2024, MIT, 17 MB of weights in the PyPI wheel): a 3-D U-Net run on the
+    N4-corrected scan in its own space and resolution, reoriented to RAS (deepbet resizes to 128³ and a 256³ brain box
+    itself); ~3-5 s per scan on one CPU core (a fixed 256³ network pass, so no cheaper on small scans). ``hd-bet``
     (Isensee et al. 2019, the ``hd-bet`` extra: ``pip install 'brainiac[hd-bet]'``, 5 × 65 MB of weights): run on the
     N4-corrected scan resampled to its 1.5 mm isotropic grid; trained on T1, T1c, T2 and FLAIR; minutes per scan on CPU,
     a GPU tool. Both learned masks are carried to the output grids by linear interpolation of the binary mask at 0.5.
 
-    Per sequence: deepbet was trained on T1w, but each scan is preprocessed alone (no access to the session's T1w), so
-    it runs on every scan whatever its contrast; on the synthetic T2w, FLAIR and DWI scans it scored like on T1w (Dice
-    0.94-0.97), and the atlas cross-check below flags the scans where it does not. The dataclass default stays ``atlas``:
-    configs recorded before this field existed read back as atlas, and the 3 mm ``tiny`` cohort stays fast; production
-    configs opt in with ``preprocess.brain_mask: deepbet``."""
+    The default, deepbet with the atlas mask on T2w (``brain_mask_by_sequence``), was chosen on the deformed synthetic
+    cohort (``bench/brain_mask.py``, docs/benchmarks.md#brain-extraction): median Dice to the truth 0.965 over all
+    scans against the atlas mask's 0.962, and at least 0.958 on every sequence; ~3 s more CPU per scan. Each scan is
+    preprocessed alone (no access to its session's T1w), so deepbet runs on every other contrast, and the atlas
+    cross-check below flags the scans where the two disagree. A config recorded before this field existed was made
+    with the atlas mask and reads back so (:meth:`from_record`); :meth:`tiny` keeps the atlas mask for speed."""
 
-    brain_mask_by_sequence: dict[str, BrainMaskMethod] = field(default_factory=dict)
-    """Per-sequence exceptions to ``brain_mask`` (catalog sequence names, e.g. ``{T2w: atlas}``): a scan of a listed
-    sequence gets that method instead. deepbet was trained on T1w; on the synthetic T2w, where CSF is bright, its
-    masks fall below the atlas mask's (docs/benchmarks.md#brain-extraction), so a deepbet config may keep the atlas
-    mask there. Part of :meth:`version` when not empty."""
+    brain_mask_by_sequence: dict[str, BrainMaskMethod] = field(default_factory=lambda: {"T2w": "atlas"})
+    """Per-sequence exceptions to ``brain_mask`` (catalog sequence names): a scan of a listed sequence gets that method
+    instead. By default T2w keeps the atlas mask: deepbet was trained on T1w, and on the synthetic T2w, where CSF is
+    bright, its median Dice was 0.931 against the atlas mask's 0.965. Part of :meth:`version` when a learned method
+    may run."""
 
     brain_mask_device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where a learned mask runs: ``auto`` takes CUDA when the process sees a GPU (a Ray task given ``num_gpus``), else
@@ -212,7 +216,7 @@ class PreprocessConfig:
         changing such a field changes it.
 
         Fields added after the first release are left out of the hash while they hold the value that reproduces the
-        old output (:data:`_UNHASHED_AT_DEFAULT`), so the volumes of a catalog keep their version: an atlas-mask config
+        old output, so the volumes of a catalog keep their version: an atlas-mask config
         hashes as it did before ``brain_mask`` existed (also when every per-sequence exception is ``atlas``), and the
         HD-BET options count only where ``hd-bet`` may run.
         ``brain_mask_device`` and ``brain_mask_gpus`` never count."""
@@ -231,6 +235,14 @@ class PreprocessConfig:
             del out["hdbet_folds"], out["hdbet_tta"]
         return out
 
+    @classmethod
+    def from_record(cls, data: dict[str, Any], prefix: str = "preprocess") -> PreprocessConfig:
+        """A config as recorded (``preprocess_configs``, a model's ``preprocess.json``): keys the record lacks because
+        it predates them take the value that reproduces its output (:data:`RECORD_DEFAULTS`), not today's default."""
+        from brainiac.platform.config import from_dict
+
+        return from_dict(cls, {**RECORD_DEFAULTS, **data}, prefix=prefix)
+
     def mask_methods(self) -> set[str]:
         """Every brain-mask method this config may run (``brain_mask`` and its per-sequence exceptions)."""
         return {self.brain_mask, *self.brain_mask_by_sequence.values()}
@@ -246,7 +258,12 @@ class PreprocessConfig:
         """Settings for the 3 mm ``tiny`` synthetic cohort and 32³ models: 3 mm whole grid and registration grid. The
         brain mask stays ``atlas``: deepbet's fixed 256³ pass (~4 s per scan on one core) would more than double the
         cost of a 3 mm scan, and the test suite and the quickstart preprocess hundreds of them."""
-        base: dict[str, Any] = {"whole_spacing_mm": 3.0, "fixed_size": 32, "registration_spacing_mm": 3.0}
+        base: dict[str, Any] = {
+            "whole_spacing_mm": 3.0,
+            "fixed_size": 32,
+            "registration_spacing_mm": 3.0,
+            "brain_mask": "atlas",
+        }
         return cls(**{**base, **overrides})
 
 

@@ -76,7 +76,7 @@ def test_deepbet_mask_matches_truth(deepbet_cases) -> None:
 def test_version_unchanged_for_atlas_configs() -> None:
     """Configs that keep the atlas mask hash as they did before ``brain_mask`` existed (the values below are the
     versions of the default and tiny configs at the commit before issue 20), whatever the HD-BET options and device."""
-    assert PreprocessConfig().version() == "66c7dc1dfc28"
+    assert PreprocessConfig(brain_mask="atlas").version() == "66c7dc1dfc28"
     assert PreprocessConfig.tiny().version() == "1aaeb66fce8b"
     base = PreprocessConfig.tiny()
     for same in (
@@ -88,7 +88,20 @@ def test_version_unchanged_for_atlas_configs() -> None:
     ):
         assert from_dict(PreprocessConfig, {**base.to_dict(), **same}).version() == base.version(), same
     legacy = {k: v for k, v in base.to_dict().items() if k not in NEW_FIELDS}
-    assert from_dict(PreprocessConfig, legacy).version() == base.version()  # a record written before the field
+    assert PreprocessConfig.from_record(legacy).version() == base.version()  # a record written before the field
+    old_default = {k: v for k, v in PreprocessConfig().to_dict().items() if k not in NEW_FIELDS}
+    assert PreprocessConfig.from_record(old_default).version() == "66c7dc1dfc28"  # not today's learned default
+
+
+def test_default_is_the_measured_rule_and_tiny_keeps_the_atlas() -> None:
+    """deepbet with the atlas mask on T2w (docs/benchmarks.md#brain-extraction); the 3 mm tiny preset stays atlas."""
+    default = PreprocessConfig()
+    assert (default.brain_mask, default.brain_mask_by_sequence) == ("deepbet", {"T2w": "atlas"})
+    assert default.version() not in {
+        "66c7dc1dfc28",
+        PreprocessConfig(brain_mask="deepbet", brain_mask_by_sequence={}).version(),
+    }
+    assert PreprocessConfig.tiny().mask_methods() == {"atlas"}
 
 
 def test_version_changes_with_the_method() -> None:
@@ -113,7 +126,7 @@ def test_preprocess_tasks_ask_for_a_gpu_share_only_for_learned_masks_on_a_gpu_cl
     from brainiac.ingestion.prepare import task_resources
 
     gpu, cpu_only = {"CPU": 16.0, "GPU": 2.0}, {"CPU": 16.0}
-    assert task_resources(PreprocessConfig(), gpu) == {"num_cpus": 1, "num_gpus": 0.0}  # atlas: no network
+    assert task_resources(PreprocessConfig(brain_mask="atlas"), gpu) == {"num_cpus": 1, "num_gpus": 0.0}  # no network
     assert task_resources(PreprocessConfig(brain_mask="deepbet"), gpu) == {"num_cpus": 1, "num_gpus": 0.25}
     assert task_resources(PreprocessConfig(brain_mask="hd-bet", brain_mask_gpus=1.0), gpu)["num_gpus"] == 1.0
     assert task_resources(PreprocessConfig(brain_mask="deepbet"), cpu_only)["num_gpus"] == 0.0
@@ -202,12 +215,17 @@ def test_assess_threshold_is_configurable() -> None:
 def test_per_sequence_exceptions_version_and_resolution() -> None:
     """``brain_mask_by_sequence`` picks a scan's method by its sequence; all-atlas exceptions keep the atlas hash, and
     the exceptions count in the version of a learned config (and HD-BET's options once hd-bet may run)."""
-    deepbet = PreprocessConfig(brain_mask="deepbet")
+    deepbet = PreprocessConfig(brain_mask="deepbet", brain_mask_by_sequence={})
     t2_atlas = PreprocessConfig(brain_mask="deepbet", brain_mask_by_sequence={"T2w": "atlas"})
-    assert PreprocessConfig(brain_mask_by_sequence={"T2w": "atlas"}).version() == PreprocessConfig().version()
-    assert len({deepbet.version(), t2_atlas.version(), PreprocessConfig().version()}) == 3
-    hd = PreprocessConfig(brain_mask_by_sequence={"T2w": "hd-bet"})
-    assert hd.version() != PreprocessConfig(brain_mask_by_sequence={"T2w": "hd-bet"}, hdbet_folds=5).version()
+    atlas = PreprocessConfig(brain_mask="atlas", brain_mask_by_sequence={})
+    assert PreprocessConfig(brain_mask="atlas", brain_mask_by_sequence={"T2w": "atlas"}).version() == atlas.version()
+    assert len({deepbet.version(), t2_atlas.version(), atlas.version()}) == 3
+    hd = PreprocessConfig(brain_mask="atlas", brain_mask_by_sequence={"T2w": "hd-bet"})
+    assert hd.version() != atlas.version()
+    assert (
+        hd.version()
+        != PreprocessConfig(brain_mask="atlas", brain_mask_by_sequence={"T2w": "hd-bet"}, hdbet_folds=5).version()
+    )
     assert t2_atlas.for_sequence("T2w").brain_mask == "atlas"
     assert t2_atlas.for_sequence("T1w") is t2_atlas and t2_atlas.for_sequence(None).brain_mask == "deepbet"
     assert t2_atlas.mask_methods() == {"deepbet", "atlas"}
