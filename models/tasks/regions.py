@@ -15,12 +15,13 @@ How the input grid relates to template space:
   MNI152, pinned at the template brain centroid: orientation and position are the template's, but the brain keeps the
   subject's size, so an output point ``x`` sits at template point ``c + (x - c) / s`` (``c`` the template brain
   centroid, ``s`` the subject's linear head size relative to MNI152);
-- with the atlas brain mask (``preprocess.brain_mask: atlas``, the default) the mask is the template mask carried by the
-  full affine, so ``volumes.brain_volume_ml`` is the template brain volume times ``s³``: :func:`head_scale` recovers
+- with the atlas brain mask (``preprocess.brain_mask: atlas``, as in ``tiny``) the mask is the template mask carried by
+  the full affine, so ``volumes.brain_volume_ml`` is the template brain volume times ``s³``: :func:`head_scale` recovers
   ``s`` from it (and gives ``s ≈ 1`` for ``transform: affine``, whose outputs are already template-sized). On the tiny
-  cohort it matched the generator's ``head_scale`` within 0.7 %. With a learned mask (``deepbet``, ``hd-bet``)
-  ``brain_volume_ml`` is the learned mask's volume, a different definition of the brain from the template mask's, so
-  ``s`` carries that ratio too (the atlas-mask volume, ``qc.atlas_volume_ml``, is not a ``volumes`` column).
+  cohort it matched the generator's ``head_scale`` within 0.7 %. With a learned mask (``deepbet``, the default, or
+  ``hd-bet``) ``brain_volume_ml`` is the learned mask's volume, which also shrinks with atrophy, so ``s`` carries the
+  ratio of the two masks too (a few % for an atrophied brain; the affine's own scale, ``qc.affine_scale``, and the
+  atlas-mask volume, ``qc.atlas_volume_ml``, are not ``volumes`` columns).
 
 What remains is each subject's own anatomy (on a synthetic cohort, the generator's smooth 3-6 mm deformation), which no
 catalog column records.
