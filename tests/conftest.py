@@ -198,29 +198,186 @@ def s3_bucket(s3_options: dict[str, str]) -> str:
     return name
 
 
+class SharedStateChanged(AssertionError):
+    """A test (or a fixture it uses) wrote to a session fixture's folder that every other test reads."""
+
+
+@dataclass(frozen=True)
+class FolderState:
+    """What a shared fixture's folder holds: each Delta table's newest commit, the rows of each table of each sqlite
+    file (the MLflow store), and every file's size and modification time. Cheap: a listing and a few ``count(*)``."""
+
+    tables: dict[str, int]
+    rows: dict[str, int]
+    files: dict[str, tuple[int, int]]
+
+    @classmethod
+    def of(cls, root: Path) -> FolderState:
+        tables: dict[str, int] = {}
+        rows: dict[str, int] = {}
+        files: dict[str, tuple[int, int]] = {}
+        for folder, _, names in os.walk(root):
+            here = Path(folder)
+            if here.name == "_delta_log":
+                commits = [int(n[: -len(".json")]) for n in names if n.endswith(".json") and n[:-5].isdigit()]
+                tables[here.parent.relative_to(root).as_posix()] = max(commits, default=-1)
+            for name in names:
+                path = here / name
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # a temporary file gone while listing
+                    continue
+                rel = path.relative_to(root).as_posix()
+                files[rel] = (st.st_size, st.st_mtime_ns)
+                if name.endswith(".db"):
+                    rows.update({f"{rel}:{table}": n for table, n in _sqlite_rows(path).items()})
+        return cls(tables, rows, files)
+
+    def changes(self, now: FolderState) -> list[str]:
+        """What differs in ``now``, one phrase each: Delta tables by version, sqlite tables by rows, other files."""
+        out: list[str] = []
+        changed_tables = []
+        for name in sorted(self.tables.keys() | now.tables.keys()):
+            was, is_ = self.tables.get(name), now.tables.get(name)
+            if was != is_:
+                changed_tables.append(name)
+                what = "created" if was is None else "removed" if is_ is None else f"version {was} -> {is_}"
+                out.append(f"Delta table {name}: {what}")
+        changed_dbs = set()
+        for key in sorted(self.rows.keys() | now.rows.keys()):
+            was, is_ = self.rows.get(key, 0), now.rows.get(key, 0)
+            if was != is_:
+                changed_dbs.add(key.rsplit(":", 1)[0])
+                out.append(f"sqlite {key}: {was} -> {is_} rows")
+
+        def explained(rel: str) -> bool:
+            return rel in changed_dbs or any(rel.startswith(f"{table}/") for table in changed_tables)
+
+        for what, paths in (
+            ("added", now.files.keys() - self.files.keys()),
+            ("removed", self.files.keys() - now.files.keys()),
+            ("modified", {p for p in self.files.keys() & now.files.keys() if self.files[p] != now.files[p]}),
+        ):
+            shown = sorted(p for p in paths if not explained(p))
+            if shown:
+                more = f" (+{len(shown) - 5} more)" if len(shown) > 5 else ""
+                out.append(f"files {what}: {', '.join(shown[:5])}{more}")
+        return out
+
+
+def _sqlite_rows(path: Path) -> dict[str, int]:
+    """Rows per table of a sqlite file, opened read-only (an MLflow store: runs, registered models, aliases...)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {name: con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0] for name in names}
+    except sqlite3.DatabaseError:  # not a sqlite file after all: its size and time still count
+        return {}
+    finally:
+        con.close()
+
+
+class SharedFolder:
+    """The guard of a session fixture's folder: the state it is expected to be in (taken when the fixture last built
+    something there), checked after every test that uses the fixture."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        self.name = name
+        self.root = root
+        self.expected = FolderState.of(root)
+        self.built = "its creation"
+
+    def changes(self) -> list[str]:
+        return self.expected.changes(FolderState.of(self.root))
+
+    def verify(self, by: str) -> None:
+        """Raise :class:`SharedStateChanged` naming ``by`` and every change since the fixture's last build; the new state
+        is then expected, so that the next test is blamed only for its own changes."""
+        found = self.changes()
+        if not found:
+            return
+        self.expected = FolderState.of(self.root)
+        raise SharedStateChanged(
+            f"{by} changed the shared session fixture `{self.name}` ({self.root}) after {self.built}: "
+            + "; ".join(found)
+            + f". Every test reads `{self.name}`; a test that writes needs its own copy (see `fork_pipeline` in "
+            "tests/conftest.py) or its own folder."
+        )
+
+    def rebuilt(self, what: str) -> None:
+        """The fixture itself wrote ``what``: its new state is the expected one."""
+        self.expected = FolderState.of(self.root)
+        self.built = what
+
+
+CURRENT_TEST = {"nodeid": "a fixture outside any test"}
+"""The test being run (set before its fixtures), named when a shared fixture finds itself changed while building."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    CURRENT_TEST["nodeid"] = item.nodeid
+
+
+SHARED_FIXTURES = ("pipeline", "tour")
+"""Session fixtures whose folders every test using them reads: a test must not write there (checked after each)."""
+
+
+@pytest.fixture(autouse=True)
+def shared_fixtures_unchanged(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test that uses a shared session fixture: fail it if it (or a fixture it uses) changed that fixture's
+    folder: a new Delta commit, an MLflow run or alias, any file added, removed or rewritten."""
+    used = [request.getfixturevalue(name) for name in SHARED_FIXTURES if name in request.fixturenames]
+    guards = [guard for guard in (getattr(fixture, "guard", None) for fixture in used) if guard is not None]
+    yield
+    for guard in guards:
+        guard.verify(request.node.nodeid)
+
+
 class TinyPipeline:
-    """Lazily built tiny pipeline rooted at ``root``: ``cohort`` → ``catalog`` → (later) volumes → encoder."""
+    """Lazily built tiny pipeline rooted at ``root``: ``cohort`` → ``catalog`` → (later) volumes → encoder.
+
+    Each stage is built once, by the pipeline itself; the guard then takes the folder's state as the expected one. A test
+    that writes (a new preprocess version, splits, embeddings, an MLflow run or alias) works on :meth:`fork` instead."""
 
     subjects = 20
     seed = 7
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.catalog_dir = root / "catalog"
+        self.tracking_db = root / "mlflow.db"
+        self.guard: SharedFolder | None = SharedFolder("pipeline", root)
+
+    def _build(self, stage: str, build):
+        """Build ``stage`` (its earlier stages first, through ``build``); the folder must be as the last build left it."""
+        if self.guard is not None:
+            self.guard.verify(f"{CURRENT_TEST['nodeid']} (before pipeline.{stage} was built)")
+        value = build()
+        if self.guard is not None:
+            self.guard.rebuilt(f"building pipeline.{stage}")
+        return value
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.tracking_db}"
 
     @cached_property
     def config(self) -> Config:
         """The tiny config, with catalog and MLflow inside the pipeline directory."""
-        return load_config(
-            "tiny",
-            [f"catalog.uri={self.root / 'catalog'}", f"tracking.uri=sqlite:///{self.root / 'mlflow.db'}"],
-        )
+        return load_config("tiny", [f"catalog.uri={self.catalog_dir}", f"tracking.uri={self.tracking_uri}"])
 
     @cached_property
     def cohort(self):
         """The tiny synthetic cohort: all five cohorts in their real layouts, truth in ``_truth/``."""
         from brainiac.ingestion.synthetic import generate_cohort
 
-        return generate_cohort(self.root / "cohort", subjects=self.subjects, seed=self.seed, preset="tiny")
+        return self._build(
+            "cohort",
+            lambda: generate_cohort(self.root / "cohort", subjects=self.subjects, seed=self.seed, preset="tiny"),
+        )
 
     @cached_property
     def truth(self):
@@ -236,8 +393,11 @@ class TinyPipeline:
         from brainiac.ingestion.ingest import ingest
         from brainiac.platform.catalog import Catalog
 
-        sources = [str(self.cohort.out_dir / folder) for folder in self.cohort.cohorts.values()]
-        self.ingest_summary = ingest(self.config, sources, progress=False)
+        def build():
+            sources = [str(self.cohort.out_dir / folder) for folder in self.cohort.cohorts.values()]
+            self.ingest_summary = ingest(self.config, sources, progress=False)
+
+        self._build("catalog", build)
         return Catalog.open(self.config.catalog.uri)
 
     @cached_property
@@ -245,18 +405,21 @@ class TinyPipeline:
         """The catalog preprocessed into ``volumes`` (tiny 3 mm grids, 32³ cubes) plus ``splits``; the summary."""
         from brainiac.ingestion.prepare import preprocess
 
-        self.catalog  # noqa: B018 - build the previous stage
-        return preprocess(self.config, progress=False)
+        def build():
+            self.catalog  # noqa: B018 - build the previous stage
+            return preprocess(self.config, progress=False)
+
+        return self._build("volumes", build)
 
     def pretrain_config(self, *overrides: str) -> Config:
         """The shipped ``pretrain/tiny`` config pointed at this pipeline's catalog, MLflow and run storage."""
         return load_config(
             "pretrain/tiny",
             [
-                f"catalog.uri={self.root / 'catalog'}",
-                f"tracking.uri=sqlite:///{self.root / 'mlflow.db'}",
+                f"catalog.uri={self.catalog_dir}",
+                f"tracking.uri={self.tracking_uri}",
                 f"pretrain.storage_path={self.root / 'runs'}",
-                # Pinned: other tests add newer, partial preprocess versions to this catalog.
+                # Pinned: the volumes this pipeline built (a fork may hold newer, partial preprocess versions).
                 f"patches.preprocess_version={self.volumes.preprocess_version}",
                 *overrides,
             ],
@@ -268,14 +431,86 @@ class TinyPipeline:
         the :class:`~brainiac.jobs.pretrain.run.PretrainSummary`."""
         from brainiac.jobs.pretrain.run import pretrain
 
-        self.volumes  # noqa: B018 - build the previous stage
-        return pretrain(self.pretrain_config("pretrain.run_name=pipeline-encoder"), progress=False)
+        def build():
+            self.volumes  # noqa: B018 - build the previous stage
+            return pretrain(self.pretrain_config("pretrain.run_name=pipeline-encoder"), progress=False)
+
+        return self._build("encoder", build)
+
+    def fork(self, root: Path, *stages: str, catalog: bool = True, tracking: bool = True) -> TinyPipeline:
+        """A pipeline for a test that writes: ``stages`` are built here first (once, for every test), then the catalog
+        (with its identified zone) and/or the MLflow store (with its artifacts) are copied under ``root``; what is not
+        copied stays this pipeline's, to be read only. The fork shares the cohort and every built stage's summary.
+
+        A copied catalog keeps its rows' absolute ``image_uri`` (the staged images of this catalog, read only); a copied
+        MLflow store has its artifact locations moved to the copy, so new runs and versions land there."""
+        import shutil
+
+        for stage in stages:
+            getattr(self, stage)
+        fork = TinyPipeline(root)
+        fork.guard = None  # a fork is its test module's own: it may write, and builds its later stages itself
+        fork.__dict__.update(
+            {k: v for k, v in self.__dict__.items() if k in ("cohort", "truth", "ingest_summary", "volumes", "encoder")}
+        )
+        if catalog:
+            for name in ("catalog", "catalog-identified"):
+                if (self.root / name).exists():
+                    shutil.copytree(self.root / name, root / name, symlinks=True)
+        else:
+            fork.catalog_dir = self.catalog_dir
+            fork.__dict__["catalog"] = self.catalog
+        if tracking:
+            shutil.copy2(self.tracking_db, fork.tracking_db)
+            if (self.root / "mlartifacts").exists():
+                shutil.copytree(self.root / "mlartifacts", root / "mlartifacts", symlinks=True)
+            _move_paths_in_sqlite(fork.tracking_db, self.root, root)
+        else:
+            fork.tracking_db = self.tracking_db
+        return fork
+
+
+def _move_paths_in_sqlite(db: Path, old: Path, new: Path) -> None:
+    """Rewrite ``old``/... to ``new``/... (as paths and as file URIs) in every text column of a copied sqlite file: the
+    artifact locations of a copied MLflow store then name the copy's artifacts."""
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        pairs = [(f"{old}/", f"{new}/"), (f"{old.as_uri()}/", f"{new.as_uri()}/")]
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for _, column, kind, *_ in con.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if kind and not any(t in kind.upper() for t in ("CHAR", "TEXT", "CLOB")):
+                    continue
+                for was, now in pairs:
+                    con.execute(
+                        f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?) > 0',
+                        (was, now, was),
+                    )
+        con.commit()
+    finally:
+        con.close()
 
 
 @pytest.fixture(scope="session")
-def pipeline(tmp_path_factory: pytest.TempPathFactory, ray_session, pseudonym_key):
-    """The tiny pipeline shared by every test that needs data: stages are built lazily, once per session."""
-    return TinyPipeline(tmp_path_factory.mktemp("pipeline"))
+def pipeline(tmp_path_factory: pytest.TempPathFactory, ray_session, pseudonym_key) -> Iterator[TinyPipeline]:
+    """The tiny pipeline shared by every test that needs data: stages are built lazily, once per session. Read only:
+    after each test using it, :func:`shared_fixtures_unchanged` fails the test if its folder changed."""
+    built = TinyPipeline(tmp_path_factory.mktemp("pipeline"))
+    yield built
+    built.guard.verify("a fixture's teardown at the end of the session")
+
+
+@pytest.fixture(scope="session")
+def fork_pipeline(pipeline: TinyPipeline, tmp_path_factory: pytest.TempPathFactory):
+    """``fork_pipeline(name, *stages, catalog=True, tracking=True)``: a writable :meth:`TinyPipeline.fork` of the
+    session pipeline in a new folder; a module that writes takes one in a module-scoped fixture of its own."""
+
+    def fork(name: str, *stages: str, catalog: bool = True, tracking: bool = True) -> TinyPipeline:
+        return pipeline.fork(tmp_path_factory.mktemp(name), *stages, catalog=catalog, tracking=tracking)
+
+    return fork
 
 
 @dataclass
@@ -286,10 +521,12 @@ class Tour:
     workdir: Path
     result: object
     lines: list[str]
+    guard: SharedFolder | None = None
+    """Checks after each test using the tour that its work directory is as the quickstart left it."""
 
 
 @pytest.fixture(scope="session")
-def tour(tmp_path_factory: pytest.TempPathFactory, ray_session, pseudonym_key) -> Tour:
+def tour(tmp_path_factory: pytest.TempPathFactory, ray_session, pseudonym_key) -> Iterator[Tour]:
     """``quickstart --fast`` run once per session on the session Ray; the quickstart test and the notebooks read it."""
     from brainiac.jobs.quickstart.run import quickstart
 
@@ -297,7 +534,9 @@ def tour(tmp_path_factory: pytest.TempPathFactory, ray_session, pseudonym_key) -
     workdir = tmp_path_factory.mktemp("tour")
     lines: list[str] = []
     result = quickstart(cfg, workdir, progress=False, echo=lines.append)
-    return Tour(cfg, workdir, result, lines)
+    tour = Tour(cfg, workdir, result, lines, SharedFolder("tour", workdir))
+    yield tour
+    tour.guard.verify("a fixture's teardown at the end of the session")
 
 
 @pytest.fixture(scope="session")

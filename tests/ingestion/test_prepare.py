@@ -46,17 +46,26 @@ def test_label_maps_keep_their_values(pipeline):
         assert {1, 2, 4} & set(np.unique(arrays["labels_whole"]))
 
 
-def test_second_run_does_nothing_and_a_new_config_is_a_new_version(pipeline):
-    version, table_version = pipeline.volumes.preprocess_version, pipeline.catalog.version("volumes")
-    again = preprocess(pipeline.config, progress=False)
-    assert again.processed == 0 and again.already_done == pipeline.volumes.processed
-    assert pipeline.catalog.version("volumes") == table_version
+@pytest.fixture(scope="module")
+def own_pipeline(fork_pipeline):
+    """A copy of the pipeline's catalog, preprocessed, for the test that adds a preprocess version: the session
+    pipeline is read only."""
+    return fork_pipeline("prepare", "volumes", tracking=False)
+
+
+def test_second_run_does_nothing_and_a_new_config_is_a_new_version(own_pipeline):
+    version, table_version = own_pipeline.volumes.preprocess_version, own_pipeline.catalog.version("volumes")
+    again = preprocess(own_pipeline.config, progress=False)
+    assert again.processed == 0 and again.already_done == own_pipeline.volumes.processed
+    assert own_pipeline.catalog.version("volumes") == table_version
     other = dataclasses.replace(
-        pipeline.config, preprocess=dataclasses.replace(pipeline.config.preprocess, clip_percentiles=[1.0, 99.0])
+        own_pipeline.config,
+        preprocess=dataclasses.replace(own_pipeline.config.preprocess, clip_percentiles=[1.0, 99.0]),
     )
     new = preprocess(other, progress=False, limit=2)
     assert new.preprocess_version != version and new.processed == 2
-    assert len(read_volumes(pipeline.catalog, version, qc_pass_only=False)) == pipeline.volumes.processed  # old kept
+    old = read_volumes(own_pipeline.catalog, version, qc_pass_only=False)
+    assert len(old) == own_pipeline.volumes.processed  # old kept
 
 
 def test_splits_cover_every_subject_once(pipeline):

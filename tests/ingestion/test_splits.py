@@ -100,9 +100,15 @@ def test_shots_are_cases_spread_over_subjects():
     assert len(draw_shots(two, 4, seed=0, groups={case: case[:2] for case in two})) == 4
 
 
+@pytest.fixture(scope="module")
+def own_pipeline(fork_pipeline):
+    """A copy of the pipeline's catalog for the test that writes splits of another seed (the shared one is read only)."""
+    return fork_pipeline("splits", "catalog", tracking=False)
+
+
 @pytest.mark.timeout(600)
-def test_no_subject_or_duplicate_group_in_two_splits(pipeline):
-    cat = pipeline.catalog
+def test_no_subject_or_duplicate_group_in_two_splits(own_pipeline):
+    cat = own_pipeline.catalog
     subjects = sorted(set(cat.scans().to_pandas()["subject_id"]))
     write_splits(cat, subjects, SplitConfig(seed=11))
     table = cat.read("splits").to_pandas()

@@ -12,24 +12,32 @@ from brainiac.jobs.embed import embed
 from brainiac.models.export import load_encoder
 
 
+@pytest.fixture(scope="module")
+def own_pipeline(fork_pipeline):
+    """A copy of the pipeline's catalog, to write ``embeddings`` into; the encoder is read from the pipeline's registry."""
+    return fork_pipeline("embed", "encoder", tracking=False)
+
+
 @pytest.mark.timeout(900)
-def test_embed_writes_each_volume_once_with_the_encoders_features(pipeline):
-    uri = f"sqlite:///{pipeline.root / 'mlflow.db'}"
-    ref = pipeline.encoder.model_uri
-    cfg = pipeline.pretrain_config()
+def test_embed_writes_each_volume_once_with_the_encoders_features(own_pipeline):
+    uri = own_pipeline.tracking_uri
+    ref = own_pipeline.encoder.model_uri
+    cfg = own_pipeline.pretrain_config()
     first = embed(cfg, ref, progress=False)
-    version = pipeline.volumes.preprocess_version  # other tests add newer, partial versions to this catalog
-    volumes = pipeline.catalog.select("volumes", f"qc_pass AND preprocess_version = '{version}'", ["scan_id"]).num_rows
+    version = own_pipeline.volumes.preprocess_version
+    volumes = own_pipeline.catalog.select(
+        "volumes", f"qc_pass AND preprocess_version = '{version}'", ["scan_id"]
+    ).num_rows
     assert first.preprocess_version == version
     assert first.selected == volumes and first.written == volumes and first.dim == 48
     assert first.model.startswith("brainiac-encoder/")  # a version, not the moving alias
     again = embed(cfg, ref, progress=False)
     assert again.written == 0 and again.embeddings_version == first.embeddings_version
-    rows = pipeline.catalog.sql("SELECT scan_id, model, vector FROM embeddings").to_pylist()
+    rows = own_pipeline.catalog.sql("SELECT scan_id, model, vector FROM embeddings").to_pylist()
     assert len(rows) == volumes and len({r["scan_id"] for r in rows}) == volumes
     # The stored vector is the encoder's feature vector of that volume's fixed cube.
     encoder, _ = load_encoder(ref, tracking_uri=uri)
-    volume = pipeline.catalog.select(
+    volume = own_pipeline.catalog.select(
         "volumes",
         f"scan_id = '{rows[0]['scan_id']}' AND preprocess_version = '{version}'",
         ["fixed", "fixed_shape", "dtype"],

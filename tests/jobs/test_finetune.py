@@ -31,6 +31,13 @@ def encoder(pipeline):
     return backbone, {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.fixture(scope="module")
+def own_pipeline(fork_pipeline):
+    """The pipeline with a copy of its MLflow store, for the tests that log runs and register models (the catalog is
+    the shared one, read only: the encoder's pretraining record names it, which the leakage check verifies)."""
+    return fork_pipeline("finetune", "encoder", catalog=False)
+
+
 def _arrays(data, train, val):
     return {"train_x": data.inputs[train], "train_y": data.targets[train], "train_raw": data.raw[train],
             "val_x": data.inputs[val], "val_y": data.targets[val], "val_raw": data.raw[val]}  # fmt: skip
@@ -85,12 +92,12 @@ def test_splits_and_regimes_never_leak_subjects(pipeline):
 
 
 @pytest.mark.timeout(900)
-def test_tune_sweep_logs_child_runs_and_registers_a_challenger(pipeline, tmp_path):
+def test_tune_sweep_logs_child_runs_and_registers_a_challenger(own_pipeline, tmp_path):
     from brainiac.jobs.finetune.run import finetune
 
-    uri = f"sqlite:///{pipeline.root / 'mlflow.db'}"
-    cfg = pipeline.pretrain_config(
-        "finetune.task=sequence", "finetune.strategy=full", f"finetune.init={pipeline.encoder.model_uri}",
+    uri = own_pipeline.tracking_uri
+    cfg = own_pipeline.pretrain_config(
+        "finetune.task=sequence", "finetune.strategy=full", f"finetune.init={own_pipeline.encoder.model_uri}",
         "finetune.trials=3", "finetune.max_epochs=2", "finetune.grace_epochs=1", "finetune.bootstrap=200",
         f"finetune.storage_path={tmp_path / 'runs'}",
     )  # fmt: skip
@@ -137,7 +144,8 @@ def test_finetune_cli_errors_are_one_line_and_exit_2(tmp_path):
 
 
 def _linear_probe_model(pipeline, tmp_path, task: str):
-    """(config, FinetuneSummary) of a 2-epoch linear model of ``task`` on the pipeline encoder, aliased ``evaluated``."""
+    """(config, FinetuneSummary) of a 2-epoch linear model of ``task`` on the pipeline encoder, aliased ``evaluated``
+    (``pipeline``: a fork with its own MLflow store)."""
     from brainiac.jobs.finetune.run import finetune
 
     cfg = pipeline.pretrain_config(
@@ -149,13 +157,13 @@ def _linear_probe_model(pipeline, tmp_path, task: str):
 
 
 @pytest.mark.timeout(900)
-def test_evaluate_scores_the_challenger_with_cis_robustness_and_saliency(pipeline, tmp_path):
+def test_evaluate_scores_the_challenger_with_cis_robustness_and_saliency(own_pipeline, tmp_path):
     """``brainiac evaluate`` on a registered model: test metrics with CIs, every artifact at every strength, overlays."""
     from brainiac.jobs.finetune.evaluate import evaluate
     from brainiac.models.tasks.robustness import ARTIFACTS
 
-    uri = f"sqlite:///{pipeline.root / 'mlflow.db'}"
-    cfg, trained = _linear_probe_model(pipeline, tmp_path, "sequence")
+    uri = own_pipeline.tracking_uri
+    cfg, trained = _linear_probe_model(own_pipeline, tmp_path, "sequence")
     s = evaluate(cfg, trained.model_uri, saliency_cases=2, bootstrap=200)
     assert s.task == "sequence" and s.version == trained.model_version and s.test_cases > 0
     assert set(s.metrics) == {"balanced_accuracy", "macro_auc"}
@@ -174,13 +182,13 @@ def test_evaluate_scores_the_challenger_with_cis_robustness_and_saliency(pipelin
 
 
 @pytest.mark.timeout(900)
-def test_evaluate_mci_logs_the_saliency_mass_ratio_in_the_hippocampus(pipeline, tmp_path):
+def test_evaluate_mci_logs_the_saliency_mass_ratio_in_the_hippocampus(own_pipeline, tmp_path):
     """The mci spec names the hippocampus as its signal region: evaluate compares the saliency there with random
     regions of the same size and logs ``saliency_mass_ratio_hippocampus`` (the tiny cohort has one mci test case)."""
     from brainiac.jobs.finetune.evaluate import evaluate
 
-    uri = f"sqlite:///{pipeline.root / 'mlflow.db'}"
-    cfg, trained = _linear_probe_model(pipeline, tmp_path, "mci")
+    uri = own_pipeline.tracking_uri
+    cfg, trained = _linear_probe_model(own_pipeline, tmp_path, "mci")
     s = evaluate(cfg, trained.model_uri, robustness=False, saliency_cases=2, bootstrap=200)
     assert s.task == "mci" and s.test_cases >= 1
     assert s.saliency_region == "hippocampus" and s.saliency_region_cases == min(2, s.test_cases)

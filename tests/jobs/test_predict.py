@@ -42,7 +42,7 @@ def _finetune_config(pipeline, registry: str, storage: Path, *overrides: str):
         [
             f"catalog.uri={pipeline.root / 'catalog'}",
             f"tracking.uri={registry}",
-            # Pinned: other tests add newer, partial preprocess versions to the shared catalog.
+            # Pinned: the volumes the pipeline built (as a registered model records its preprocessing).
             f"patches.preprocess_version={pipeline.volumes.preprocess_version}",
             f"finetune.storage_path={storage}",
             "finetune.strategy=scratch",

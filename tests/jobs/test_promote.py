@@ -31,19 +31,21 @@ NAME = "brainiac-sequence"
 
 
 @pytest.fixture(scope="module")
-def trained(pipeline, tmp_path_factory):
-    """A sequence model fine-tuned on the tiny pipeline, and a degraded copy whose head predicts one class for every
-    input (balanced accuracy 1/4 by construction); both with the trained version's tags."""
+def trained(fork_pipeline, tmp_path_factory):
+    """A sequence model fine-tuned on the tiny pipeline (logged and registered in a copy of its MLflow store), and a
+    degraded copy whose head predicts one class for every input (balanced accuracy 1/4 by construction); both with the
+    trained version's tags."""
     from brainiac.jobs.finetune.run import finetune
     from brainiac.models.export import load_model_artifacts, model_version
 
+    pipeline = fork_pipeline("promote", "encoder", catalog=False)
     cfg = pipeline.pretrain_config(
         "finetune.task=sequence", "finetune.strategy=full", f"finetune.init={pipeline.encoder.model_uri}",
         "finetune.max_epochs=6", "finetune.bootstrap=200", "finetune.alias=promote-source", "finetune.lr=0.003",
         f"finetune.storage_path={tmp_path_factory.mktemp('promote-runs')}",
     )  # fmt: skip
     summary = finetune(cfg, progress=False)
-    uri = f"sqlite:///{pipeline.root / 'mlflow.db'}"
+    uri = pipeline.tracking_uri
     tags = dict(model_version(summary.model_uri, uri).tags)
     loaded = load_model_artifacts(summary.model_uri, uri)
     model = loaded.module
