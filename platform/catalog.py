@@ -302,7 +302,7 @@ def _key_array(values: Iterable[Any] | pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def _empty_like(dt: DeltaTable, columns: Sequence[str]) -> pa.Table:
-    schema = pa.schema(dt.schema().to_arrow())  # type: ignore[arg-type]
+    schema = pa.schema(dt.schema().to_arrow())
     return schema.empty_table().select(list(columns))
 
 
@@ -696,7 +696,7 @@ class Catalog:
             if name in UNFILTERED_TABLES:
                 qb.register(name, dt)
                 continue
-            columns = set(pa.schema(dt.schema().to_arrow()).names)  # type: ignore[arg-type]
+            columns = set(pa.schema(dt.schema().to_arrow()).names)
             if name == "scans":
                 where = scans_where
             elif name == "splits":
@@ -836,7 +836,7 @@ class Catalog:
             for i, key in enumerate(hit.column(column).to_pylist()):
                 kept.setdefault(tuple(str(p[i]) for p in parts), set()).add(key)
         if wanted is None:
-            wanted = list(dt.schema().to_arrow().names)  # type: ignore[union-attr]
+            wanted = list(dt.schema().to_arrow().names)
         if not kept:
             return _plain_types(_empty_like(dt, wanted), schema)
         key_sets = {part: pa.array(sorted(ids), pa.string()) for part, ids in kept.items()}  # once, not per file

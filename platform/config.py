@@ -24,12 +24,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from brainiac.platform.errors import ConfigError
 from brainiac.platform.fields import bounds
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = [
     "CatalogConfig",
@@ -221,7 +224,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in choices:
             return value
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a hint is a class, never a dataclass instance
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
@@ -290,7 +293,8 @@ def _unknown_key_error(key: str, name: str, known: Sequence[str]) -> ConfigError
     return ConfigError(f"unknown config key '{key}'{suggestion}")
 
 
-T = typing.TypeVar("T")
+# Bound so that dataclasses.fields and dataclasses.replace accept it: every config section is a dataclass.
+T = typing.TypeVar("T", bound="DataclassInstance")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
@@ -342,7 +346,7 @@ def with_values(cfg: T, values: Mapping[str, Any]) -> T:
 
 
 def _replace_path(obj: T, parts: Sequence[str], value: Any, key: str) -> T:
-    fields = {f.name: f for f in dataclasses.fields(obj) if f.init}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(obj) if f.init}
     name = parts[0]
     if name not in fields:
         raise _unknown_key_error(key, name, list(fields))
@@ -351,11 +355,11 @@ def _replace_path(obj: T, parts: Sequence[str], value: Any, key: str) -> T:
         _check_range(typed, fields[name].metadata, key)
     else:
         section = getattr(obj, name)
-        if not dataclasses.is_dataclass(section):
+        if not dataclasses.is_dataclass(section) or isinstance(section, type):  # a section holds an instance
             raise ConfigError(f"config key '{'.'.join(key.split('.')[: len(key.split('.')) - len(parts) + 1])}' "
                               "is a value, not a section")  # fmt: skip
         typed = _replace_path(section, parts[1:], value, key)
-    return dataclasses.replace(obj, **{name: typed})  # type: ignore[type-var]
+    return dataclasses.replace(obj, **{name: typed})
 
 
 def config_to_dict(obj: Any, *, redact: bool = True) -> Any:

@@ -23,9 +23,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
 from brainiac.platform.config import redact_uri_credentials
+
+if TYPE_CHECKING:
+    from _typeshed import ConvertibleToFloat
 
 __all__ = [
     "SECTIONS",
@@ -377,7 +380,8 @@ def _ci_of(v: Mapping[str, Any] | None) -> str:
     return _ci(v.get("value"), v.get("low"), v.get("high")) if v else "–"
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[ConvertibleToFloat]:
+    """Whether ``float(value)`` is a finite number (so the caller may call ``float`` on it)."""
     try:
         return value is not None and math.isfinite(float(value))
     except (TypeError, ValueError):
@@ -517,7 +521,8 @@ def _catalog(inputs: ReportInputs, scratch: Path) -> CatalogSection | Notice:
     if not inputs.catalog_uri:
         return _not_run("no catalog was given")
     catalog = Catalog.open(inputs.catalog_uri, inputs.catalog_options or None)
-    if catalog.table("scans") is None:
+    scans = catalog.table("scans")
+    if scans is None:
         return _not_run(
             f"the catalog {redact_uri_credentials(inputs.catalog_uri)} has no scans table (ingest did not run)"
         )
@@ -549,7 +554,7 @@ def _catalog(inputs: ReportInputs, scratch: Path) -> CatalogSection | Notice:
         scans=totals["scans"],
         subjects=totals["subjects"],
         datasets=totals["datasets"],
-        table_version=catalog.version("scans"),
+        table_version=scans.version(),
         counts=_table(["dataset", "subjects", "scans", *sequences], rows, numeric=range(1, 3 + len(sequences))),
         overview=overview,
     )
