@@ -243,7 +243,7 @@ class PreprocessConfig:
 
         return from_dict(cls, {**RECORD_DEFAULTS, **data}, prefix=prefix)
 
-    def mask_methods(self) -> set[str]:
+    def mask_methods(self) -> set[BrainMaskMethod]:
         """Every brain-mask method this config may run (``brain_mask`` and its per-sequence exceptions)."""
         return {self.brain_mask, *self.brain_mask_by_sequence.values()}
 

@@ -237,6 +237,7 @@ def preprocess_scan(
             "whole": whole_grid(cfg.whole_spacing_mm, cfg.margin_mm),
             "fixed": fixed_grid(cfg.fixed_size, cfg.fixed_spacing_mm, cfg.margin_mm),
         }
+        out_labels: dict[str, dict[str, np.ndarray]]  # grid → label map name → label volume on that grid
         images, masks, atlas_masks, out_labels = {}, {}, {}, {"whole": {}, "fixed": {}}
         label_images = {name: steps.to_sitk(arr, aff) for name, (arr, aff) in label_maps.items()}
         for key, grid in grids.items():

@@ -95,7 +95,7 @@ def matrix_transform(matrix: np.ndarray) -> sitk.AffineTransform:
     return sitk.AffineTransform(np.asarray(matrix[:3, :3]).flatten().tolist(), np.asarray(matrix[:3, 3]).tolist())
 
 
-def transform_matrix(tx: sitk.Transform) -> np.ndarray:
+def transform_matrix(tx: sitk.Euler3DTransform | sitk.Similarity3DTransform | sitk.AffineTransform) -> np.ndarray:
     """The 4x4 matrix of a SimpleITK matrix-offset transform (Euler3D, Similarity3D, Affine)."""
     m = np.eye(4)
     a = np.asarray(tx.GetMatrix()).reshape(3, 3)

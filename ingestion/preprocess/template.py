@@ -45,7 +45,8 @@ class Grid:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        x, y, z = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return float(x), float(y), float(z)
 
 
 def whole_grid(spacing_mm: float, margin_mm: float) -> Grid:
@@ -55,7 +56,7 @@ def whole_grid(spacing_mm: float, margin_mm: float) -> Grid:
     """
     lo, hi = brain_box_mm(margin_mm)
     shape = tuple(math.ceil((h - lo_) / spacing_mm - 1e-6) + 1 for lo_, h in zip(lo, hi, strict=True))
-    return _centred_grid((lo + hi) / 2.0, shape, spacing_mm)  # type: ignore[arg-type]
+    return _centred_grid((lo + hi) / 2.0, shape, spacing_mm)
 
 
 def fixed_grid(size: int, spacing_mm: float | None, margin_mm: float) -> Grid:

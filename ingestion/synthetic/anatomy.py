@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -30,6 +33,7 @@ __all__ = [
     "random_rigid",
     "rigid_matrix",
     "shrunk_distance",
+    "triple",
 ]
 
 TEMPLATE_ORIGIN_MM = np.array([-98.0, -134.0, -72.0])
@@ -38,6 +42,15 @@ HEAD_CENTER_MM = np.array([0.0, -17.0, 12.0])
 """Centre of the head (brain plus skull shell) in MNI mm; acquisitions centre their field of view on it."""
 BRAIN_CENTER_MM = np.array([0.0, -17.0, 5.0])
 """Centre of the brain in MNI mm (BraTS-style atlas grids centre on it)."""
+
+_T = TypeVar("_T")
+
+
+def triple(values: Iterable[_T]) -> tuple[_T, _T, _T]:
+    """``values``, which must be exactly three, as a 3-tuple (an (x, y, z) the type checker knows the length of)."""
+    x, y, z = values
+    return x, y, z
+
 
 _NILEARN_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -52,14 +65,11 @@ def _templates_1mm() -> dict[str, np.ndarray]:
     them (GM and WM rescaled to a maximum of 1; brain mask = T1 / max > 0.2). The files are read straight from nilearn's
     package data, which avoids importing ``nilearn.datasets`` (and scikit-learn, ~2.5 s)."""
     import importlib.util
-    from pathlib import Path
-
-    import nibabel as nib
 
     spec = importlib.util.find_spec("nilearn")
     folder = Path(next(iter(spec.submodule_search_locations or []))) / "datasets" / "data" if spec else None
     if folder is not None and all((folder / f).is_file() for f in _NILEARN_FILES.values()):
-        raw = {k: np.asarray(nib.load(folder / f).dataobj, dtype=np.float32) for k, f in _NILEARN_FILES.items()}
+        raw = {k: _load_nifti(folder / f) for k, f in _NILEARN_FILES.items()}
     else:  # pragma: no cover - a nilearn that moved its data files
         from nilearn import datasets
 
@@ -71,6 +81,15 @@ def _templates_1mm() -> dict[str, np.ndarray]:
     out = {k: v / np.float32(v.max()) for k, v in raw.items()}
     out["mask"] = (out.pop("t1") > 0.2).astype(np.float32)
     return out
+
+
+def _load_nifti(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    img = nib.load(path)
+    if not isinstance(img, nib.Nifti1Image):  # nibabel types load() as the base class, which has no dataobj
+        raise TypeError(f"{path} is a {type(img).__name__}, not a NIfTI-1 image")
+    return np.asarray(img.dataobj, dtype=np.float32)
 
 
 def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
@@ -113,7 +132,7 @@ class BaseAnatomy:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return self.gm.shape  # type: ignore[return-value]
+        return triple(self.gm.shape)
 
 
 @functools.lru_cache(maxsize=3)
@@ -253,7 +272,7 @@ def random_deformation(
     u = _smooth_field(rng, anat, 6.0, 12.0, max_mm)
     if coarse_mm > 0:
         u = u + _smooth_field(rng, anat, 12.0, 30.0, coarse_mm) * _periphery(anat)
-    return Deformation(field=u, max_mm=float(max_mm), scale=float(scale), shape=tuple(float(v) for v in shape))  # type: ignore[arg-type]
+    return Deformation(field=u, max_mm=float(max_mm), scale=float(scale), shape=triple(float(v) for v in shape))
 
 
 def child_head_factor(age_years: float, variation: float = 1.0) -> float:
@@ -347,7 +366,7 @@ def deformation_coords(
        (the skull itself is drawn ``shrunk_distance`` out in template space, so it stays put).
     """
     if size is None:
-        size = tuple(deformation.scale * v for v in deformation.shape)  # type: ignore[assignment]
+        size = triple(deformation.scale * v for v in deformation.shape)
     c = HEAD_CENTER_MM.astype(np.float32).reshape(3, 1, 1, 1)
     inv_size = (1.0 / np.asarray(size, np.float32)).reshape(3, 1, 1, 1)
     q = c + (anat.coords - c) * inv_size + deformation.field
@@ -402,6 +421,6 @@ def rigid_matrix(rotation_deg: tuple[float, float, float], translation_mm: tuple
 
 def random_rigid(rng: np.random.Generator, max_rotation_deg: float, max_translation_mm: float):
     """Rotation angles uniform in +-``max_rotation_deg`` per axis and translation uniform in +-``max_translation_mm``."""
-    rot = tuple(float(v) for v in np.round(rng.uniform(-max_rotation_deg, max_rotation_deg, 3), 3))
-    tr = tuple(float(v) for v in np.round(rng.uniform(-max_translation_mm, max_translation_mm, 3), 3))
+    rot = triple(float(v) for v in np.round(rng.uniform(-max_rotation_deg, max_rotation_deg, 3), 3))
+    tr = triple(float(v) for v in np.round(rng.uniform(-max_translation_mm, max_translation_mm, 3), 3))
     return rot, tr, rigid_matrix(rot, tr)

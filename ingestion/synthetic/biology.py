@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from brainiac.ingestion.synthetic.anatomy import BaseAnatomy, MassEffect, shrunk_distance
+from brainiac.ingestion.synthetic.anatomy import BaseAnatomy, MassEffect, shrunk_distance, triple
 
 __all__ = [
     "BRATS_LABELS",
@@ -235,13 +235,13 @@ def sample_glioma(
     if not ok.any():
         ok = anat.wm > 0.5
     idx = rng.choice(np.flatnonzero(ok.ravel()))
-    centre = tuple(float(v) for v in np.round(anat.coords.reshape(3, -1)[:, idx], 2))
+    centre = triple(float(v) for v in np.round(anat.coords.reshape(3, -1)[:, idx], 2))
     enhancing = bool(rng.random() < (0.2 if idh_mutant else 0.9))
     necrotic = bool(rng.random() < (0.2 if idh_mutant else 0.9))
     params = GliomaParams(
         idh_mutant=idh_mutant,
         frontal=frontal,
-        centre_mm=centre,  # type: ignore[arg-type]
+        centre_mm=centre,
         radius_mm=radius,
         enhancing=enhancing,
         rim_mm=float(rng.uniform(1.5, 4.0) if idh_mutant else rng.uniform(2.5, 7.0)),
@@ -334,13 +334,13 @@ def sample_stroke(rng: np.random.Generator, anat: BaseAnatomy, onset_days: float
     side = int(rng.choice([-1, 1]))
     m = _territory(anat, territory, side) & ((anat.gm + anat.wm) > 0.5)
     idx = rng.choice(np.flatnonzero(m.ravel()))
-    centre = tuple(float(v) for v in np.round(anat.coords.reshape(3, -1)[:, idx], 2))
+    centre = triple(float(v) for v in np.round(anat.coords.reshape(3, -1)[:, idx], 2))
     vol_ml = float(np.clip(20.0 * math.exp(rng.normal(0, 0.8)), 2.0, 150.0))
     radius = (3 * vol_ml * 1000 / (4 * math.pi)) ** (1 / 3)
     return StrokeParams(
         territory=territory,
         side=side,
-        centre_mm=centre,  # type: ignore[arg-type]
+        centre_mm=centre,
         radius_mm=float(radius),
         onset_days=float(onset_days),
         rate=float(math.exp(rng.normal(0.0, 0.35))),

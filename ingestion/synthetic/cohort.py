@@ -25,6 +25,7 @@ from brainiac.ingestion.synthetic.anatomy import (
     deformation_coords,
     random_deformation,
     random_rigid,
+    triple,
 )
 from brainiac.ingestion.synthetic.biology import (
     BRATS_LABELS,
@@ -158,7 +159,7 @@ class _Session:
 
 
 class _Generator:
-    def __init__(self, out_dir: Path, seed: int, preset: Preset, progress: Callable[[int], None] | None) -> None:
+    def __init__(self, out_dir: Path, seed: int, preset: Preset, progress: Callable[[int], object] | None) -> None:
         self.out = out_dir
         self.seed = seed
         self.preset = preset
@@ -436,7 +437,7 @@ class _Generator:
         brats_rows = {(r["subject_uid"], r["sequence"]): r["path"] for r in self.rows if r["cohort"] == "brats"}
         first_row: dict[str, dict] = {}  # each subject's first truth row, for its duplicate's tumour and anatomy facts
         for r in self.rows:
-            first_row.setdefault(r["subject_uid"], r)
+            first_row.setdefault(str(r["subject_uid"]), r)
         for j, k in enumerate(chosen):
             src = source[k]
             idx = len(target_plans) + j
@@ -471,9 +472,10 @@ class _Generator:
             axcodes = str(ident_rng.choice([a for a in AXCODES if a != "LPS"]))
             crop = ident_rng.integers(0, 4, size=(3, 2))
             src_row = first_row.get(src.uid, {})
-            info = {
-                k: src_row.get(k)
+            info = {  # a fact the source row lacks stays absent (truth_row reads it as None or 0)
+                k: src_row[k]
                 for k in ("tumour_volume_ml", "enhancing_volume_ml", "brain_shrink_mm", "ventricle_growth_mm")
+                if src_row.get(k) is not None
             }
             for scan in scans[src.uid]:
                 new = _reorient_crop(scan, axcodes, crop)
@@ -572,8 +574,8 @@ def _reorient_crop(scan: ScanOut, axcodes: str, crop: np.ndarray) -> ScanOut:
     data, mask = np.ascontiguousarray(data[sl]), np.ascontiguousarray(mask[sl])
     labels = None if labels is None else np.ascontiguousarray(labels[sl])
     tissue = None if tissue is None else np.ascontiguousarray(tissue[sl])
-    zooms = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
-    acq = Acquisition(affine=affine, shape=data.shape, voxel_mm=zooms, axcodes=axcodes)  # type: ignore[arg-type]
+    zooms = triple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    acq = Acquisition(affine=affine, shape=triple(data.shape), voxel_mm=zooms, axcodes=axcodes)
     return ScanOut(
         scan.sequence, data, scan.slope, acq, mask, labels, scan.scanner, scan.skull_present, scan.dtype, scan.rigid,
         scan.rotation_deg, scan.translation_mm, tissue, ".nii",
@@ -659,7 +661,7 @@ def generate_cohort(
             plan.cohort_id = layout.subject_id(plan)
         if bar is not None:
             bar.set_description(f"synth {c}")
-        keep = frozenset()
+        keep: frozenset[str] = frozenset()
         if c == "brats" and dup_target is not None:
             keep = frozenset(plans[c][i].uid for i in duplicate_indices(seed, len(plans[c])))
         scans = gen.run_cohort(layout, plans[c], keep)

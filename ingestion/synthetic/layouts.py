@@ -9,7 +9,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypedDict
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from brainiac.ingestion.synthetic.physics import Acquisition, Scanner
 from brainiac.ingestion.synthetic.subjects import SessionPlan, SubjectPlan
 from brainiac.ingestion.synthetic.writers import deterministic_uid, write_dicom_series, write_nifti
 
-__all__ = ["DATASET_FOLDERS", "LAYOUTS", "TISSUE_CLASSES", "Layout", "ScanOut", "protocol"]
+__all__ = ["DATASET_FOLDERS", "LAYOUTS", "TISSUE_CLASSES", "Layout", "ScanOut", "SequenceProtocol", "protocol"]
 
 TISSUE_CLASSES = {
     0: "background", 1: "CSF", 2: "GM", 3: "WM", 4: "skull", 5: "scalp", 6: "WMH", 7: "lesion", 8: "extra-cerebral CSF",
@@ -56,7 +56,7 @@ class ScanOut:
     """Container a NIfTI layout uses for this scan (cross-dataset duplicates are re-saved as ``.nii``)."""
 
 
-_PROTOCOL = {
+_PROTOCOL: dict[str, tuple[float, float, float | None, float, str, str]] = {
     # sequence: repetition time, echo time, inversion time (ms), flip angle, scanning sequence, 2D/3D
     "T1w": (2300.0, 2.98, 900.0, 9.0, "GR\\IR", "3D"),
     "T1ce": (2300.0, 2.98, 900.0, 9.0, "GR\\IR", "3D"),
@@ -72,7 +72,20 @@ _SERIES_DESCRIPTION = {
 }  # fmt: skip
 
 
-def protocol(sequence: str, scanner: Scanner) -> dict[str, float | str | None]:
+class SequenceProtocol(TypedDict):
+    """What :func:`protocol` gives: times in ms (``ti_ms`` ``None`` without inversion), flip angle in degrees, DICOM
+    ScanningSequence, ``2D``/``3D`` and the vendor's series description."""
+
+    tr_ms: float
+    te_ms: float
+    ti_ms: float | None
+    flip_deg: float
+    scanning_sequence: str
+    mode: str
+    description: str
+
+
+def protocol(sequence: str, scanner: Scanner) -> SequenceProtocol:
     """Timing and naming of a sequence on a scanner (ms; vendor-specific but independent of any label)."""
     tr, te, ti, flip, seq, mode = _PROTOCOL[sequence]
     f = _VENDOR_TIMING[scanner.vendor]
@@ -152,7 +165,7 @@ class BidsLifespan(Layout):
     (``age`` at the first session, ``sex``), per-subject ``sessions.tsv`` (``age`` at each session)."""
 
     cohort = "bids"
-    suffix_dir: ClassVar[dict[str, object]] = {
+    suffix_dir: ClassVar[dict[str, str]] = {
         "T1w": "anat",
         "T1ce": "anat",
         "T2w": "anat",
@@ -287,7 +300,7 @@ class Brats(Layout):
     ``12`` (case ids formatted differently from folder names, as in real releases)."""
 
     cohort = "brats"
-    names: ClassVar[dict[str, object]] = {"T1w": "t1", "T1ce": "t1ce", "T2w": "t2", "FLAIR": "flair"}
+    names: ClassVar[dict[str, str]] = {"T1w": "t1", "T1ce": "t1ce", "T2w": "t2", "FLAIR": "flair"}
 
     def subject_id(self, plan):
         return f"SynthBraTS_{int(plan.cohort_id):05d}"
@@ -339,7 +352,7 @@ class AdniManifest(Layout):
     visit), PTGENDER, DX (CN/MCI), EXAMDATE, Description, Image_ID and FILE (path relative to the dataset root)."""
 
     cohort = "adni"
-    descriptions: ClassVar[dict[str, object]] = {"T1w": "MPRAGE", "FLAIR": "Axial_FLAIR"}
+    descriptions: ClassVar[dict[str, str]] = {"T1w": "MPRAGE", "FLAIR": "Axial_FLAIR"}
 
     def __init__(self, root, gzip_level):
         super().__init__(root, gzip_level)
@@ -385,7 +398,7 @@ class DicomPacs(Layout):
     (PatientName, PatientID = MRN, PatientBirthDate, InstitutionName, ...). ``clinical.csv`` is keyed by MRN."""
 
     cohort = "dicom"
-    series_number: ClassVar[dict[str, object]] = {"T1w": 3, "T2w": 5, "FLAIR": 7, "T1ce": 11, "DWI": 9}
+    series_number: ClassVar[dict[str, int]] = {"T1w": 3, "T2w": 5, "FLAIR": 7, "T1ce": 11, "DWI": 9}
 
     def __init__(self, root, gzip_level, seed: int = 0):
         super().__init__(root, gzip_level)

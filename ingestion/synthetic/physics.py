@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from brainiac.ingestion.synthetic.anatomy import BaseAnatomy
+from brainiac.ingestion.synthetic.anatomy import BaseAnatomy, triple
 from brainiac.ingestion.synthetic.biology import Tissue
 
 __all__ = [
@@ -128,7 +128,7 @@ def acquisition_grid(
     centre_idx = (np.array(shape) - 1) / 2.0
     affine[:3, 3] = np.asarray(centre_mm, float) - affine[:3, :3] @ centre_idx
     affine = np.round(affine, 4)
-    return Acquisition(affine=affine, shape=tuple(shape), voxel_mm=tuple(voxel_mm), axcodes=axcodes)  # type: ignore[arg-type]
+    return Acquisition(affine=affine, shape=triple(shape), voxel_mm=triple(voxel_mm), axcodes=axcodes)
 
 
 def resample(vol: np.ndarray, anat: BaseAnatomy, rigid: np.ndarray, acq: Acquisition, *, order: int) -> np.ndarray:

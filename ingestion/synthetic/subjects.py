@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from brainiac.ingestion.synthetic.anatomy import BaseAnatomy, child_head_factor
+from brainiac.ingestion.synthetic.anatomy import BaseAnatomy, child_head_factor, triple
 from brainiac.ingestion.synthetic.biology import GliomaParams, StrokeParams, sample_glioma, sample_stroke
 from brainiac.ingestion.synthetic.physics import SCANNERS, Scanner
 
@@ -93,7 +93,7 @@ class SubjectPlan:
     def head_size(self, session: SessionPlan) -> tuple[float, float, float]:
         """Per-axis linear head size relative to MNI152 at ``session`` (children grow between sessions)."""
         s = self.head_scale * child_head_factor(self.age_at(session), self.anatomy_variation)
-        return tuple(round(s * v, 5) for v in self.head_shape)  # type: ignore[return-value]
+        return triple(round(s * v, 5) for v in self.head_shape)
 
 
 def _date(rng: np.random.Generator, start: dt.date = dt.date(2010, 1, 1), span_days: int = 4000) -> dt.date:
@@ -142,7 +142,7 @@ def plan_cohort(
         head_scale = float(np.clip((1.017 if sex == "M" else 0.983) * nui.normal(1.0, 0.03), 0.9, 1.1))
         shp = rng_for(seed, cohort, i, "head-shape")  # its own stream: the draws above stay as they were
         log_shape = np.clip(shp.normal(0.0, 0.04, 3), -0.1, 0.1) * variation
-        head_shape = tuple(round(float(v), 5) for v in np.exp(log_shape - log_shape.mean()))
+        head_shape = triple(round(float(v), 5) for v in np.exp(log_shape - log_shape.mean()))
         coarse_mm = round(float(shp.uniform(2.0, 5.0)) * variation, 3)
         start = _date(nui)
         sessions = [SessionPlan("01", 0.0, start)]
@@ -190,7 +190,7 @@ def plan_cohort(
             sessions=sessions,
             deform_max_mm=round(deform_max, 3),
             head_scale=round(head_scale, 4),
-            head_shape=head_shape,  # type: ignore[arg-type]
+            head_shape=head_shape,
             coarse_deform_mm=coarse_mm,
             anatomy_variation=float(variation),
             glioma=glioma,

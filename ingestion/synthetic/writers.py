@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import struct
 from pathlib import Path
+from typing import SupportsInt
 
 import nibabel as nib
 import numpy as np
@@ -58,12 +59,14 @@ _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR
 
 def _element(tag: int, vr: str, value: object) -> bytes:
     """One data element in explicit-VR little endian (PS3.5 7.1.2): tag, VR, length, value padded to even length."""
-    if vr == "US":
-        raw = b"".join(struct.pack("<H", int(v)) for v in (value if isinstance(value, list | tuple) else [value]))
-    elif vr == "UL":
-        raw = struct.pack("<I", int(value))  # type: ignore[arg-type]
+    if vr in ("US", "UL"):
+        fmt = "<H" if vr == "US" else "<I"
+        values = value if isinstance(value, list | tuple) else [value]
+        raw = b"".join(struct.pack(fmt, _integer(tag, v)) for v in values)
     elif vr in ("OB", "OW"):
-        raw = bytes(value)  # type: ignore[arg-type]
+        if not isinstance(value, bytes):
+            raise TypeError(f"value of {tag:08X} (VR {vr}) must be bytes, got {type(value).__name__}")
+        raw = value
         if len(raw) % 2:
             raw += b"\x00"
     else:
@@ -77,6 +80,13 @@ def _element(tag: int, vr: str, value: object) -> bytes:
     if len(raw) > 0xFFFF:
         raise ValueError(f"value of {tag:08X} too long for VR {vr}")
     return head + struct.pack("<H", len(raw)) + raw
+
+
+def _integer(tag: int, value: object) -> int:
+    """One value of an integer VR (US, UL) as an ``int``: an integer, a number or a numeric string."""
+    if not isinstance(value, SupportsInt | str):
+        raise TypeError(f"value of {tag:08X} must be an integer, got {value!r}")
+    return int(value)
 
 
 def _encode(tags: dict[str, object]) -> dict[int, bytes]:
