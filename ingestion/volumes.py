@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,12 @@ def encode_array(array: np.ndarray) -> bytes:
     return pa.compress(np.ascontiguousarray(array).tobytes(), codec="zstd", asbytes=True)
 
 
+@overload
+def decode_array(blob: bytes, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray: ...
+@overload
+def decode_array(blob: None, shape: Sequence[int], dtype: str | np.dtype) -> None: ...
+@overload
+def decode_array(blob: bytes | None, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray | None: ...
 def decode_array(blob: bytes | None, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray | None:
     """Inverse of :func:`encode_array`; ``None`` stays ``None``."""
     if blob is None:

@@ -180,7 +180,7 @@ def embed(
     with tqdm(total=len(todo), desc="embed", unit="scan", disable=not progress) as bar:
         for batch in volume_rows(files, todo, filesystem, batch_size):
             batch = batch.to_pylist()
-            x = torch.stack([torch.from_numpy(decode_array(r["fixed"], r["fixed_shape"], r["dtype"]).astype(np.float32))  # type: ignore[union-attr]  # decode_array: a present blob gives an array; drop once ingestion/volumes.py overloads it
+            x = torch.stack([torch.from_numpy(decode_array(r["fixed"], r["fixed_shape"], r["dtype"]).astype(np.float32))
                              for r in batch])[:, None]  # fmt: skip
             if tuple(x.shape[2:]) != (backbone.img_size,) * 3:
                 x = F.interpolate(x, size=(backbone.img_size,) * 3, mode="trilinear", align_corners=False)

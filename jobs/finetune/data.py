@@ -244,7 +244,7 @@ def load_task_data(
             if v["labels_fixed"] is None or (spec.label_name and v["label_name"] != spec.label_name):
                 continue
             labels = decode_array(v["labels_fixed"], v["fixed_shape"], "uint8")
-            target: Any = (labels > 0).astype(np.uint8)  # type: ignore[operator, union-attr]  # decode_array: a present blob gives an array; drop once ingestion/volumes.py overloads it
+            target: Any = (labels > 0).astype(np.uint8)
         else:
             target = first["target"]
         out["case_ids"].append("/".join(str(k) for k in key))
@@ -252,7 +252,7 @@ def load_task_data(
         out["subjects"].append(first["subject_id"])
         out["datasets"].append(first["dataset"])
         out["split"].append(split)
-        out["inputs"].append(np.stack(arrays))  # type: ignore[arg-type]  # decode_array: a present blob gives an array; drop once ingestion/volumes.py overloads it
+        out["inputs"].append(np.stack(arrays))
         out["targets"].append(target)
         out["raw"].append(first["raw"])
     if not out["inputs"]:

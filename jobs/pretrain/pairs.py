@@ -123,7 +123,7 @@ def crop_pairs(
         count = min(first if done == 0 else wave, total - done)
         done += count
         cut = dataclasses.replace(cfg, patches_per_volume=count)
-        views = [view_pairs(volume, mask, size, cut, rng)[:2] for volume, mask, _ in decoded]  # type: ignore[arg-type]  # decode_array: a present blob gives an array; drop once ingestion/volumes.py overloads it
+        views = [view_pairs(volume, mask, size, cut, rng)[:2] for volume, mask, _ in decoded]
         # round r: pair r of every volume, the volumes in a fresh random order each round
         order = [(v, r) for r in range(count) for v in rng.permutation(len(decoded)).tolist()]
         seed = int(rng.integers(2**31 - len(order)))

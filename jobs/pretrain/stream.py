@@ -350,9 +350,9 @@ def eval_pairs(
     patches = dataclasses.replace(cfg.patches, patches_per_volume=per_volume)
     for i, row in enumerate(sorted(rows, key=lambda r: r["scan_id"])):
         shape = [int(s) for s in row["whole_shape"]]
-        volume = decode_array(row["whole"], shape, row["dtype"] or "float16").astype(np.float32)  # type: ignore[union-attr]  # decode_array: a present blob gives an array; drop once ingestion/volumes.py overloads it
+        volume = decode_array(row["whole"], shape, row["dtype"] or "float16").astype(np.float32)
         mask = decode_array(row["mask"], shape, "uint8")
-        first, second, _ = view_pairs(volume, mask, cfg.model.img_size, patches, rng)  # type: ignore[arg-type]  # decode_array: a present blob gives an array; drop once ingestion/volumes.py overloads it
+        first, second, _ = view_pairs(volume, mask, cfg.model.img_size, patches, rng)
         for j, (a, b) in enumerate(zip(first, second, strict=True)):
             va, vb = augment.pair(a, b, seed=_seed_of(seed, i, j) % 2**31)
             firsts.append(va)
