@@ -219,7 +219,7 @@ class FolderState:
         for folder, _, names in os.walk(root):
             here = Path(folder)
             if here.name == "_delta_log":
-                commits = [int(n[: -len(".json")]) for n in names if n.endswith(".json") and n[:-5].isdigit()]
+                commits = [int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()]
                 tables[here.parent.relative_to(root).as_posix()] = max(commits, default=-1)
             for name in names:
                 path = here / name
@@ -302,8 +302,8 @@ class SharedFolder:
         raise SharedStateChanged(
             f"{by} changed the shared session fixture `{self.name}` ({self.root}) after {self.built}: "
             + "; ".join(found)
-            + f". Every test reads `{self.name}`; a test that writes needs its own copy (see `fork_pipeline` in "
-            "tests/conftest.py) or its own folder."
+            + f". Other tests read `{self.name}`: a test that writes needs its own copy (for the pipeline, a "
+            "`fork_pipeline` of it: see tests/conftest.py) or its own folder."
         )
 
     def rebuilt(self, what: str) -> None:
