@@ -321,16 +321,29 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     CURRENT_TEST["nodeid"] = item.nodeid
 
 
-SHARED_FIXTURES = ("pipeline", "tour")
+SHARED_FIXTURES = ("pipeline", "tour", "synth_small", "synth_study")
 """Session fixtures whose folders every test using them reads: a test must not write there (checked after each)."""
+
+COHORT_GUARDS: dict[str, SharedFolder] = {}
+"""Guards of the shared generated cohorts (``tests/ingestion/conftest.py``), taken when a test first uses one."""
+
+
+def _guard_of(name: str, fixture: object) -> SharedFolder | None:
+    """A shared fixture's guard: its own when it builds in its folder (the pipeline, the tour), else, for a generated
+    cohort, one taken the first time a test uses it."""
+    if hasattr(fixture, "guard"):
+        return fixture.guard
+    if name not in COHORT_GUARDS and hasattr(fixture, "out_dir"):
+        COHORT_GUARDS[name] = SharedFolder(name, Path(fixture.out_dir))
+    return COHORT_GUARDS.get(name)
 
 
 @pytest.fixture(autouse=True)
 def shared_fixtures_unchanged(request: pytest.FixtureRequest) -> Iterator[None]:
     """After each test that uses a shared session fixture: fail it if it (or a fixture it uses) changed that fixture's
     folder: a new Delta commit, an MLflow run or alias, any file added, removed or rewritten."""
-    used = [request.getfixturevalue(name) for name in SHARED_FIXTURES if name in request.fixturenames]
-    guards = [guard for guard in (getattr(fixture, "guard", None) for fixture in used) if guard is not None]
+    used = {name: request.getfixturevalue(name) for name in SHARED_FIXTURES if name in request.fixturenames}
+    guards = [guard for guard in (_guard_of(name, fixture) for name, fixture in used.items()) if guard is not None]
     yield
     for guard in guards:
         guard.verify(request.node.nodeid)

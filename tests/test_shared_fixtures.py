@@ -1,7 +1,7 @@
 """Tests never write to a shared session fixture: the guard in ``tests/conftest.py`` fails a test that changes the
-``pipeline`` folder (a Delta commit, an MLflow row, any file), names the test and what changed, and blames the next test
-only for its own changes; a fork of the pipeline is writable. Run as an inner pytest session on the real conftest, with
-a cheap stand-in ``pipeline`` (no Ray, no cohort)."""
+``pipeline`` folder (a Delta commit, an MLflow row, any file) or a shared cohort's, names the test and what changed, and
+blames the next test only for its own changes; a fork of the pipeline is writable. Run as an inner pytest session on the
+real conftest, with cheap stand-ins for ``pipeline`` and ``synth_small`` (no Ray, no generated cohort)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,16 @@ def pipeline(tmp_path_factory):
     shared = TinyPipeline(root)  # its guard takes this state as the expected one
     yield shared
     shared.guard.verify("a fixture's teardown at the end of the session")
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory):
+    """Stands in for the shared generated cohort: a folder with one image."""
+    import types
+
+    out = tmp_path_factory.mktemp("cohort")
+    (out / "sub-01_T1w.nii").write_bytes(b"voxels")
+    return types.SimpleNamespace(out_dir=out)
 '''
 
 INNER_TESTS = """
@@ -91,6 +101,14 @@ def test_a_module_fixture_that_writes_fails_its_first_test(writing_fixture):
     pass
 
 
+def test_a_cohort_reader_passes(synth_small):
+    assert (synth_small.out_dir / "sub-01_T1w.nii").read_bytes() == b"voxels"
+
+
+def test_a_cohort_writer_fails(synth_small):
+    (synth_small.out_dir / "sub-01_T1w.nii").write_bytes(b"other voxels")
+
+
 @pytest.fixture(scope="module")
 def own(fork_pipeline):
     return fork_pipeline("own")
@@ -129,12 +147,14 @@ def test_the_guard_fails_exactly_the_tests_that_change_the_shared_pipeline(tmp_p
         "test_an_mlflow_run_fails",
         "test_a_stray_file_fails",
         "test_a_module_fixture_that_writes_fails_its_first_test",
+        "test_a_cohort_writer_fails",
     }, text
     assert by_outcome["FAILED"] == {"test_a_write_before_a_stage_is_built_fails_the_build"}, text
     assert by_outcome["PASSED"] - by_outcome["ERROR"] == {
         "test_a_reader_passes",
         "test_the_next_reader_is_not_blamed_for_earlier_writes",
         "test_a_fork_is_writable_and_its_store_names_its_own_artifacts",
+        "test_a_cohort_reader_passes",
     }, text
     for test, change in (
         ("test_a_delta_commit_fails", "Delta table catalog/volumes: version 0 -> 1"),
@@ -147,3 +167,5 @@ def test_the_guard_fails_exactly_the_tests_that_change_the_shared_pipeline(tmp_p
             (line for line in text.splitlines() if f"test_inner.py::{test}" in line and "changed" in line), ""
         )
         assert "shared session fixture `pipeline`" in message and change in message, (test, text)
+    message = next(line for line in text.splitlines() if "test_inner.py::test_a_cohort_writer_fails changed" in line)
+    assert "shared session fixture `synth_small`" in message and "files modified: sub-01_T1w.nii" in message, text
