@@ -473,11 +473,12 @@ class TinyPipeline:
         else:
             fork.catalog_dir = self.catalog_dir
             fork.__dict__["catalog"] = self.catalog
-        if tracking:
-            shutil.copy2(self.tracking_db, fork.tracking_db)
+        if tracking:  # no store yet (no stage logged to MLflow): the fork starts its own
+            if self.tracking_db.exists():
+                shutil.copy2(self.tracking_db, fork.tracking_db)
+                _move_paths_in_sqlite(fork.tracking_db, self.root, root)
             if (self.root / "mlartifacts").exists():
                 shutil.copytree(self.root / "mlartifacts", root / "mlartifacts", symlinks=True)
-            _move_paths_in_sqlite(fork.tracking_db, self.root, root)
         else:
             fork.tracking_db = self.tracking_db
         return fork
