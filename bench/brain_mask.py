@@ -163,24 +163,24 @@ def run_case(case: dict, cfg: PreprocessConfig) -> dict:
     }
 
 
-def parse_rule(text: str) -> tuple[str, dict[str, str]]:
-    """``deepbet,T2w=atlas`` → (``deepbet``, {``T2w``: ``atlas``}): a ``brain_mask`` with its
-    ``brain_mask_by_sequence`` exceptions."""
-    base, *pairs = text.split(",")
-    return base, dict(p.split("=", 1) for p in pairs)
+def rule_config(rule: str) -> PreprocessConfig:
+    """``deepbet,T2w=atlas`` → the :class:`PreprocessConfig` with that ``brain_mask`` and ``brain_mask_by_sequence``
+    exceptions (validated like any config)."""
+    base, *pairs = rule.split(",")
+    return PreprocessConfig(brain_mask=base, brain_mask_by_sequence=dict(p.split("=", 1) for p in pairs))
 
 
 def apply_rule(records: list[dict], rule: str) -> list[dict]:
-    """The records a per-sequence rule gives: each scan's record of the method the rule picks for its sequence,
-    renamed ``rule`` (each scan is preprocessed alone and deterministically, so this is what running the rule gives,
-    timings aside). Empty when a method the rule needs was not run."""
-    base, exceptions = parse_rule(rule)
+    """The records a per-sequence rule gives: each scan's record of the method the rule picks for its sequence
+    (:meth:`PreprocessConfig.for_sequence`, as preprocessing does), renamed ``rule`` (each scan is preprocessed alone
+    and deterministically, so this is what running the rule gives, timings aside). Empty when a method the rule needs
+    was not run."""
+    cfg = rule_config(rule)
     by_case = {(r["method"], r["case"]): r for r in records}
-    cases = sorted({r["case"] for r in records})
+    sequence = {r["case"]: r["sequence"] for r in records}
     out = []
-    for case in cases:
-        seq = next(r["sequence"] for r in records if r["case"] == case)
-        picked = by_case.get((exceptions.get(seq, base), case))
+    for case in sorted(sequence):
+        picked = by_case.get((cfg.for_sequence(sequence[case]).brain_mask, case))
         if picked is None:
             return []
         out.append({**picked, "method": rule})
@@ -283,8 +283,9 @@ def worst_figure(records: list[dict], cases: list[dict], preset: str, path: Path
             case = cases[rec["case"]]
             ours = rec.get("ours")
             if ours is None:
-                base, exceptions = parse_rule(method)
-                ours = run_case(case, config(preset, exceptions.get(case["sequence"], base)))["ours"]
+                ours = run_case(case, config(preset, rule_config(method).for_sequence(case["sequence"]).brain_mask))[
+                    "ours"
+                ]
             truth_affine = case.get("truth_affine", case["affine"])
             ras, _ = steps.reorient_ras(np.asarray(case["data"], dtype=np.float32), case["affine"])
             t_ras, _ = steps.reorient_ras(case["truth"].astype(np.uint8), truth_affine)

@@ -342,10 +342,11 @@ def preprocess(
     qc_failed: Counter[str] = Counter()
     if todo:
         init_ray(cfg.cluster)
-        remote = ray.remote(**task_resources(cfg.preprocess, ray.cluster_resources()))(_process_chunk)
+        cluster = ray.cluster_resources()
+        remote = ray.remote(**task_resources(cfg.preprocess, cluster))(_process_chunk)
         cfg_dict = asdict(cfg.preprocess)
         table_loc = committer.location
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        cpus = max(1, int(cluster.get("CPU", 1)))
         # Up to scans_per_file per task and file (fewer, larger files: delta-rs' commit and refresh cost grows with the
         # table's file count), but at least TASKS_PER_CPU tasks per CPU so a small run still spreads over the CPUs.
         step = max(1, min(scans_per_file, math.ceil(len(todo) / (TASKS_PER_CPU * cpus))))

@@ -52,10 +52,10 @@ def noise_sigma(native: np.ndarray, bias: BiasField, stride: int = 2) -> float:
 def fov_coverage(matrix: np.ndarray, shape: tuple[int, ...], affine: np.ndarray) -> float:
     """Fraction of the template brain (every 3rd voxel of the 1 mm mask) that ``matrix`` maps inside the scan's field
     of view. A truncated scan or a registration that flew off leaves part of the brain outside."""
-    from brainiac.ingestion.preprocess.template import _mask_1mm, mni152
+    from brainiac.platform.mni152 import brain_mask_1mm, mni152
 
     t_affine = mni152()[1]
-    idx = np.argwhere(_mask_1mm()[::3, ::3, ::3]) * 3
+    idx = np.argwhere(brain_mask_1mm()[::3, ::3, ::3]) * 3
     pts = idx @ t_affine[:3, :3].T + t_affine[:3, 3]
     to_voxel = np.linalg.inv(affine) @ matrix
     vox = pts @ to_voxel[:3, :3].T + to_voxel[:3, 3]

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from brainiac.platform.mni152 import MASK_THRESHOLD, brain_box_mm, brain_centroid_mm, mni152
-from brainiac.platform.mni152 import brain_mask_1mm as _mask_1mm
+from brainiac.platform.mni152 import MASK_THRESHOLD, brain_box_mm, brain_centroid_mm, brain_mask_1mm, mni152
 
 __all__ = [
     "MASK_THRESHOLD",
     "Grid",
     "brain_box_mm",
     "brain_centroid_mm",
+    "brain_mask_1mm",
     "fixed_grid",
     "mni152",
     "registration_template",
@@ -95,7 +95,7 @@ def registration_template(spacing_mm: float):
     from brainiac.ingestion.preprocess.steps import to_sitk
 
     t1, affine = mni152()
-    mask = _mask_1mm().astype(np.float32)
+    mask = brain_mask_1mm().astype(np.float32)
     lo, hi = brain_box_mm(REGISTRATION_MARGIN_MM)
     f = round(spacing_mm)
     if abs(f - spacing_mm) < 1e-6 and f >= 1:
@@ -126,7 +126,7 @@ def template_mask_image():
     """The 1 mm template brain mask as a uint8 SimpleITK image (0/1), carried to output grids by nearest neighbour."""
     from brainiac.ingestion.preprocess.steps import to_sitk
 
-    return to_sitk(_mask_1mm().astype(np.uint8), mni152()[1])
+    return to_sitk(brain_mask_1mm().astype(np.uint8), mni152()[1])
 
 
 def _reference(grid: Grid):
