@@ -100,6 +100,14 @@ def _tables(catalog_dir: Path) -> list[Path]:
     return sorted(p.parent for p in catalog_dir.rglob("_delta_log"))
 
 
+def _session_log_sizes() -> dict[Path, int]:
+    """Each file of the running Ray session's log folder with its current size (an offset to audit from)."""
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return {p: p.stat().st_size for p in session.rglob("*") if p.is_file()}
+
+
 def _hits(text: str, secrets: list[str]) -> list[str]:
     low = text.lower()
     return sorted({s for s in secrets if s.lower() in low})
@@ -138,6 +146,7 @@ def audited(tmp_path_factory, ray_session, pseudonym_key):
     root_logger.setLevel(logging.INFO)
     ours.setLevel(logging.DEBUG)
     started = time.time()
+    log_offsets = _session_log_sizes()  # the session's Ray logs hold other tests' lines: audit only what follows
     overrides = [
         f"catalog.uri={base / 'catalog'}",
         f"tracking.uri=sqlite:///{base / 'mlflow.db'}",
@@ -163,6 +172,7 @@ def audited(tmp_path_factory, ray_session, pseudonym_key):
     secrets = PLANTED_TEXT + sorted(generator_phi)
     printed = [repr(s) for s in summaries] + [repr(volumes), repr(trained)]
     return {"base": base, "cfg": cfg, "secrets": secrets, "logs": records + printed, "started": started,
+            "log_offsets": log_offsets,
             "summaries": summaries, "volumes": volumes}  # fmt: skip
 
 
@@ -233,5 +243,9 @@ def test_logs_hold_no_identifier(audited) -> None:
     written = [p for p in session.rglob("*") if p.is_file() and os.path.getmtime(p) >= audited["started"] - 1]
     assert written
     for path in written:
-        text = path.read_bytes().decode("utf-8", "replace")
+        # Only the bytes written since the audited run began: the shared session's logs also hold earlier tests' lines,
+        # whose numbers (sizes, ids) can contain a planted 7-digit MRN by chance.
+        with path.open("rb") as fh:
+            fh.seek(audited["log_offsets"].get(path, 0))
+            text = fh.read().decode("utf-8", "replace")
         assert not _hits(text, audited["secrets"]), path.name
